@@ -1,0 +1,238 @@
+"""Hugging Face GPT-2 checkpoints <-> gpt2_jax models.
+
+The common currency is a flat dict of numpy arrays with HF's GPT2LMHeadModel names and layouts
+(`transformer.h.0.attn.c_attn.weight`, ...). HF's Conv1D stores weights as (in, out), which is also
+`nnx.Linear`'s kernel layout, so no tensor is transposed here; the per-layer `h.{i}` tensors are stacked
+on the model's leading `layers` axis. Every tensor's shape is checked against the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gpt2_jax.config import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2_jax.model import GPT
+
+# HF name -> path in nnx.state(GPT). Block tensors are listed without their "h.{i}." prefix.
+TOP_LEVEL = {
+    "wte.weight": ("wte", "embedding"),
+    "wpe.weight": ("wpe", "embedding"),
+    "ln_f.weight": ("ln_f", "scale"),
+    "ln_f.bias": ("ln_f", "bias"),
+}
+PER_BLOCK = {
+    "ln_1.weight": ("ln_1", "scale"),
+    "ln_1.bias": ("ln_1", "bias"),
+    "attn.c_attn.weight": ("attn", "c_attn", "kernel"),
+    "attn.c_attn.bias": ("attn", "c_attn", "bias"),
+    "attn.c_proj.weight": ("attn", "c_proj", "kernel"),
+    "attn.c_proj.bias": ("attn", "c_proj", "bias"),
+    "ln_2.weight": ("ln_2", "scale"),
+    "ln_2.bias": ("ln_2", "bias"),
+    "mlp.c_fc.weight": ("mlp", "c_fc", "kernel"),
+    "mlp.c_fc.bias": ("mlp", "c_fc", "bias"),
+    "mlp.c_proj.weight": ("mlp", "c_proj", "kernel"),
+    "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
+}
+PREFIX = "transformer."  # GPT2LMHeadModel's prefix; the original `gpt2` files have none
+# Tensors in HF files that are not parameters: causal-mask buffers, and the LM head tied to wte.
+IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
+    """GPTConfig from an HF GPT-2 config.json dict; refuses anything that is not GPT-2 shaped."""
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{where}: model_type is {hf.get('model_type')!r}, not 'gpt2'; "
+                         "load_hf reads GPT-2 checkpoints only")
+    unsupported = {
+        "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
+        "n_inner": (hf.get("n_inner"), (None, 4 * hf["n_embd"])),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "reorder_and_upcast_attn": (hf.get("reorder_and_upcast_attn", False), (False,)),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
+    }
+    for field, (value, allowed) in unsupported.items():
+        if value not in allowed:
+            raise ValueError(f"{where}: {field}={value!r} is not supported (expected one of {allowed})")
+    return GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                     n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
+
+
+def config_to_hf(cfg: GPTConfig, vocab_size: int) -> dict:
+    """An HF GPT2Config dict (config.json) for `cfg` with `vocab_size` rows."""
+    eot = GPT2_VOCAB_SIZE - 1 if vocab_size >= GPT2_VOCAB_SIZE else None
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
+        "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "vocab_size": vocab_size,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "n_inner": None,
+        "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "tie_word_embeddings": True,
+        "attn_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout,
+        "bos_token_id": eot, "eos_token_id": eot, "torch_dtype": "float32",
+    }
+
+
+def model_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: GPTConfig) -> GPT:
+    """A GPT whose parameters are the given HF-named tensors; wte is zero-padded to cfg.vocab_size."""
+    tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items() if not IGNORED.search(k.removeprefix(PREFIX))}
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only, nothing allocated
+    graphdef, state = nnx.split(abstract)
+    expected = nnx.to_pure_dict(state)  # nested dict of ShapeDtypeStructs
+    pure: dict = {}
+
+    def put(path, value, name):
+        want = _get(expected, path)
+        if value.shape != want.shape:
+            raise ValueError(f"tensor {name}: checkpoint shape {tuple(value.shape)} does not match the "
+                             f"model's {tuple(want.shape)} for config {cfg}")
+        _set(pure, path, jnp.asarray(value, dtype=jnp.float32))
+
+    used = set()
+    for name, path in TOP_LEVEL.items():
+        value = _take(tensors, name, used)
+        if name == "wte.weight" and value.shape[0] < cfg.vocab_size:  # pad 50257 -> 50304 with zeros
+            value = np.concatenate([value, np.zeros((cfg.vocab_size - value.shape[0], value.shape[1]), value.dtype)])
+        put(path, value, name)
+    for name, path in PER_BLOCK.items():
+        layers = [_take(tensors, f"h.{i}.{name}", used) for i in range(cfg.n_layer)]
+        put(("h", *path), np.stack(layers), f"h.*.{name}")
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"checkpoint has tensors the model does not use: {extra[:5]}... "
+                         f"(is n_layer={cfg.n_layer} right?)")
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def model_to_hf_tensors(model: GPT, vocab_size: int | None = None) -> dict[str, np.ndarray]:
+    """HF-named float32 numpy tensors (with the `transformer.` prefix); wte sliced to `vocab_size`."""
+    cfg = model.config
+    if not cfg.bias:
+        raise ValueError("HF GPT-2 has biases everywhere; a bias=False model cannot be exported")
+    pure = jax.tree.map(lambda x: np.asarray(jax.device_get(x), dtype=np.float32),
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    out = {}
+    for name, path in TOP_LEVEL.items():
+        out[PREFIX + name] = _get(pure, path)
+    out[PREFIX + "wte.weight"] = out[PREFIX + "wte.weight"][: vocab_size or cfg.vocab_size]
+    for name, path in PER_BLOCK.items():
+        stacked = _get(pure, ("h", *path))
+        for i in range(cfg.n_layer):
+            out[f"{PREFIX}h.{i}.{name}"] = np.ascontiguousarray(stacked[i])
+    return out
+
+
+def export_vocab_size(cfg: GPTConfig) -> int:
+    """The vocabulary an exported checkpoint should have: the padded GPT-2 vocab is sliced to 50257."""
+    return GPT2_VOCAB_SIZE if cfg.vocab_size >= GPT2_VOCAB_SIZE else cfg.vocab_size
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local folder with config.json + weights: `name_or_path` itself, or a Hub download."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; pass the folder that holds config.json and the weights")
+        return path
+    name = str(name_or_path)
+    looks_like_path = path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist; pass a folder written by "
+                                f"save_pretrained/export_hf or a Hub name such as {HUB_NAMES}")
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+
+        return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.json"]))
+    except Exception as e:
+        raise FileNotFoundError(f"{name!r} is not a local folder and could not be fetched from the Hugging "
+                                f"Face Hub ({type(e).__name__}: {e}); pass a local checkpoint folder") from e
+
+
+def read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of an HF checkpoint folder as float32 numpy: safetensors (numpy only) or torch .bin."""
+    if (folder / "model.safetensors").exists():
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        return load_file(folder / "model.safetensors")
+    if (folder / "model.safetensors.index.json").exists():
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        tensors = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            tensors.update(load_file(folder / shard))
+        return tensors
+    if (folder / "pytorch_model.bin").exists():
+        try:
+            import torch  # noqa: PLC0415
+        except ImportError as e:
+            raise ImportError(f"{folder}/pytorch_model.bin needs torch to read: pip install torch, "
+                              "or convert the checkpoint to safetensors") from e
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_FILES}")
+
+
+def load_hf(name_or_path: str | os.PathLike, *, vocab_size: int | None = None, **overrides) -> GPT:
+    """A GPT from an HF GPT-2 checkpoint: a Hub name (`gpt2`, `gpt2-medium`, ...) or a local folder.
+
+    `vocab_size=50304` pads the embedding with zero rows. Other keyword arguments override runtime
+    GPTConfig fields (`dtype`, `attention`, `remat`, `dropout`).
+    """
+    folder = resolve_checkpoint(name_or_path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{folder} has no config.json; is it an HF GPT-2 checkpoint folder?")
+    cfg = config_from_hf(json.loads(config_file.read_text()), where=str(config_file))
+    tensors = read_hf_tensors(folder)
+    if vocab_size is not None and vocab_size < cfg.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the checkpoint's {cfg.vocab_size}")
+    return model_from_hf_tensors(tensors, cfg.replace(vocab_size=vocab_size or cfg.vocab_size, **overrides))
+
+
+def export_hf(model: GPT, out_dir: str | os.PathLike, *, vocab_size: int | None = None) -> Path:
+    """Write `model` as an HF folder (config.json + model.safetensors) for GPT2LMHeadModel.from_pretrained."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = vocab_size or export_vocab_size(model.config)
+    tensors = model_to_hf_tensors(model, vocab_size)
+    # Write to temporary names, then rename: a crash never leaves a half-written file under the real name.
+    tmp = out / ".model.safetensors.tmp"
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    tmp = out / ".config.json.tmp"
+    tmp.write_text(json.dumps(config_to_hf(model.config, vocab_size), indent=2) + "\n")
+    os.replace(tmp, out / "config.json")
+    return out
+
+
+def _take(tensors: dict, name: str, used: set) -> np.ndarray:
+    if name not in tensors:
+        raise ValueError(f"checkpoint has no tensor {name!r} (has {len(tensors)} tensors, e.g. "
+                         f"{sorted(tensors)[:3]})")
+    used.add(name)
+    return tensors[name]
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

@@ -1,0 +1,225 @@
+"""GPT-2 in Flax NNX (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners").
+
+Pre-LayerNorm blocks, a final LayerNorm, learned positions, tanh-GELU, and an LM head tied to the token
+embedding, as in OpenAI's GPT-2 and nanoGPT. Parameter names follow Hugging Face's GPT2LMHeadModel
+(`wte, wpe, h.ln_1, h.attn.c_attn, ...`), so conversion is a rename table (see convert.py).
+
+The 12..48 blocks are stored stacked, one leading `layers` axis per parameter, and run with `lax.scan`:
+XLA compiles one block instead of n_layer copies. Every parameter carries logical axis names
+(`embed`, `mlp`, `heads`, `vocab`, `layers`); sharding.py maps them to the device mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gpt2_jax.config import GPTConfig
+
+LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon (Flax's default is 1e-6)
+INIT_STD = 0.02  # GPT-2 / nanoGPT init for weights and embeddings
+
+# KV cache: (keys, values), each (n_layer, B, max_len, n_head, head_dim) in the compute dtype.
+KVCache = tuple[jax.Array, jax.Array]
+
+
+# Parameters only carry logical axis names; they are placed on devices by sharding.py through
+# jit's out_shardings, never eagerly at creation, so model code needs no mesh.
+def _normal(std: float, axes: tuple[str | None, ...]):
+    return nnx.with_partitioning(nnx.initializers.normal(std), axes, eager_sharding=False)
+
+
+def _zeros(axes):
+    return nnx.with_partitioning(nnx.initializers.zeros_init(), axes, eager_sharding=False)
+
+
+def _ones(axes):
+    return nnx.with_partitioning(nnx.initializers.ones_init(), axes, eager_sharding=False)
+
+
+def _linear(cfg: GPTConfig, d_in: int, d_out: int, axes, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    """A Linear layer whose kernel is (in, out), the layout of HF's Conv1D."""
+    return nnx.Linear(
+        d_in, d_out, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+        kernel_init=_normal(std, axes), bias_init=_zeros(axes[1:]), rngs=rngs,
+    )
+
+
+def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        cfg.n_embd, epsilon=LN_EPS, use_bias=cfg.bias, dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.float32, scale_init=_ones(("norm",)), bias_init=_zeros(("norm",)), rngs=rngs,
+    )
+
+
+def attention(q, k, v, mask, implementation: str) -> jax.Array:
+    """Scaled dot-product attention on (B, T, nh, hs) inputs; `mask` is (T, S) bool, True = attend.
+
+    `mask=None` means causal over equal-length q and k (the training path).
+    """
+    if implementation == "einsum":  # plain reference: softmax in float32
+        T, S = q.shape[1], k.shape[1]
+        if mask is None:
+            mask = jnp.tril(jnp.ones((T, S), dtype=bool))
+        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+        scores = scores * q.shape[-1] ** -0.5
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    if mask is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    # Decoding against a cache: an explicit mask, which the XLA implementation supports everywhere.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        proj_std = INIT_STD * (2 * cfg.n_layer) ** -0.5  # GPT-2: scale residual projections
+        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, ("embed", "heads"), INIT_STD, rngs)
+        self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, ("heads", "embed"), proj_std, rngs)
+        self.attn_dropout = nnx.Dropout(cfg.dropout)
+        self.resid_dropout = nnx.Dropout(cfg.dropout)
+        self.n_head, self.impl = cfg.n_head, cfg.attention
+
+    def __call__(self, x, cache: tuple | None, pos, dropout_rng) -> tuple[jax.Array, tuple | None]:
+        B, T, C = x.shape
+        q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x (B, T, C)
+        q, k, v = (a.reshape(B, T, self.n_head, C // self.n_head) for a in (q, k, v))  # (B, T, nh, hs)
+        mask = None
+        if cache is not None:  # write this step's keys/values at [pos, pos + T), attend to [0, pos + T)
+            k_cache, v_cache = cache
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
+            cache = (k, v)  # (B, S, nh, hs)
+            mask = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S)
+        if dropout_rng is not None and self.attn_dropout.rate > 0:
+            # Dropout on the attention probabilities needs them materialised: use the plain path.
+            y = _attention_with_dropout(q, k, v, mask, self.attn_dropout, dropout_rng)
+        else:
+            y = attention(q, k, v, mask, self.impl)  # (B, T, nh, hs)
+        y = self.c_proj(y.reshape(B, T, C))
+        return self.resid_dropout(y, deterministic=dropout_rng is None, rngs=dropout_rng), cache
+
+
+def _attention_with_dropout(q, k, v, mask, dropout: nnx.Dropout, rng) -> jax.Array:
+    T, S = q.shape[1], k.shape[1]
+    if mask is None:
+        mask = jnp.tril(jnp.ones((T, S), dtype=bool))
+    scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    probs = dropout(probs, deterministic=False, rngs=jax.random.fold_in(rng, 1)).astype(v.dtype)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        proj_std = INIT_STD * (2 * cfg.n_layer) ** -0.5
+        self.c_fc = _linear(cfg, cfg.n_embd, 4 * cfg.n_embd, ("embed", "mlp"), INIT_STD, rngs)
+        self.c_proj = _linear(cfg, 4 * cfg.n_embd, cfg.n_embd, ("mlp", "embed"), proj_std, rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x, dropout_rng) -> jax.Array:
+        h = jax.nn.gelu(self.c_fc(x), approximate=True)  # GPT-2's tanh approximation
+        return self.dropout(self.c_proj(h), deterministic=dropout_rng is None, rngs=dropout_rng)
+
+
+class Block(nnx.Module):
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)): the pre-LN residual block of GPT-2."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.ln_1 = _layer_norm(cfg, rngs)
+        self.attn = CausalSelfAttention(cfg, rngs=rngs)
+        self.ln_2 = _layer_norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cache=None, pos=0, dropout_rng=None):
+        rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+        y, cache = self.attn(self.ln_1(x), cache, pos, rngs[0])
+        x = x + y
+        x = x + self.mlp(self.ln_2(x), rngs[1])
+        return x, cache
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+class GPT(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
+                             embedding_init=_normal(INIT_STD, ("vocab", "embed")), rngs=rngs)
+        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
+                             embedding_init=_normal(INIT_STD, (None, "embed")), rngs=rngs)
+        self.drop = nnx.Dropout(cfg.dropout)
+
+        # n_layer blocks with independent init, stacked on a leading "layers" axis.
+        @nnx.split_rngs(splits=cfg.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.h = make_blocks(rngs)
+        self.ln_f = _layer_norm(cfg, rngs)
+
+    def __call__(self, idx: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+        """Logits (B, T, vocab_size) float32 for int tokens (B, T). Dropout is on iff `dropout_rng` is set."""
+        logits, _ = self._forward(idx, None, 0, dropout_rng)
+        return logits
+
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        cfg = self.config
+        shape = (cfg.n_layer, batch_size, max_len or cfg.block_size, cfg.n_head, cfg.head_dim)
+        return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
+
+    def decode(self, idx: jax.Array, cache: KVCache, pos) -> tuple[jax.Array, KVCache]:
+        """Logits for tokens `idx` (B, T) at positions [pos, pos + T), reading and extending `cache`.
+
+        Prefill with the whole prompt at pos=0, then feed one token at a time; `pos` may be traced,
+        so a jitted decode loop compiles once.
+        """
+        return self._forward(idx, cache, pos, None)
+
+    def _forward(self, idx, cache, pos, dropout_rng):
+        cfg = self.config
+        B, T = idx.shape
+        max_len = cfg.block_size if cache is None else cache[0].shape[2]
+        if T > max_len:
+            raise ValueError(f"sequence length {T} exceeds block_size {max_len}; crop the input to the "
+                             f"last {max_len} tokens")
+        positions = pos + jnp.arange(T)
+        x = self.wte(idx) + self.wpe(positions)[None]  # (B, T, C)
+        keys = (None,) * 2 if dropout_rng is None else tuple(jax.random.split(dropout_rng))
+        x = self.drop(x, deterministic=dropout_rng is None, rngs=keys[0])
+
+        graphdef, stacked = nnx.split(self.h)  # params with a leading (n_layer,) axis
+
+        def block_step(x, layer):
+            params, layer_cache, rng = layer
+            return nnx.merge(graphdef, params)(x, layer_cache, pos, rng)
+
+        if cfg.remat != "none":
+            block_step = jax.checkpoint(block_step, policy=_REMAT_POLICIES[cfg.remat])
+        layer_rngs = None if keys[1] is None else jax.random.split(keys[1], cfg.n_layer)
+        x, cache = jax.lax.scan(block_step, x, (stacked, cache, layer_rngs))
+        x = self.ln_f(x)
+        logits = self.wte.attend(x)  # tied LM head: x @ wte.T -> (B, T, vocab)
+        return logits.astype(jnp.float32), cache
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token loss in float32; `targets` (B, T) int."""
+    import optax  # noqa: PLC0415 (keeps `import gpt2_jax.model` light for tools that only build shapes)
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def count_params(cfg: GPTConfig) -> int:
+    """Parameter count from shapes alone (no allocation): HF's convention, tied head counted once."""
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+

@@ -1,0 +1,88 @@
+"""Fixtures for parity tests: one seeded, fully randomised GPT-2 124M checkpoint in HF format, loaded
+through each implementation's public loader.
+
+All comparisons run in float32 with JAX's matmul precision at "highest" (JAX's accelerator default is
+TF32/bf16 passes; torch's CPU default is full float32).
+"""
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may touch the network, here or in CI
+SHARED = Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
+
+jax.config.update("jax_default_matmul_precision", "highest")
+torch.set_num_threads(os.cpu_count() or 1)
+
+SEED = 1234
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Give every tensor distinct random values (LayerNorm weights and biases included), so a swapped,
+    transposed or dropped tensor changes the output instead of hiding behind ones and zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1.0 + 0.1 * noise)  # LayerNorm gains around 1
+            elif name.endswith(".bias"):
+                p.copy_(0.02 * noise)
+            else:
+                p.copy_(0.02 * noise)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory) -> Path:
+    """A GPT2LMHeadModel(GPT2Config()) -- the exact 124M architecture -- randomised and saved."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(SEED)
+    model = GPT2LMHeadModel(GPT2Config())
+    randomize_(model, SEED)
+    path = tmp_path_factory.mktemp("hf-gpt2-random")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_model(hf_dir):
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def ref_model(hf_dir):
+    import reference_torch
+
+    return reference_torch.GPT.from_pretrained(str(hf_dir)).eval()
+
+
+@pytest.fixture(scope="session")
+def jax_model(hf_dir):
+    import gpt2_jax
+
+    return gpt2_jax.load_hf(hf_dir)
+
+
+@pytest.fixture(scope="session")
+def tokens() -> dict[str, np.ndarray]:
+    """Seeded token batches: an odd length, and the full 1024 context."""
+    rng = np.random.default_rng(SEED)
+    return {
+        "odd": rng.integers(0, 50257, size=(2, 37)),
+        "full": rng.integers(0, 50257, size=(1, 1024)),
+    }
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    return SHARED
