@@ -84,3 +84,64 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)
+
+
+def _flag(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; `python train.py --key=value` sets any field.
+
+    Zero / empty values mean "auto": resolved from the preset and the platform by trainer.resolve().
+    """
+
+    platform: str = _flag("", "JAX backend: cpu | gpu | tpu (empty: JAX's default)")
+    preset: str = _flag("char", "model size: " + ", ".join(PRESETS))
+    init_from: str = _flag("scratch", "scratch | an HF name (gpt2, gpt2-medium, ...) or folder | a training out_dir")
+    data: str = _flag("", "token shard folder (python -m gpt2_jax.data ...); empty: Python's bundled docs, char-level")
+    out_dir: str = _flag("out", "checkpoints, metrics.jsonl, TensorBoard events and plots go here")
+    resume: bool = _flag(False, "require a checkpoint in out_dir to resume from (resuming is automatic anyway)")
+    # Batch: total_batch_size tokens per optimizer step = micro_batch_size * block_size * grad_accum.
+    total_batch_size: int = _flag(0, "tokens per optimizer step (0: 2**19 for GPT-2 sizes, one micro-batch for char)")
+    micro_batch_size: int = _flag(0, "sequences per micro-step over all devices (0: auto)")
+    block_size: int = _flag(0, "sequence length (0: the preset's)")
+    vocab_size: int = _flag(0, "model vocabulary (0: the data's; GPT-2 BPE is padded to 50304)")
+    dropout: float = _flag(-1.0, "dropout rate (-1: the preset's)")
+    dtype: str = _flag("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on gpu/tpu, float32 on cpu)")
+    attention: str = _flag("", "xla | cudnn | einsum (empty: cudnn on gpu with bfloat16, else xla)")
+    remat: str = _flag("none", "activation checkpointing per block: none | full | dots")
+    mesh: str = _flag("", "device mesh, e.g. data:8 or data:2,fsdp:4 (empty: every device on data)")
+    # Optimizer and schedule (optim.py).
+    max_steps: int = _flag(0, "optimizer steps (0: 19073 for GPT-2 sizes = 10B tokens; a few minutes for char)")
+    warmup_steps: int = _flag(-1, "linear warmup steps (-1: 715 for GPT-2 sizes, 10% of max_steps otherwise)")
+    max_lr: float = _flag(0.0, "peak learning rate (0: 6e-4 for GPT-2 sizes, 1e-3 for char)")
+    min_lr_ratio: float = _flag(0.1, "final learning rate as a fraction of max_lr")
+    weight_decay: float = _flag(0.1, "AdamW weight decay on >=2-D params")
+    beta1: float = _flag(0.9, "AdamW beta1")
+    beta2: float = _flag(0.95, "AdamW beta2")
+    eps: float = _flag(1e-8, "AdamW epsilon")
+    grad_clip: float = _flag(1.0, "max global gradient norm (0: off)")
+    # Evaluation, samples, checkpoints, logs.
+    eval_every: int = _flag(250, "validation loss every N steps (and at the end); 0: never")
+    eval_steps: int = _flag(20, "validation micro-batches per evaluation")
+    sample_every: int = _flag(250, "print samples every N steps (and at the end); 0: never")
+    sample_tokens: int = _flag(64, "tokens per sample")
+    num_samples: int = _flag(2, "samples per sampling round")
+    sample_prompt: str = _flag("", "sample prompt (empty: \"Hello, I'm a language model,\" for BPE, newline for char)")
+    hellaswag_every: int = _flag(0, "HellaSwag acc_norm every N steps (BPE models); 0: never")
+    hellaswag_data: str = _flag("", "HellaSwag jsonl (empty: download the official validation file)")
+    hellaswag_limit: int = _flag(0, "evaluate only the first N HellaSwag examples (0: all 10,042)")
+    checkpoint_every: int = _flag(1000, "checkpoint every N steps (and at the end); 0: only at the end")
+    keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep")
+    log_every: int = _flag(1, "console and metrics.jsonl line every N steps")
+    tensorboard: bool = _flag(True, "also write TensorBoard event files to out_dir/tb")
+    seed: int = _flag(1337, "seed for init, dropout and sampling")
+    on_nan: str = _flag("stop", "non-finite loss or grad norm: stop (keep the last good checkpoint) | skip the update")
+    # Multi-process (multi-host GPU, or several CPU processes in tests); Cloud TPU VMs need none of these.
+    distributed: bool = _flag(False, "call jax.distributed.initialize() (automatic on TPU pods)")
+    coordinator_address: str = _flag("", "host:port of process 0, for --distributed off TPU")
+    num_processes: int = _flag(0, "process count, for --distributed off TPU")
+    process_id: int = _flag(-1, "this process's index, for --distributed off TPU")
+    local_device_count: int = _flag(0, "CPU only: fake devices per process (testing multi-device code)")

@@ -54,6 +54,9 @@ def config_from_hf(hf: dict, where: str = "config.json") -> GPTConfig:
     if hf.get("model_type") != "gpt2":
         raise ValueError(f"{where}: model_type is {hf.get('model_type')!r}, not 'gpt2'; "
                          "load_hf reads GPT-2 checkpoints only")
+    missing = [k for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+    if missing:
+        raise ValueError(f"{where}: missing GPT-2 size fields {missing}")
     unsupported = {
         "activation_function": (hf.get("activation_function", "gelu_new"), ("gelu_new", "gelu_pytorch_tanh")),
         "n_inner": (hf.get("n_inner"), (None, 4 * hf["n_embd"])),
@@ -82,33 +85,45 @@ def config_to_hf(cfg: GPTConfig, vocab_size: int) -> dict:
     }
 
 
-def model_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: GPTConfig) -> GPT:
-    """A GPT whose parameters are the given HF-named tensors; wte is zero-padded to cfg.vocab_size."""
+def model_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: GPTConfig, *,
+                          checkpoint_vocab_size: int | None = None) -> GPT:
+    """A GPT whose parameters are the given HF-named tensors; wte is zero-padded to cfg.vocab_size.
+
+    `checkpoint_vocab_size`: the rows wte must have (the checkpoint config's vocab_size), so a wte that
+    disagrees with its own config.json is refused instead of padded; None accepts any count up to
+    cfg.vocab_size.
+    """
     tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items() if not IGNORED.search(k.removeprefix(PREFIX))}
     abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # shapes only, nothing allocated
     graphdef, state = nnx.split(abstract)
     expected = nnx.to_pure_dict(state)  # nested dict of ShapeDtypeStructs
     pure: dict = {}
 
-    def put(path, value, name):
-        want = _get(expected, path)
-        if value.shape != want.shape:
+    def check(name, value, want):
+        if tuple(value.shape) != tuple(want):
             raise ValueError(f"tensor {name}: checkpoint shape {tuple(value.shape)} does not match the "
-                             f"model's {tuple(want.shape)} for config {cfg}")
-        _set(pure, path, jnp.asarray(value, dtype=jnp.float32))
+                             f"model's {tuple(want)} for config {cfg}")
 
     used = set()
     for name, path in TOP_LEVEL.items():
-        value = _take(tensors, name, used)
-        if name == "wte.weight" and value.shape[0] < cfg.vocab_size:  # pad 50257 -> 50304 with zeros
-            value = np.concatenate([value, np.zeros((cfg.vocab_size - value.shape[0], value.shape[1]), value.dtype)])
-        put(path, value, name)
+        value, want = _take(tensors, name, used), _get(expected, path).shape
+        if name == "wte.weight":  # pad 50257 -> 50304 with zeros
+            rows = checkpoint_vocab_size or min(value.shape[0], cfg.vocab_size)
+            check(name, value, (rows, want[1]))
+            if want[0] > rows:
+                value = np.concatenate([value, np.zeros((want[0] - rows, value.shape[1]), value.dtype)])
+        check(name, value, want)
+        _set(pure, path, jnp.asarray(value, dtype=jnp.float32))
     for name, path in PER_BLOCK.items():
+        want = _get(expected, ("h", *path)).shape  # (n_layer, ...)
         layers = [_take(tensors, f"h.{i}.{name}", used) for i in range(cfg.n_layer)]
-        put(("h", *path), np.stack(layers), f"h.*.{name}")
+        for i, value in enumerate(layers):  # per layer, so the message names the one bad tensor
+            check(f"h.{i}.{name}", value, want[1:])
+        _set(pure, ("h", *path), jnp.asarray(np.stack(layers), dtype=jnp.float32))
     extra = sorted(set(tensors) - used)
     if extra:
-        raise ValueError(f"checkpoint has tensors the model does not use: {extra[:5]}... "
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise ValueError(f"checkpoint has tensors the model does not use: {extra[:5]}{more} "
                          f"(is n_layer={cfg.n_layer} right?)")
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
@@ -193,11 +208,17 @@ def load_hf(name_or_path: str | os.PathLike, *, vocab_size: int | None = None, *
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{folder} has no config.json; is it an HF GPT-2 checkpoint folder?")
-    cfg = config_from_hf(json.loads(config_file.read_text()), where=str(config_file))
-    tensors = read_hf_tensors(folder)
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+    cfg = config_from_hf(hf_config, where=str(config_file))
     if vocab_size is not None and vocab_size < cfg.vocab_size:
-        raise ValueError(f"vocab_size={vocab_size} is smaller than the checkpoint's {cfg.vocab_size}")
-    return model_from_hf_tensors(tensors, cfg.replace(vocab_size=vocab_size or cfg.vocab_size, **overrides))
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the checkpoint's {cfg.vocab_size}; "
+                         "it can only pad the embedding (e.g. 50257 -> 50304), never cut it")
+    tensors = read_hf_tensors(folder)
+    return model_from_hf_tensors(tensors, cfg.replace(vocab_size=vocab_size or cfg.vocab_size, **overrides),
+                                 checkpoint_vocab_size=cfg.vocab_size)
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, *, vocab_size: int | None = None) -> Path:

@@ -260,7 +260,9 @@ def prepare_fineweb(out_dir: str | os.PathLike, shard_size: int = DEFAULT_SHARD_
     texts = (doc["text"] for doc in docs)
     if num_proc == 1:
         return write_shards(map(_gpt2_document, texts), out_dir, tokenizer, shard_size, progress)
-    with multiprocessing.Pool(num_proc) as pool:  # imap keeps document order: deterministic shards
+    # "spawn": forking a process that has imported JAX (multithreaded) can deadlock.
+    with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
+        # imap keeps the document order, so the shards are deterministic
         tokens = pool.imap(_gpt2_document, texts, chunksize=16)
         return write_shards(tokens, out_dir, tokenizer, shard_size, progress)
 

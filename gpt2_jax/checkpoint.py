@@ -1,0 +1,214 @@
+"""Checkpoints: an orbax CheckpointManager with atomic saves, resharding restores and a fallback.
+
+Usage (as in trainer.py):
+
+    ckpt = Checkpointer(directory, max_to_keep=3, async_save=True)
+    if ckpt.latest_step() is not None:
+        state, meta, step = ckpt.restore(abstract_like(state))  # or an abstract tree from nnx.eval_shape
+    ...
+    ckpt.save(step, {"params": ..., "opt": ..., "rng": ...}, {"config": ..., "data": ...})
+    ckpt.close()                                             # waits for the last async save
+
+On disk, one folder per step:
+
+    <directory>/1000/state/       the array tree (OCDBT + zarr; each process writes its own shards)
+    <directory>/1000/meta/        `meta` as JSON (config, data-loader position, ...)
+
+What makes it safe (checked against orbax-checkpoint 0.12.8's source and by tests/test_checkpoint.py):
+- Atomic saves. On a local or network filesystem orbax writes a step into `1000.orbax-checkpoint-tmp`,
+  writes `commit_success.txt` last and only then renames the folder to `1000`. A step folder is complete
+  iff its name is a bare number (on GCS, where there is no atomic rename, iff it holds
+  `commit_success.txt`). A killed save leaves only a `*.orbax-checkpoint-tmp` folder, which step
+  listing skips and the next Checkpointer deletes (`cleanup_tmp_directories`).
+- Old steps are deleted (`max_to_keep`) after the newer save has finished writing, never before; if
+  the save fails, nothing is deleted.
+- Orbax's own `CheckpointManager.latest_step()` already counts a step whose async save is still in
+  flight, so this class lists complete steps from the disk instead.
+- A step that can't be restored (truncated or missing file, bad JSON, a tree that no longer matches) is
+  skipped with a warning and the previous one is tried; see `restore`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+    """The restore target for a tree of jax.Arrays: same shapes, dtypes and shardings, no data."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class Checkpointer:
+    """Saves and restores `(state, meta)` per step under `directory` (local path or gs://...).
+
+    Args:
+      directory: folder holding one sub-folder per step; created if missing.
+      max_to_keep: keep the newest N complete checkpoints (None keeps all).
+      async_save: write to disk in a background thread. `save` returns once the arrays are copied to
+        host memory, so the train step may donate or overwrite its buffers right away.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (or None to keep every checkpoint)")
+        if "://" not in str(directory):
+            directory = os.path.abspath(directory)  # orbax wants absolute paths
+        self.directory = epath.Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(
+                f"checkpoint directory {self.directory} is a file; pass a folder (it is created if missing)"
+            )
+        # The manager and `all_steps` must agree on step folder names: `<step>`, no prefix or padding.
+        self._name_format = ocp.step.standard_name_format()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            step_name_format=self._name_format,
+            cleanup_tmp_directories=True,  # delete `*.orbax-checkpoint-tmp` left by killed saves
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / self._name_format.build_name(step)
+
+    def all_steps(self) -> list[int]:
+        """Steps with a complete checkpoint on disk, oldest first (saves still in flight excluded)."""
+        return sorted(m.step for m in self._name_format.find_all(self.directory))
+
+    def latest_step(self) -> int | None:
+        """Newest complete checkpoint, or None (it may still be damaged: `restore` checks)."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
+        """Saves a tree of jax.Arrays (any sharding) and a JSON-serialisable dict, atomically.
+
+        Call it on every process: each writes its own shards; orbax writes `meta` and renames the
+        folder on the primary process. JSON turns tuples into lists and dict keys into strings.
+        """
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"checkpoint meta for step {step} is not JSON-serialisable: {e}") from e
+        # orbax waits for the previous async save at the start of `save` anyway; waiting first makes
+        # the listing below see it.
+        self.wait()
+        # Checkpoints at or after `step` belong to a run we have rewound from, e.g. because `restore`
+        # skipped a damaged newest step. Orbax would silently skip this save (step <= latest) and later
+        # fail with "step already exists", so remove them (through orbax: the primary process deletes).
+        stale = [s for s in self.all_steps() if s >= step]
+        if stale:
+            warnings.warn(
+                f"Saving step {step} to {self.directory}: deleting checkpoints {stale}, which are not older "
+                f"than it (the run resumed from an earlier step).",
+                stacklevel=2,
+            )
+            self._manager.reload()
+            for s in stale:
+                self._manager.delete(s)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        # force: a step that isn't a multiple of an interval is still saved (we decide when to save).
+        self._manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        """Blocks until async saves (and the deletions that follow them) are finished."""
+        self._manager.wait_until_finished()
+
+    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any], int]:
+        """Restores `(state, meta, step)` with arrays placed on `abstract_state`'s shardings.
+
+        `abstract_state` is a tree of jax.ShapeDtypeStruct with `.sharding` set (see `abstract_like`),
+        with the structure of the saved state: optax NamedTuples come back as NamedTuples. The mesh and
+        device count may differ from the ones the checkpoint was saved with.
+
+        step=None restores the newest checkpoint that restores cleanly: a damaged one is skipped with a
+        warning and the previous one tried. An explicit step is restored or raises, without fallback.
+        """
+        self.wait()  # a save still in flight is not complete, and its clean-up may delete old steps
+        _check_has_shardings(abstract_state)
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(
+                    f"No complete checkpoint for step {step} in {self.directory}; complete steps: {steps}"
+                )
+            try:
+                state, meta = self._restore_step(step, abstract_state)
+            except Exception as e:
+                raise RuntimeError(
+                    f"Could not restore step {step} from {self.step_dir(step)}: {type(e).__name__}: {e}"
+                ) from e
+            return state, meta, step
+        if not steps:
+            raise FileNotFoundError(
+                f"No complete checkpoint in {self.directory}. To start from scratch, skip restore when "
+                f"latest_step() is None, or use an empty or new checkpoint directory."
+            )
+        failures = []
+        for s in reversed(steps):
+            try:
+                state, meta = self._restore_step(s, abstract_state)
+            except Exception as e:
+                failure = f"step {s} ({self.step_dir(s)}): {type(e).__name__}: {e}"
+                failures.append(failure)
+                warnings.warn(f"Could not restore checkpoint {failure}; trying the previous one", stacklevel=2)
+                continue
+            return state, meta, s
+        raise RuntimeError(
+            f"None of the {len(steps)} checkpoints in {self.directory} could be restored:\n  "
+            + "\n  ".join(failures)
+        )
+
+    def _restore_step(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        error = None
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:
+            error = e
+        # Every process reads only its own shards, so one may fail where others succeed. They must all
+        # agree, or they would go on from different steps.
+        if not _on_all_processes(error is None):
+            raise error or RuntimeError(f"another process failed to restore step {step}")
+        return restored["state"], restored["meta"]
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_has_shardings(abstract_state: PyTree) -> None:
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
+    missing = [jax.tree_util.keystr(path) for path, leaf in leaves if getattr(leaf, "sharding", None) is None]
+    if missing:
+        raise ValueError(
+            f"restore needs a target sharding on every leaf of abstract_state; none on {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}. Build it with abstract_like(state) or "
+            f"jax.ShapeDtypeStruct(shape, dtype, sharding=...)."
+        )
+
+
+def _on_all_processes(ok: bool) -> bool:
+    """True iff `ok` on every JAX process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))

@@ -1,0 +1,120 @@
+"""The device mesh and where every array lives on it: the only module that knows about the mesh.
+
+Model code names logical axes (`embed`, `mlp`, `heads`, `vocab`, `layers`, `norm`); `RULES` maps them to
+mesh axes. Mesh axes:
+  data    pure data parallelism: params replicated, the batch split;
+  fsdp    data parallelism with params and optimizer state split on their `embed` dim (ZeRO-3 style);
+  tensor  Megatron-style: the `mlp`/`heads`/`vocab` dims split, the batch replicated.
+Switching strategy changes the mesh flag only (`--mesh=data:8`, `--mesh=data:2,fsdp:4`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dim is split over both data-parallel axes
+RULES = {  # logical axis -> mesh axis (None: replicated)
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+}
+
+
+def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+    """'data:2,fsdp:4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}; '' -> every device on `data`.
+
+    One axis may be -1 (or omitted size): it takes the remaining devices.
+    """
+    sizes = {a: 1 for a in MESH_AXES}
+    if not spec:
+        sizes["data"] = num_devices
+        return sizes
+    fill = None
+    for part in spec.split(","):
+        name, _, size = part.strip().partition(":")
+        if name not in MESH_AXES:
+            raise ValueError(f"--mesh={spec!r}: unknown axis {name!r}; axes are {MESH_AXES}, e.g. --mesh=data:2,fsdp:4")
+        try:
+            n = int(size) if size else -1
+        except ValueError:
+            raise ValueError(f"--mesh={spec!r}: size {size!r} of axis {name!r} is not an integer") from None
+        if n == -1:
+            fill = name
+        elif n < 1:
+            raise ValueError(f"--mesh={spec!r}: axis {name!r} has size {n}; sizes must be >= 1")
+        sizes[name] = max(n, 1)
+    used = math.prod(sizes.values())
+    if fill is not None:
+        if num_devices % used:
+            raise ValueError(f"--mesh={spec!r}: {num_devices} devices cannot fill axis {fill!r}")
+        sizes[fill] = num_devices // used
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"--mesh={spec!r} uses {math.prod(sizes.values())} devices but there are {num_devices}; "
+                         f"the product of the axis sizes must equal the device count")
+    return sizes
+
+
+def make_mesh(spec: str = "", devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    sizes = parse_mesh(spec, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    auto = (AxisType.Auto,) * len(MESH_AXES)  # shardings given at jit boundaries; XLA propagates inside
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)  # topology-aware order
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def logical_to_spec(axes: tuple | None, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for one array: each logical axis through RULES, replicated where the mesh axis
+    has size 1 or does not divide the dimension (e.g. vocab 50257 over tensor:2)."""
+    if not axes:
+        return P()
+    out = []
+    for name, dim in zip(axes, shape, strict=True):
+        mesh_axis = RULES.get(name) if name else None
+        if mesh_axis is None or mesh.shape[mesh_axis] == 1 or dim % mesh.shape[mesh_axis]:
+            out.append(None)
+        else:
+            out.append(mesh_axis)
+    return P(*out)
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """NamedShardings for an nnx.State whose Variables carry `out_sharding` logical axes (params and
+    the optimizer's moment estimates alike); everything else is replicated."""
+
+    def one(var):
+        axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+        shape = var.shape if hasattr(var, "shape") else ()
+        return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
+    """Split dimension `batch_dim` of a batch over the data-parallel axes; replicate the rest."""
+    spec = [None] * ndim
+    spec[batch_dim] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """A global array from this process's rows of the batch (each process read only its own slice)."""
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)
