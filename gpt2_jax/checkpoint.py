@@ -3,10 +3,10 @@
 Usage (as in trainer.py):
 
     ckpt = Checkpointer(directory, max_to_keep=3, async_save=True)
-    if ckpt.latest_step() is not None:
-        state, meta, step = ckpt.restore(abstract_like(state))  # or an abstract tree from nnx.eval_shape
+    if ckpt.latest_step() is not None:      # resume; abstract_state: ShapeDtypeStructs + target shardings
+        state, meta, step = ckpt.restore(abstract_state)
     ...
-    ckpt.save(step, {"params": ..., "opt": ..., "rng": ...}, {"config": ..., "data": ...})
+    ckpt.save(step, state, {"config": ..., "loader": ...})  # state: any pytree of jax.Arrays (nnx.State too)
     ckpt.close()                                             # waits for the last async save
 
 On disk, one folder per step:
@@ -56,9 +56,18 @@ class Checkpointer:
       max_to_keep: keep the newest N complete checkpoints (None keeps all).
       async_save: write to disk in a background thread. `save` returns once the arrays are copied to
         host memory, so the train step may donate or overwrite its buffers right away.
+      read_only: only list and restore: never create, clean up or delete anything (for reading another
+        run's checkpoints, which may be saving right now).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (or None to keep every checkpoint)")
         if "://" not in str(directory):
@@ -70,12 +79,16 @@ class Checkpointer:
             )
         # The manager and `all_steps` must agree on step folder names: `<step>`, no prefix or padding.
         self._name_format = ocp.step.standard_name_format()
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None if read_only else max_to_keep,
+            save_interval_steps=0 if read_only else 1,  # (orbax warns about anything else when read-only)
             enable_async_checkpointing=async_save,
             step_name_format=self._name_format,
-            cleanup_tmp_directories=True,  # delete `*.orbax-checkpoint-tmp` left by killed saves
-            create=True,
+            # Delete the `*.orbax-checkpoint-tmp` folders of killed saves (on the primary process).
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -97,6 +110,8 @@ class Checkpointer:
         Call it on every process: each writes its own shards; orbax writes `meta` and renames the
         folder on the primary process. JSON turns tuples into lists and dict keys into strings.
         """
+        if self.read_only:
+            raise PermissionError(f"Checkpointer({self.directory}, read_only=True) cannot save step {step}")
         try:
             json.dumps(meta)
         except (TypeError, ValueError) as e:
@@ -111,14 +126,14 @@ class Checkpointer:
         if stale:
             warnings.warn(
                 f"Saving step {step} to {self.directory}: deleting checkpoints {stale}, which are not older "
-                f"than it (the run resumed from an earlier step).",
+                f"than it (e.g. the run resumed from an earlier step).",
                 stacklevel=2,
             )
             self._manager.reload()
             for s in stale:
                 self._manager.delete(s)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        # force: a step that isn't a multiple of an interval is still saved (we decide when to save).
+        # force: skip orbax's should_save (intervals, "step <= latest"); the caller decides when to save.
         self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
@@ -147,7 +162,7 @@ class Checkpointer:
                 state, meta = self._restore_step(step, abstract_state)
             except Exception as e:
                 raise RuntimeError(
-                    f"Could not restore step {step} from {self.step_dir(step)}: {type(e).__name__}: {e}"
+                    f"Could not restore step {step} from {self.step_dir(step)}: {_short(e)}"
                 ) from e
             return state, meta, step
         if not steps:
@@ -160,7 +175,7 @@ class Checkpointer:
             try:
                 state, meta = self._restore_step(s, abstract_state)
             except Exception as e:
-                failure = f"step {s} ({self.step_dir(s)}): {type(e).__name__}: {e}"
+                failure = f"step {s} ({self.step_dir(s)}): {_short(e)}"
                 failures.append(failure)
                 warnings.warn(f"Could not restore checkpoint {failure}; trying the previous one", stacklevel=2)
                 continue
@@ -169,6 +184,20 @@ class Checkpointer:
             f"None of the {len(steps)} checkpoints in {self.directory} could be restored:\n  "
             + "\n  ".join(failures)
         )
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
+        """The JSON meta of a step (default: the newest), without touching its arrays; None if unreadable.
+
+        Lets a caller check that a checkpoint fits (same model config, same data) before restoring it.
+        """
+        self.wait()
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception:  # a damaged step: restore() falls back and reports it
+            return None
 
     def _restore_step(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
@@ -212,3 +241,9 @@ def _on_all_processes(ok: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
+
+
+def _short(error: Exception, limit: int = 400) -> str:
+    """`Type: message`, cut short: tensorstore errors append kilobytes of JSON spec."""
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else text[:limit] + " ..."

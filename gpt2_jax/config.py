@@ -107,12 +107,16 @@ class TrainConfig:
     total_batch_size: int = _flag(0, "tokens per optimizer step (0: 2**19 for GPT-2 sizes, one micro-batch for char)")
     micro_batch_size: int = _flag(0, "sequences per micro-step over all devices (0: auto)")
     block_size: int = _flag(0, "sequence length (0: the preset's)")
+    n_layer: int = _flag(0, "override the preset's number of blocks (0: the preset's)")
+    n_head: int = _flag(0, "override the preset's attention heads (0: the preset's)")
+    n_embd: int = _flag(0, "override the preset's width (0: the preset's)")
     vocab_size: int = _flag(0, "model vocabulary (0: the data's; GPT-2 BPE is padded to 50304)")
     dropout: float = _flag(-1.0, "dropout rate (-1: the preset's)")
     dtype: str = _flag("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on gpu/tpu, float32 on cpu)")
     attention: str = _flag("", "xla | cudnn | einsum (empty: cudnn on gpu with bfloat16, else xla)")
     remat: str = _flag("none", "activation checkpointing per block: none | full | dots")
-    mesh: str = _flag("", "device mesh, e.g. data:8 or data:2,fsdp:4 (empty: every device on data)")
+    mesh: str = _flag("", "device mesh, e.g. data:8 or data:2,fsdp:4 (empty: every device on data; "
+                      "single-process runs may use fewer devices than they have)")
     # Optimizer and schedule (optim.py).
     max_steps: int = _flag(0, "optimizer steps (0: 19073 for GPT-2 sizes = 10B tokens; a few minutes for char)")
     warmup_steps: int = _flag(-1, "linear warmup steps (-1: 715 for GPT-2 sizes, 10% of max_steps otherwise)")

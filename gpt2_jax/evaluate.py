@@ -48,13 +48,11 @@ from tqdm import tqdm
 
 from gpt2_jax.config import GPT2_VOCAB_SIZE
 from gpt2_jax.model import GPT
+from gpt2_jax.sharding import BATCH_AXES, make_mesh
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_ENDINGS = 4
 BUCKET = 32  # rows are padded to a multiple of this many tokens: few shapes, so few compilations
-# Mesh axes that split the batch (data parallel and FSDP both shard the batch). TODO(lead): take this
-# from sharding.py once it exists, so the mesh's axis names live in one place.
-DATA_AXES = ("data", "fsdp")
 
 Encode = Callable[[str], Sequence[int]]
 
@@ -206,15 +204,16 @@ def _token_losses(graphdef, state, tokens, mask, vocab_limit: int) -> jax.Array:
 
 
 def _batch_spec(mesh: Mesh) -> tuple[P, int]:
-    """PartitionSpec that splits rows over the mesh's data axes, and the row multiple that needs."""
-    axes = tuple(a for a in DATA_AXES if a in mesh.axis_names)
+    """PartitionSpec that splits rows over the mesh's data-parallel axes, and the row multiple that needs."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
     if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} include none of the data axes {DATA_AXES}")
+        raise ValueError(f"mesh axes {mesh.axis_names} include none of the batch axes {BATCH_AXES}")
     return P(axes), math.prod(mesh.shape[a] for a in axes)
 
 
 def _on_mesh(state, mesh: Mesh):
-    """Parameters already laid out on `mesh`'s devices and axes keep their layout; others are replicated."""
+    """Parameters already laid out on `mesh`'s devices and axes keep their layout (e.g. FSDP or tensor
+    shards placed with sharding.state_shardings); the others are replicated over the mesh."""
 
     def place(x):
         s = getattr(x, "sharding", None)
@@ -232,8 +231,8 @@ def evaluate_hellaswag(model: GPT, examples: Sequence[dict], encode: Encode, *, 
     Returns {"acc", "acc_norm", "n", "per_example": [{"ind", "label", "pred", "pred_norm",
     "losses" (4 summed ending losses), "avg_losses" (4 mean ending losses)}]}; see the module docstring
     for the definitions. `batch_examples` examples (4 rows each) share one forward pass; with `mesh`,
-    rows are split over its data axes (and padded to a multiple of their size), else everything runs
-    on the default device.
+    rows are split over its batch axes (sharding.BATCH_AXES; the row count is padded to a multiple of
+    their size) and parameters not yet on the mesh are replicated; without, it runs on the default device.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -255,7 +254,7 @@ def evaluate_hellaswag(model: GPT, examples: Sequence[dict], encode: Encode, *, 
         row_sharding = NamedSharding(mesh, spec)
         state = _on_mesh(state, mesh)
 
-    per_example = []
+    per_example, correct_norm = [], 0
     bar = tqdm(total=len(examples), desc="hellaswag", unit="ex", disable=not progress)
     for start in range(0, len(examples), batch_examples):
         chunk = examples[start:start + batch_examples]
@@ -264,29 +263,34 @@ def evaluate_hellaswag(model: GPT, examples: Sequence[dict], encode: Encode, *, 
         if tokens.max() >= vocab_limit:
             raise ValueError(f"token id {tokens.max()} is outside the model's vocabulary ({vocab_limit}); "
                              "HellaSwag needs a GPT-2 BPE model and encoder")
-        if row_sharding is not None:  # a global array; every process holds the whole batch
+        counts = mask[:, 1:].sum(axis=1)  # scored ending tokens per row
+        if row_sharding is None:
+            losses = _token_losses(graphdef, state, tokens, mask, vocab_limit)
+        else:  # global arrays split by rows; every process holds the whole batch and keeps its part
             tokens, mask = (jax.make_array_from_callback(a.shape, row_sharding, lambda idx, a=a: a[idx])
                             for a in (tokens, mask))
-        losses = _token_losses(graphdef, state, tokens, mask, vocab_limit)
-        if not losses.is_fully_addressable:  # multi-host: gather every row onto each process
-            from jax.experimental import multihost_utils  # noqa: PLC0415
+            losses = _token_losses(graphdef, state, tokens, mask, vocab_limit)
+            if not losses.is_fully_addressable:  # multi-host: gather every row onto each process
+                from jax.experimental import multihost_utils  # noqa: PLC0415
 
-            losses = multihost_utils.process_allgather(losses, tiled=True)
+                losses = multihost_utils.process_allgather(losses, tiled=True)
         losses = np.asarray(losses, dtype=np.float64)  # (num_rows, L-1)
-        counts = np.asarray(mask)[:, 1:].sum(axis=1)  # scored ending tokens per row
         for i, (ex, (_, _, label)) in enumerate(zip(chunk, rendered)):
             rows = slice(NUM_ENDINGS * i, NUM_ENDINGS * (i + 1))
-            sums = losses[rows].sum(axis=1)
-            avgs = sums / np.maximum(counts[rows], 1)  # >= 1 unless cropping ate a whole ending
+            # A row scores >= 1 token unless it is a single token (empty context, one-token ending):
+            # such a candidate cannot be scored, so it gets an infinite loss and never wins.
+            sums = np.where(counts[rows] > 0, losses[rows].sum(axis=1), np.inf)
+            avgs = sums / np.maximum(counts[rows], 1)
             per_example.append({"ind": ex["ind"], "label": label, "pred": int(sums.argmin()),
                                 "pred_norm": int(avgs.argmin()), "losses": sums.tolist(),
                                 "avg_losses": avgs.tolist()})
+            correct_norm += per_example[-1]["pred_norm"] == label
         bar.update(len(chunk))
-        bar.set_postfix(acc_norm=f"{np.mean([e['pred_norm'] == e['label'] for e in per_example]):.4f}")
+        bar.set_postfix(acc_norm=f"{correct_norm / len(per_example):.4f}")
     bar.close()
     n = len(per_example)
     return {"acc": sum(e["pred"] == e["label"] for e in per_example) / n,
-            "acc_norm": sum(e["pred_norm"] == e["label"] for e in per_example) / n,
+            "acc_norm": correct_norm / n,
             "n": n, "per_example": per_example}
 
 
@@ -305,10 +309,8 @@ def load_model(init_from: str, **overrides) -> GPT:
 
 
 def _default_mesh() -> Mesh | None:
-    """All devices on one data axis when there are several. TODO(lead): build it with sharding.py."""
-    if jax.device_count() == 1:
-        return None
-    return Mesh(np.array(jax.devices()), ("data",))
+    """Every device on the data axis (params replicated, examples split), or None on one device."""
+    return make_mesh() if jax.device_count() > 1 else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,10 +29,11 @@ RULES = {  # logical axis -> mesh axis (None: replicated)
 }
 
 
-def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+def parse_mesh(spec: str, num_devices: int, allow_fewer: bool = False) -> dict[str, int]:
     """'data:2,fsdp:4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}; '' -> every device on `data`.
 
-    One axis may be -1 (or omitted size): it takes the remaining devices.
+    One axis may be -1 (or omitted size): it takes the remaining devices. With allow_fewer, a mesh
+    may use only the first devices (e.g. data:1 on an 8-device host).
     """
     sizes = {a: 1 for a in MESH_AXES}
     if not spec:
@@ -57,7 +58,7 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
         if num_devices % used:
             raise ValueError(f"--mesh={spec!r}: {num_devices} devices cannot fill axis {fill!r}")
         sizes[fill] = num_devices // used
-    if math.prod(sizes.values()) != num_devices:
+    if math.prod(sizes.values()) > num_devices or (not allow_fewer and math.prod(sizes.values()) != num_devices):
         raise ValueError(f"--mesh={spec!r} uses {math.prod(sizes.values())} devices but there are {num_devices}; "
                          f"the product of the axis sizes must equal the device count")
     return sizes
@@ -65,8 +66,9 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
 
 def make_mesh(spec: str = "", devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    sizes = parse_mesh(spec, len(devices))
+    sizes = parse_mesh(spec, len(devices), allow_fewer=jax.process_count() == 1)
     shape = tuple(sizes[a] for a in MESH_AXES)
+    devices = devices[: math.prod(shape)]
     auto = (AxisType.Auto,) * len(MESH_AXES)  # shardings given at jit boundaries; XLA propagates inside
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)  # topology-aware order

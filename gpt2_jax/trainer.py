@@ -96,9 +96,9 @@ def model_config(tc: TrainConfig, data_vocab: int) -> GPTConfig:
     if vocab < data_vocab:
         raise ValueError(f"--vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab} tokens)")
     base = PRESETS[tc.preset]
-    cfg = preset(tc.preset, vocab_size=vocab, block_size=tc.block_size, dtype=tc.dtype, attention=tc.attention,
-                 remat=tc.remat, dropout=base.dropout if tc.dropout < 0 else tc.dropout)
-    return cfg
+    sizes = {k: getattr(tc, k) for k in ("n_layer", "n_head", "n_embd") if getattr(tc, k)}
+    return preset(tc.preset, vocab_size=vocab, block_size=tc.block_size, dtype=tc.dtype, attention=tc.attention,
+                  remat=tc.remat, dropout=base.dropout if tc.dropout < 0 else tc.dropout, **sizes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
         zeros = jax.tree.map(jnp.zeros_like, params)
         (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), (x, y, keys))
         loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ts.opt.update(ts.model, grads)
         # A non-finite loss or gradient leaves the state as it was; the host decides to stop or go on.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -150,6 +150,7 @@ def make_eval_step(graphdef, state_shardings, batch_sharding):
 
 
 def init_distributed(tc: TrainConfig) -> None:
+    """Fake CPU devices and jax.distributed: must run before any JAX backend initialises."""
     if tc.local_device_count:
         jax.config.update("jax_num_cpu_devices", tc.local_device_count)
     on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
@@ -169,7 +170,7 @@ def prepare_data(tc: TrainConfig) -> Path:
     folder = Path(tc.out_dir) / "data"
     if not (folder / "meta.json").exists():
         if jax.process_index() == 0:
-            data_lib.prepare_text_string(data_lib.default_corpus(), folder, tokenizer="char", progress=False)
+            data_lib.prepare_text_string(data_lib.default_corpus(), folder, tokenizer="char")
         _sync("prepare_data")
     return folder
 
@@ -193,8 +194,10 @@ def load_init_params(tc: TrainConfig, cfg: GPTConfig, abstract_state):
     path = Path(tc.init_from)
     if (path / "checkpoints").is_dir() or path.name == "checkpoints":
         folder = path if path.name == "checkpoints" else path / "checkpoints"
-        state, meta, step = Checkpointer(folder).restore(abstract_state)
-        check_resume(meta, cfg, None)
+        source = Checkpointer(folder, read_only=True)
+        if (meta := source.read_meta()) is not None:
+            check_resume(meta, cfg, None)
+        state, meta, step = source.restore(abstract_state)
         _log(f"init_from: {folder} step {step} (params only; a fresh optimizer)")
         return state["model"]
     from gpt2_jax.convert import load_hf  # noqa: PLC0415
@@ -233,8 +236,10 @@ class StopSignal:
 
 
 def run(tc: TrainConfig) -> dict:
-    """Train as `tc` says; returns a summary (final step, last train/val loss, out_dir)."""
-    init_distributed(tc)
+    """Train as `tc` says; returns a summary (final step, last train/val loss, out_dir).
+
+    Multi-process runs call init_distributed(tc) first (train.py does), before JAX initialises.
+    """
     tc = resolve(tc, jax.default_backend(), jax.device_count())
     if tc.on_nan not in ("stop", "skip"):
         raise ValueError(f"--on_nan={tc.on_nan!r}: use stop or skip")
@@ -266,6 +271,8 @@ def run(tc: TrainConfig) -> dict:
     start_step, skipped = 0, 0
     fingerprint = {"dir": str(data_dir.resolve()), "shards": train_loader.state()["shards"]}
     if ckpt.latest_step() is not None:
+        if (meta := ckpt.read_meta()) is not None:
+            check_resume(meta, cfg, fingerprint)  # a clear error before reading arrays of the wrong shape
         state, meta, start_step = ckpt.restore(_with_shardings(abstract_state, state_sh))
         check_resume(meta, cfg, fingerprint)
         train_loader.restore(meta["loader"])
@@ -298,6 +305,7 @@ def run(tc: TrainConfig) -> dict:
 
     def save(step):
         meta = {"step": step, "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc),
+                "tokenizer": tokenizer.to_meta(),
                 "loader": train_loader.state(), "data": fingerprint, "skipped_steps": skipped}
         ckpt.save(step, state, meta)
 
@@ -319,6 +327,23 @@ def run(tc: TrainConfig) -> dict:
                        vocab_limit=tokenizer.vocab_size, seed=tc.seed + step)
         for i, row in enumerate(out):
             _log(f"sample {i}: {tokenizer.decode(row.tolist())!r}")
+
+    hellaswag = None
+    if tc.hellaswag_every:
+        if tokenizer.name != "gpt2":
+            raise ValueError(f"--hellaswag_every={tc.hellaswag_every} needs a GPT-2 BPE model; the data in "
+                             f"{data_dir} is {tokenizer.name}-level. Set --hellaswag_every=0")
+        from gpt2_jax.evaluate import evaluate_hellaswag, load_hellaswag  # noqa: PLC0415
+
+        hellaswag = load_hellaswag(tc.hellaswag_data or None, limit=tc.hellaswag_limit or None)
+
+    def hellaswag_eval(step):
+        model = nnx.merge(graphdef, state).model
+        result = evaluate_hellaswag(model, hellaswag, tokenizer.encode, mesh=mesh, progress=False)
+        logger.log(step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
+        _log(f"step {step}: HellaSwag acc_norm {result['acc_norm']:.4f} acc {result['acc']:.4f} "
+             f"({result['n']} examples)")
+        return result["acc_norm"]
 
     stop = StopSignal()
     summary = {"out_dir": str(out_dir), "start_step": start_step, "loss": None, "val_loss": None}
@@ -357,6 +382,8 @@ def run(tc: TrainConfig) -> dict:
             last = step == tc.max_steps
             if tc.eval_every and (step % tc.eval_every == 0 or last):
                 summary["val_loss"] = evaluate(step)
+            if hellaswag is not None and (step % tc.hellaswag_every == 0 or last):
+                summary["hellaswag_acc_norm"] = hellaswag_eval(step)
             if tc.sample_every and (step % tc.sample_every == 0 or last):
                 sample(step)
             if stop.received or last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
@@ -373,7 +400,7 @@ def run(tc: TrainConfig) -> dict:
         ckpt.wait()
         ckpt.close()
         logger.close()
-    summary.update(step=step, skipped_steps=skipped)
+    summary.update(step=step, skipped_steps=skipped, params=nnx.state(nnx.merge(graphdef, state).model, nnx.Param))
     if jax.process_index() == 0 and not summary.get("interrupted"):
         try:
             from gpt2_jax.plot import plot_run  # noqa: PLC0415
@@ -382,6 +409,32 @@ def run(tc: TrainConfig) -> dict:
         except Exception as e:  # a plot must never fail a finished run
             _log(f"(no plot: {type(e).__name__}: {e})")
     return summary
+
+
+def load_run(path: str | os.PathLike, step: int | None = None, **overrides):
+    """(model, tokenizer, meta) from a training run's out_dir (or its checkpoints/ folder); the newest
+    good checkpoint unless `step` is given. `overrides` set runtime model fields (dtype, attention).
+
+    The checkpoint is restored onto one device (use jax.device_put to place it elsewhere).
+    """
+    path = Path(path)
+    folder = path if path.name == "checkpoints" else path / "checkpoints"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path} is not a training run: no checkpoints/ folder in it")
+    ckpt = Checkpointer(folder, read_only=True)
+    meta = ckpt.read_meta(step)
+    if meta is None:
+        raise FileNotFoundError(f"no readable checkpoint in {folder}")
+    cfg = GPTConfig.from_dict(meta["model_config"]).replace(**overrides)
+    tc = TrainConfig(**meta["train_config"])
+    tx = make_optimizer(optim_config(tc))
+    abstract = nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx))
+    graphdef, abstract_state = nnx.split(abstract)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_state)
+    state, meta, _ = ckpt.restore(target, step=step)
+    tokenizer = data_lib.Tokenizer.from_meta(meta["tokenizer"]) if "tokenizer" in meta else None
+    return nnx.merge(graphdef, state).model, tokenizer, meta
 
 
 def _global(local: np.ndarray, sh, tc: TrainConfig) -> jax.Array:
@@ -393,7 +446,9 @@ def _global(local: np.ndarray, sh, tc: TrainConfig) -> jax.Array:
 
 
 def _with_shardings(abstract_state, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    """The abstract state with each leaf a ShapeDtypeStruct carrying its target sharding."""
+    return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                        abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def check_resume(meta: dict, cfg: GPTConfig, fingerprint: dict) -> None:

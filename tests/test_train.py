@@ -1,0 +1,235 @@
+"""The trainer: sharded steps equal single-device steps, accumulation, torch parity, exact resume, CLI."""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from gpt2_jax import data as data_lib
+from gpt2_jax.config import TrainConfig
+from gpt2_jax.trainer import run
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tolerances. Sharded and single-device steps run the same float32 math with different reduction
+# orders (all-reduce of per-device gradient sums): differences are ~1e-7 relative.
+LOSS_ATOL = 1e-5
+PARAM_RTOL = 1e-5
+# JAX/optax vs torch AdamW over 5 steps: each step's float32 noise (~1e-6) is amplified a little by
+# Adam's normalisation of tiny gradients; 1e-4 on losses of ~4 is far below any recipe difference.
+TRAJECTORY_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("char-data")
+    data_lib.prepare_text_string(data_lib.default_corpus()[:200_000], folder, tokenizer="char")
+    return folder
+
+
+def tiny(out_dir, data_dir, **overrides) -> TrainConfig:
+    """A 2-layer char model that trains in seconds on a CPU."""
+    base = dict(preset="char", n_layer=2, n_head=2, n_embd=32, block_size=32, micro_batch_size=8,
+                total_batch_size=8 * 32, max_steps=3, warmup_steps=1, data=str(data_dir), out_dir=str(out_dir),
+                eval_every=0, sample_every=0, checkpoint_every=0, tensorboard=False, dropout=0.0,
+                dtype="float32", attention="xla")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def losses(out_dir) -> list[float]:
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def max_rel_err(a, b) -> float:
+    """||a - b|| / ||b|| over all parameters at once.
+
+    Not per tensor: the key part of c_attn's bias has an exactly-zero true gradient (adding a constant to
+    every key score of a query leaves the softmax unchanged), so its float32 gradient is pure rounding
+    noise that Adam normalises into full-size steps; that slice differs between any two reduction orders
+    (measured 5e-5 relative on that one tensor, <1e-6 on all others)."""
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(b)])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory, char_data):
+    out = tmp_path_factory.mktemp("single")
+    return out, run(tiny(out, char_data, mesh="data:1"))
+
+
+@pytest.mark.parametrize("mesh", ["data:8", "data:2,fsdp:4", "data:4,tensor:2"])
+def test_sharded_step_equals_single_device(mesh, tmp_path, char_data, single_device_run):
+    assert len(jax.devices()) == 8
+    ref_out, ref = single_device_run
+    summary = run(tiny(tmp_path, char_data, mesh=mesh))
+    np.testing.assert_allclose(losses(tmp_path), losses(ref_out), atol=LOSS_ATOL, rtol=0)
+    assert len(losses(tmp_path)) == 3
+    assert max_rel_err(summary["params"], ref["params"]) <= PARAM_RTOL
+    if "fsdp" in mesh:  # FSDP really shards: the MLP kernel is split over its embed dim
+        kernel = summary["params"]["h"]["mlp"]["c_fc"]["kernel"][...]
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, char_data):
+    accum = run(tiny(tmp_path / "accum", char_data, micro_batch_size=8, total_batch_size=4 * 8 * 32, max_steps=2))
+    big = run(tiny(tmp_path / "big", char_data, micro_batch_size=32, total_batch_size=4 * 8 * 32, max_steps=2))
+    np.testing.assert_allclose(losses(tmp_path / "accum"), losses(tmp_path / "big"), atol=LOSS_ATOL, rtol=0)
+    assert max_rel_err(accum["params"], big["params"]) <= PARAM_RTOL
+
+
+def test_trajectory_matches_torch_reference(tmp_path, char_data):
+    """5 AdamW steps of the trainer vs a plain torch loop with the same init, batches, schedule,
+    clipping and decay mask."""
+    torch = pytest.importorskip("torch")
+    import reference_torch
+    from gpt2_jax.convert import export_hf
+    from gpt2_jax.model import GPT
+    from gpt2_jax.optim import OptimConfig, lr_at
+    from gpt2_jax.trainer import model_config, resolve
+    from flax import nnx
+
+    tc = tiny(tmp_path / "jax", char_data, max_steps=5, warmup_steps=2, max_lr=3e-3)
+    tc = resolve(tc, "cpu", 1)
+    cfg = model_config(tc, data_lib.Tokenizer.load(char_data).vocab_size)
+    init_dir = export_hf(GPT(cfg, rngs=nnx.Rngs(7)), tmp_path / "init")
+    run(dataclasses.replace(tc, init_from=str(init_dir), mesh="data:1"))
+
+    ref = reference_torch.GPT.from_pretrained(str(init_dir)).train()
+    decay = [p for p in ref.parameters() if p.dim() >= 2]
+    no_decay = [p for p in ref.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=0.0, betas=(0.9, 0.95), eps=1e-8)
+    oc = OptimConfig(max_lr=3e-3, warmup_steps=2, max_steps=5)
+    loader = data_lib.TokenLoader(char_data, "train", 8, 32)
+    torch_losses = []
+    for step in range(5):
+        x, y = loader.next_batch()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, oc)
+        opt.zero_grad()
+        _, loss = ref(torch.from_numpy(x).long(), torch.from_numpy(y).long())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        torch_losses.append(loss.item())
+    assert torch_losses[-1] < torch_losses[0] - 0.1  # it trains
+    np.testing.assert_allclose(losses(tmp_path / "jax"), torch_losses, atol=TRAJECTORY_ATOL, rtol=0)
+
+
+def test_resume_is_bit_identical(tmp_path, char_data):
+    """6 straight steps == 3 steps, a restart from the step-3 checkpoint, 3 more steps."""
+    straight = run(tiny(tmp_path / "straight", char_data, max_steps=6, checkpoint_every=3, keep_checkpoints=5))
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "3", resumed_dir / "checkpoints" / "3")
+    resumed = run(tiny(resumed_dir, char_data, max_steps=6, checkpoint_every=3))
+    assert resumed["start_step"] == 3
+    assert losses(resumed_dir) == losses(tmp_path / "straight")[3:]
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), resumed["params"], straight["params"])
+    assert all(jax.tree.leaves(same))
+
+
+# --- bad input: a clear error before anything compiles -------------------------------------------
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        run(tiny(tmp_path, tmp_path / "nope"))
+
+
+def test_vocab_smaller_than_data(tmp_path, char_data):
+    with pytest.raises(ValueError, match=r"--vocab_size=50 is smaller than the data's vocabulary"):
+        run(tiny(tmp_path, char_data, vocab_size=50))
+
+
+def test_batch_not_divisible_by_data_axis(tmp_path, char_data):
+    with pytest.raises(ValueError, match=r"--micro_batch_size=6 is not divisible by the 8 data-parallel devices"):
+        run(tiny(tmp_path, char_data, micro_batch_size=6, total_batch_size=6 * 32, mesh="data:8"))
+
+
+def test_total_batch_not_multiple(tmp_path, char_data):
+    with pytest.raises(ValueError, match=r"--total_batch_size=1000 is not a multiple"):
+        run(tiny(tmp_path, char_data, total_batch_size=1000))
+
+
+def test_unknown_preset(tmp_path, char_data):
+    with pytest.raises(ValueError, match=r"--preset='gpt5' is unknown"):
+        run(tiny(tmp_path, char_data, preset="gpt5"))
+
+
+def test_bad_mesh(tmp_path, char_data):
+    with pytest.raises(ValueError, match=r"unknown axis 'model'"):
+        run(tiny(tmp_path, char_data, mesh="model:8"))
+
+
+def test_resume_with_changed_model_names_the_field(tmp_path, char_data):
+    run(tiny(tmp_path, char_data, max_steps=1))
+    with pytest.raises(ValueError, match=r"n_embd: checkpoint 32 vs now 64"):
+        run(tiny(tmp_path, char_data, max_steps=2, n_embd=64))
+
+
+def test_resume_with_changed_data_names_the_dir(tmp_path, char_data):
+    run(tiny(tmp_path, char_data, max_steps=1))
+    other = tmp_path / "other-data"
+    data_lib.prepare_text_string(data_lib.default_corpus()[:100_000], other, tokenizer="char")
+    with pytest.raises(ValueError, match=r"the data changed .*other-data"):
+        run(tiny(tmp_path, other, max_steps=2))
+
+
+def test_resume_flag_without_checkpoint(tmp_path, char_data):
+    with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint"):
+        run(tiny(tmp_path, char_data, resume=True))
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _train(*args, cwd=ROOT, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_unknown_flag_and_preset(tmp_path):
+    r = _train("--bogus=1")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus=1" in r.stderr
+    r = _train("--preset=gpt5", f"--out_dir={tmp_path}", "--max_steps=1")
+    assert r.returncode == 1 and "--preset='gpt5' is unknown" in r.stderr
+
+
+def test_cli_help_lists_flags_with_defaults():
+    r = _train("--help")
+    assert r.returncode == 0
+    assert "--total_batch_size" in r.stdout and "(default: 1.0)" in r.stdout  # grad_clip default shown
+
+
+def test_cli_default_run_shortened(tmp_path):
+    """`python train.py` as the README runs it, shortened by flags: Python's docs, char-level."""
+    r = _train(f"--out_dir={tmp_path}", "--max_steps=4", "--n_layer=1", "--sample_tokens=16", "--eval_steps=2")
+    assert r.returncode == 0, r.stderr
+    assert "step 4/4" in r.stdout and "val loss" in r.stdout and "sample 0:" in r.stdout
+    assert (tmp_path / "checkpoints" / "4").is_dir() and (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_cli_tiny_shakespeare(tmp_path, tiny_shakespeare):
+    r = subprocess.run([sys.executable, "-m", "gpt2_jax.data", "text", str(tiny_shakespeare), "--out",
+                        str(tmp_path / "data"), "--tokenizer", "char"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = _train("--platform=cpu", f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=40",
+               "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=64", "--micro_batch_size=16",
+               "--dropout=0", "--eval_every=20", "--eval_steps=2", "--sample_every=0", "--max_lr=3e-3")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 41))
+    assert {"lr", "grad_norm", "tokens_per_sec", "ms_per_step"} <= set(train_rows[0])
+    assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
+    first, last = train_rows[0]["loss"], np.mean([r["loss"] for r in train_rows[-5:]])
+    assert first > 4.0 and last < first - 1.0, (first, last)  # 65 chars: starts near ln(65) = 4.17

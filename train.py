@@ -1,0 +1,76 @@
+"""Train GPT-2 with JAX.
+
+    python train.py                                  # a few minutes on a CPU: char-level model on Python's docs
+    python train.py --platform=gpu --preset=gpt2 --data=DIR   # the GPT-2 124M reproduction (FineWeb-Edu 10B)
+    python train.py --help                           # every setting, with its default
+
+Every field of gpt2_jax.config.TrainConfig is a --key=value flag. The backend is chosen before JAX starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from gpt2_jax.config import TrainConfig  # imports nothing heavy: JAX is not loaded yet
+
+PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform -> JAX_PLATFORMS
+INSTALL_HINT = {"gpu": 'pip install "gpt2-jax[gpu]"  (JAX with CUDA)', "tpu": 'pip install "gpt2-jax[tpu]"'}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    for f in dataclasses.fields(TrainConfig):
+        kind = _bool if f.type in (bool, "bool") else type(f.default)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=type(f.default).__name__.upper(),
+                            help=f"{f.metadata['help']} (default: {f.default!r})".replace('%', '%%'))
+    args = parser.parse_args(argv)
+    if args.platform and args.platform not in PLATFORMS:
+        parser.error(f"--platform={args.platform!r}: choose one of {', '.join(PLATFORMS)}")
+    return TrainConfig(**vars(args))
+
+
+def start_jax(config: TrainConfig) -> None:
+    """Pin JAX to one backend and join the other processes, before any backend initialises; exit with
+    what to install if the backend is missing."""
+    if config.platform:
+        os.environ["JAX_PLATFORMS"] = PLATFORMS[config.platform]
+    import jax  # noqa: PLC0415
+
+    from gpt2_jax.trainer import init_distributed  # noqa: PLC0415
+
+    init_distributed(config)
+    try:
+        jax.devices()
+    except Exception as e:  # RuntimeError, or an AssertionError from some JAX versions
+        if not config.platform:
+            raise
+        hint = INSTALL_HINT.get(config.platform)
+        sys.exit(f"--platform={config.platform}: this JAX has no {PLATFORMS[config.platform]} backend "
+                 f"({type(e).__name__}: {e}).\n" + (f"Install it: {hint}" if hint else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    start_jax(config)
+    from gpt2_jax.trainer import run  # noqa: PLC0415
+
+    try:
+        run(config)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
