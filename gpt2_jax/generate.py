@@ -2,12 +2,17 @@
 
 The prompt is run once to fill the cache (prefill); each new token then costs one single-position
 forward pass. The decode loop is a `lax.fori_loop` inside one jit, so no step recompiles.
+
+Prompts of different lengths share one batch without padding ever being attended: the cache is
+prefilled with the first `min(lengths)` tokens of every row, then the loop walks one position at a
+time, and a row whose prompt is not finished yet is fed its next prompt token instead of the sampled
+one (teacher forcing). Every row sits at the same position at every step, so one scalar position and
+one causal mask serve the whole batch.
 """
 
 from __future__ import annotations
 
 import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,17 +22,19 @@ from gpt2_jax.model import GPT
 
 
 def filter_logits(logits: jax.Array, top_k: int | None, top_p: float | None, vocab_limit: int | None) -> jax.Array:
-    """Set logits outside the allowed set to -inf. `logits` is (B, V) float32.
+    """Set logits outside the allowed set to the lowest float. `logits` is (B, V) float32.
 
     vocab_limit: ids >= vocab_limit (the zero rows of a padded vocabulary) are never sampled.
     top_k: keep the k largest. top_p: keep the smallest set of largest-probability ids whose mass
-    reaches p (the most likely id is always kept).
+    reaches p (the most likely id is always kept). Ties at the cut are all kept.
     """
-    neg_inf = jnp.finfo(logits.dtype).min
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, neg_inf)
+    V = logits.shape[-1]
+    neg_inf = jnp.finfo(logits.dtype).min  # not -inf: a row of -inf would turn softmax into NaNs
+    if vocab_limit is not None and vocab_limit < V:
+        logits = jnp.where(jnp.arange(V) < vocab_limit, logits, neg_inf)
     if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
+        k = min(top_k, vocab_limit or V, V)  # never let a masked id tie with the k-th largest
+        kth = jax.lax.top_k(logits, k)[0][:, -1:]  # (B, 1)
         logits = jnp.where(logits < kth, neg_inf, logits)
     if top_p is not None:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
@@ -47,46 +54,83 @@ def next_token(logits, rng, temperature: float, top_k, top_p, vocab_limit) -> ja
     return jax.random.categorical(rng, logits, axis=-1)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "vocab_limit"))
-def _generate(model: GPT, prompt, rng, *, max_new_tokens, temperature, top_k, top_p, vocab_limit):
-    B, T = prompt.shape
-    total = T + max_new_tokens
+@functools.partial(nnx.jit, static_argnames=("prefill_len", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "vocab_limit"))
+def _generate(model: GPT, prompts, lengths, rng, *, prefill_len, max_new_tokens, temperature, top_k, top_p,
+              vocab_limit):
+    """prompts (B, L) right-padded, lengths (B,), prefill_len = min(lengths). Returns (B, L + max_new_tokens):
+    row b is its prompt, then new tokens from position lengths[b] on (a shorter row gets more of them)."""
+    B, L = prompts.shape
+    total = L + max_new_tokens
     cache = model.init_cache(B, total)
-    logits, cache = model.decode(prompt, cache, 0)  # prefill: (B, T, V)
-    logits = logits[:, -1]  # (B, V): the distribution of the first new token
-    tokens = jnp.zeros((B, total), jnp.int32).at[:, :T].set(prompt)
+    logits, cache = model.decode(prompts[:, :prefill_len], cache, 0)  # prefill: (B, prefill_len, V)
+    logits = logits[:, -1]  # (B, V): the distribution at position prefill_len
+    tokens = jnp.zeros((B, total), jnp.int32).at[:, :L].set(prompts)
 
-    def step(i, carry):
+    def step(pos, carry):
         tokens, cache, logits, rng = carry
         rng, sub = jax.random.split(rng)
-        tok = next_token(logits, sub, temperature, top_k, top_p, vocab_limit)  # (B,)
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None].astype(jnp.int32), (0, T + i))
-        logits, cache = model.decode(tok[:, None].astype(jnp.int32), cache, T + i)
-        logits = logits[:, -1]
-        return tokens, cache, logits, rng
+        sampled = next_token(logits, sub, temperature, top_k, top_p, vocab_limit).astype(jnp.int32)  # (B,)
+        tok = jnp.where(pos < lengths, tokens[:, pos], sampled)  # rows still in their prompt: teacher forcing
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, pos))
+        logits, cache = model.decode(tok[:, None], cache, pos)  # (B, 1, V)
+        return tokens, cache, logits[:, -1], rng
 
-    tokens, *_ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens, cache, logits, rng))
+    tokens, *_ = jax.lax.fori_loop(prefill_len, total, step, (tokens, cache, logits, rng))
     return tokens
 
 
 def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, vocab_limit: int | None = None, seed: int = 0) -> np.ndarray:
-    """Continue each row of `prompt` (B, T) ints by `max_new_tokens`; returns (B, T + max_new_tokens).
+             top_p: float | None = None, vocab_limit: int | None = None, seed: int = 0):
+    """Continue each prompt by `max_new_tokens` tokens sampled from `model`.
 
-    All rows share one prompt length. The prompt plus new tokens must fit in block_size.
+    prompt: a (B, T) int array, or a list of B token-id sequences whose lengths may differ.
+    Returns, for an array, a (B, T + max_new_tokens) int32 array; for a list, a list of B int32 arrays,
+    each its prompt followed by `max_new_tokens` new tokens.
+
+    temperature 0 is greedy (top_k and top_p are then ignored). vocab_limit: ids >= it are never
+    produced (the padding rows of a 50304 vocabulary: pass the tokenizer's vocab_size). The longest
+    prompt plus max_new_tokens must fit in block_size. Same seed and inputs: same tokens.
     """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] == 0:
-        raise ValueError(f"prompt must be (batch, length>=1) token ids, got shape {prompt.shape}")
+    ragged = not hasattr(prompt, "shape")  # a list (or tuple) of sequences, not an array
+    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompt] if ragged else None
+    if ragged:
+        if not rows:
+            raise ValueError("prompt is an empty list; pass at least one token sequence")
+        lengths = np.array([len(r) for r in rows])
+        padded = np.zeros((len(rows), lengths.max()), np.int64)
+        for i, r in enumerate(rows):
+            padded[i, :len(r)] = r
+    else:
+        padded = np.asarray(prompt)
+        if padded.ndim != 2:
+            raise ValueError(f"prompt must be (batch, length) token ids, got shape {padded.shape}")
+        lengths = np.full(padded.shape[0], padded.shape[1])
+    if padded.shape[0] == 0 or lengths.min() == 0:
+        raise ValueError(f"every prompt needs at least one token (lengths {lengths.tolist()}); start an empty "
+                         "one with <|endoftext|> (GPT-2 BPE) or a newline")
+    vocab = vocab_limit or model.config.vocab_size
+    if not np.issubdtype(padded.dtype, np.integer) or padded.min() < 0 or padded.max() >= vocab:
+        # (an out-of-range id would silently read a clamped embedding row)
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {padded.dtype} in "
+                         f"[{padded.min()}, {padded.max()}]")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
     if top_k is not None and not 1 <= top_k:
         raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filtering)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if prompt.shape[1] + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-                         f"block_size {model.config.block_size}")
-    out = _generate(model, prompt, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                    temperature=float(temperature), top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
-    return np.asarray(out)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if padded.shape[1] + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt length {padded.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                         f"block_size {model.config.block_size}; crop the prompt to its last "
+                         f"{model.config.block_size - max_new_tokens} tokens")
+    out = _generate(model, jnp.asarray(padded, jnp.int32), jnp.asarray(lengths, jnp.int32), jax.random.key(seed),
+                    prefill_len=int(lengths.min()), max_new_tokens=max_new_tokens, temperature=float(temperature),
+                    top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
+    out = np.asarray(out)
+    if not ragged:
+        return out
+    return [out[i, :n + max_new_tokens] for i, n in enumerate(lengths)]
+
