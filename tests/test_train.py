@@ -233,3 +233,20 @@ def test_cli_tiny_shakespeare(tmp_path, tiny_shakespeare):
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
     first, last = train_rows[0]["loss"], np.mean([r["loss"] for r in train_rows[-5:]])
     assert first > 4.0 and last < first - 1.0, (first, last)  # 65 chars: starts near ln(65) = 4.17
+
+
+def test_init_from_training_run_starts_from_its_params(tmp_path, char_data):
+    first = run(tiny(tmp_path / "first", char_data, max_steps=2))
+    # max_lr ~ 0: the new run's params stay (numerically) where the first run ended.
+    second = run(tiny(tmp_path / "second", char_data, max_steps=1, init_from=str(tmp_path / "first"), max_lr=1e-30,
+                      weight_decay=0.0))
+    assert max_rel_err(second["params"], first["params"]) < 1e-6
+    assert second["start_step"] == 0  # a fresh run (new optimizer), not a resume
+
+
+def test_cli_platform_without_backend(tmp_path):
+    if any(d.platform == "gpu" for d in jax.devices()) or jax.default_backend() == "gpu":
+        pytest.skip("a GPU backend is installed")
+    r = _train("--platform=gpu", f"--out_dir={tmp_path}")
+    assert r.returncode == 1
+    assert "--platform=gpu: this JAX has no cuda backend" in r.stderr and 'pip install "gpt2-jax[gpu]"' in r.stderr
