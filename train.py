@@ -5,6 +5,14 @@
     python train.py --help                           # every setting, with its default
 
 Every field of gpt2_jax.config.TrainConfig is a --key=value flag. The backend is chosen before JAX starts.
+
+Stopping and resuming: SIGTERM or Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and
+exits; a second signal exits at once, leaving the checkpoints already on disk intact. Run the same
+command again to resume from the newest good checkpoint in --out_dir (also after `kill -9` or a crash).
+
+Exit status: 0 finished; 1 an error (the message says what to change); 2 bad flags; 128+N stopped by
+signal N (130 SIGINT, 143 SIGTERM), as a shell reports a killed process, so that `train.py && next`
+does not go on with an unfinished model.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 
 from gpt2_jax.config import TrainConfig  # imports nothing heavy: JAX is not loaded yet
@@ -67,9 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     from gpt2_jax.trainer import run  # noqa: PLC0415
 
     try:
-        run(config)
+        summary = run(config)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    if summary.get("interrupted"):  # stopped by a signal, after writing a checkpoint
+        sys.exit(128 + signal.Signals[summary["interrupted"]].value)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,9 @@ def _on_all_processes(ok: bool) -> bool:
 
 
 def _short(error: Exception, limit: int = 400) -> str:
-    """`Type: message`, cut short: tensorstore errors append kilobytes of JSON spec."""
+    """`Type: message` of the innermost cause (the outer errors of orbax/tensorstore only say that
+    reading failed), cut short: tensorstore errors append kilobytes of JSON spec."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= limit else text[:limit] + " ..."

@@ -32,12 +32,14 @@ def filter_logits(logits: jax.Array, top_k: int | None, top_p: float | None, voc
     neg_inf = jnp.finfo(logits.dtype).min  # not -inf: a row of -inf would turn softmax into NaNs
     if vocab_limit is not None and vocab_limit < V:
         logits = jnp.where(jnp.arange(V) < vocab_limit, logits, neg_inf)
+    sorted_logits = None  # descending, as far as anything is left
     if top_k is not None:
         k = min(top_k, vocab_limit or V, V)  # never let a masked id tie with the k-th largest
-        kth = jax.lax.top_k(logits, k)[0][:, -1:]  # (B, 1)
-        logits = jnp.where(logits < kth, neg_inf, logits)
-    if top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+        sorted_logits = jax.lax.top_k(logits, k)[0]  # (B, k)
+        logits = jnp.where(logits < sorted_logits[:, -1:], neg_inf, logits)
+    if top_p is not None and top_p < 1.0:  # (1.0 keeps all: float32 cumsums may overshoot 1 in the tail)
+        if sorted_logits is None:
+            sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V); after top-k only k values to sort
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely ids
         keep = mass_before < top_p
@@ -80,8 +82,25 @@ def _generate(model: GPT, prompts, lengths, rng, *, prefill_len, max_new_tokens,
     return tokens
 
 
+def _right_pad(prompt) -> tuple[np.ndarray, np.ndarray]:
+    """(B, L) token ids, right-padded with 0, and the (B,) prompt lengths, from a (B, T) array or a
+    list of B token sequences."""
+    if hasattr(prompt, "shape"):
+        ids = np.asarray(prompt)
+        if ids.ndim != 2:
+            raise ValueError(f"prompt must be (batch, length) token ids, got shape {ids.shape}")
+        return ids, np.full(ids.shape[0], ids.shape[1])
+    rows = [np.asarray(p).reshape(-1) for p in prompt]
+    lengths = np.array([len(r) for r in rows], dtype=np.int64)
+    ids = np.zeros((len(rows), max(lengths, default=0)), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+    return ids, lengths
+
+
 def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, vocab_limit: int | None = None, seed: int = 0):
+             top_p: float | None = None, vocab_limit: int | None = None,
+             seed: int = 0) -> np.ndarray | list[np.ndarray]:
     """Continue each prompt by `max_new_tokens` tokens sampled from `model`.
 
     prompt: a (B, T) int array, or a list of B token-id sequences whose lengths may differ.
@@ -93,23 +112,11 @@ def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.
     prompt plus max_new_tokens must fit in block_size. Same seed and inputs: same tokens.
     """
     ragged = not hasattr(prompt, "shape")  # a list (or tuple) of sequences, not an array
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompt] if ragged else None
-    if ragged:
-        if not rows:
-            raise ValueError("prompt is an empty list; pass at least one token sequence")
-        lengths = np.array([len(r) for r in rows])
-        padded = np.zeros((len(rows), lengths.max()), np.int64)
-        for i, r in enumerate(rows):
-            padded[i, :len(r)] = r
-    else:
-        padded = np.asarray(prompt)
-        if padded.ndim != 2:
-            raise ValueError(f"prompt must be (batch, length) token ids, got shape {padded.shape}")
-        lengths = np.full(padded.shape[0], padded.shape[1])
-    if padded.shape[0] == 0 or lengths.min() == 0:
+    padded, lengths = _right_pad(prompt)
+    if len(lengths) == 0 or lengths.min() == 0:
         raise ValueError(f"every prompt needs at least one token (lengths {lengths.tolist()}); start an empty "
                          "one with <|endoftext|> (GPT-2 BPE) or a newline")
-    vocab = vocab_limit or model.config.vocab_size
+    vocab = min(vocab_limit or model.config.vocab_size, model.config.vocab_size)
     if not np.issubdtype(padded.dtype, np.integer) or padded.min() < 0 or padded.max() >= vocab:
         # (an out-of-range id would silently read a clamped embedding row)
         raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {padded.dtype} in "

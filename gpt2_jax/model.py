@@ -67,10 +67,14 @@ def attention(q, k, v, mask, implementation: str) -> jax.Array:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
-    if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    # Decoding against a cache: an explicit mask, which the XLA implementation supports everywhere.
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
+    if mask is not None:
+        # Decoding against a cache: an explicit mask, which the XLA implementation supports everywhere
+        # (cuDNN takes only causal/padding masks; one query per step gains nothing from it anyway).
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
+    if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention='cudnn' needs bfloat16 or float16 compute, got {q.dtype} (cuDNN flash "
+                         "attention has no float32 kernel); use dtype='bfloat16' or attention='xla'")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -82,16 +86,18 @@ class CausalSelfAttention(nnx.Module):
         self.resid_dropout = nnx.Dropout(cfg.dropout)
         self.n_head, self.impl = cfg.n_head, cfg.attention
 
-    def __call__(self, x, cache: tuple | None, pos, dropout_rng) -> tuple[jax.Array, tuple | None]:
+    def __call__(self, x, cache: KVCache | None, layer, pos, dropout_rng) -> tuple[jax.Array, KVCache | None]:
         B, T, C = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)  # 3 x (B, T, C)
         q, k, v = (a.reshape(B, T, self.n_head, C // self.n_head) for a in (q, k, v))  # (B, T, nh, hs)
         mask = None
         if cache is not None:  # write this step's keys/values at [pos, pos + T), attend to [0, pos + T)
-            k_cache, v_cache = cache
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
-            cache = (k, v)  # (B, S, nh, hs)
+            # `cache` holds every layer: updating it in place at `layer` writes only the new T positions,
+            # where returning a per-layer slice from the layer scan would copy the whole cache per token.
+            where = (layer, 0, pos, 0, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), where)
+                          for c, new in zip(cache, (k, v)))
+            k, v = cache[0][layer], cache[1][layer]  # (B, S, nh, hs)
             mask = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S)
         if dropout_rng is not None and self.attn_dropout.rate > 0:
             # Dropout on the attention probabilities needs them materialised: use the plain path.
@@ -133,9 +139,9 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cache=None, pos=0, dropout_rng=None):
+    def __call__(self, x, cache=None, layer=0, pos=0, dropout_rng=None):
         rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-        y, cache = self.attn(self.ln_1(x), cache, pos, rngs[0])
+        y, cache = self.attn(self.ln_1(x), cache, layer, pos, rngs[0])
         x = x + y
         x = x + self.mlp(self.ln_2(x), rngs[1])
         return x, cache
@@ -198,14 +204,15 @@ class GPT(nnx.Module):
 
         graphdef, stacked = nnx.split(self.h)  # params with a leading (n_layer,) axis
 
-        def block_step(x, layer):
-            params, layer_cache, rng = layer
-            return nnx.merge(graphdef, params)(x, layer_cache, pos, rng)
+        def block_step(carry, layer):
+            x, cache = carry  # the cache (all layers) rides in the carry, so it is updated in place
+            params, rng, i = layer
+            return nnx.merge(graphdef, params)(x, cache, i, pos, rng), None
 
-        if cfg.remat != "none":
-            block_step = jax.checkpoint(block_step, policy=_REMAT_POLICIES[cfg.remat])
+        if cfg.remat != "none":  # prevent_cse is unneeded inside scan, and would block XLA optimisations
+            block_step = jax.checkpoint(block_step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layer_rngs = None if keys[1] is None else jax.random.split(keys[1], cfg.n_layer)
-        x, cache = jax.lax.scan(block_step, x, (stacked, cache, layer_rngs))
+        (x, cache), _ = jax.lax.scan(block_step, (x, cache), (stacked, layer_rngs, jnp.arange(cfg.n_layer)))
         x = self.ln_f(x)
         logits = self.wte.attend(x)  # tied LM head: x @ wte.T -> (B, T, vocab)
         return logits.astype(jnp.float32), cache

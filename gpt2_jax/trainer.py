@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -110,7 +111,9 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
 
     def train_step(state, x, y, rng):
         """x, y: (grad_accum, micro_batch, T). Returns the new state and scalar metrics."""
-        ts = nnx.merge(graphdef, state)
+        # copy=True: without it `ts` shares its Variables with `state`, so the update below would
+        # overwrite `state` too, and a non-finite step could not be undone.
+        ts = nnx.merge(graphdef, state, copy=True)
         model_def, params = nnx.split(ts.model)
 
         def loss_fn(params, x, y, key):
@@ -211,22 +214,62 @@ def load_init_params(tc: TrainConfig, cfg: GPTConfig, abstract_state):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second signal exits at once."""
+    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second signal exits at once (status 128+N),
+    without waiting for the step or a save: the checkpoints on disk stay complete (orbax commits a step
+    by renaming its folder, so a save cut short leaves only a temp folder that restore ignores).
+
+    Python runs signal handlers only between bytecodes of the main thread, which may be blocked for
+    minutes (a first compile, a collective waiting for a dead process). So the handler only records
+    the signal; a thread reads the signal numbers that CPython's C-level handler writes at once to the
+    "wakeup fd", prints, and exits on the second.
+
+    Processes of one run must stop after the same step, because they save the checkpoint together:
+    `agreed()` is the decision of all of them, so a signal to any one process stops the whole run.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.received = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.received = None  # name of the first signal, as the main thread saw it
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._old_wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="StopSignal", daemon=True).start()
 
     def _handle(self, signum, frame):
-        if self.received is not None:
-            print(f"\nsecond {signal.Signals(signum).name}: exiting now (checkpoints on disk are intact)",
-                  file=sys.stderr, flush=True)
-            os._exit(128 + signum)
-        self.received = signal.Signals(signum).name
-        print(f"\n{self.received}: finishing this step and writing a checkpoint (send again to exit at once)",
-              file=sys.stderr, flush=True)
+        self.received = self.received or signal.Signals(signum).name
+
+    def _watch(self):
+        count = 0
+        while data := os.read(self._read, 64):  # b"" once restore() closes the write end
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                count += 1
+                name = signal.Signals(signum).name
+                if count == 1:
+                    print(f"\n{name}: finishing this step and writing a checkpoint (send again to exit at once)",
+                          file=sys.stderr, flush=True)
+                else:
+                    print(f"\nsecond signal ({name}): exiting now; the checkpoints on disk are intact",
+                          file=sys.stderr, flush=True)
+                    os._exit(128 + signum)
+        os.close(self._read)
+
+    def agreed(self) -> str | None:
+        """The name of the signal to stop for (None: go on), the same on every process."""
+        if jax.process_count() == 1:
+            return self.received
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        mine = signal.Signals[self.received].value if self.received else 0
+        signum = int(np.max(multihost_utils.process_allgather(np.array(mine, np.int32))))
+        return signal.Signals(signum).name if signum else None
 
     def restore(self):
+        signal.set_wakeup_fd(self._old_wakeup)
+        os.close(self._write)
         for s, h in self._old.items():
             signal.signal(s, h)
 
@@ -236,7 +279,8 @@ class StopSignal:
 
 
 def run(tc: TrainConfig) -> dict:
-    """Train as `tc` says; returns a summary (final step, last train/val loss, out_dir).
+    """Train as `tc` says; returns a summary (final step, last train/val loss, out_dir, and "interrupted":
+    the signal's name if SIGTERM/SIGINT stopped the run early, after saving a checkpoint).
 
     Multi-process runs call init_distributed(tc) first (train.py does), before JAX initialises.
     """
@@ -273,11 +317,18 @@ def run(tc: TrainConfig) -> dict:
     if ckpt.latest_step() is not None:
         if (meta := ckpt.read_meta()) is not None:
             check_resume(meta, cfg, fingerprint)  # a clear error before reading arrays of the wrong shape
-        state, meta, start_step = ckpt.restore(_with_shardings(abstract_state, state_sh))
+        complete = ckpt.all_steps()
+        try:  # the newest checkpoint that restores; each damaged one is skipped with a warning
+            state, meta, start_step = ckpt.restore(_with_shardings(abstract_state, state_sh))
+        except RuntimeError as e:  # none restores
+            raise ValueError(f"cannot resume: {e}\nMove {ckpt.directory} away (or use a new --out_dir) to start "
+                             f"over") from e
         check_resume(meta, cfg, fingerprint)
         train_loader.restore(meta["loader"])
         skipped = meta.get("skipped_steps", 0)
-        _log(f"resumed from {ckpt.directory} at step {start_step}")
+        damaged = [s for s in complete if s > start_step]
+        _log(f"resumed from {ckpt.directory} at step {start_step}"
+             + (f" (could not restore the newer checkpoints {damaged}: see the warnings above)" if damaged else ""))
     elif tc.resume:
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; drop --resume to start fresh")
     else:
@@ -318,10 +369,16 @@ def run(tc: TrainConfig) -> dict:
         _log(f"step {step}: val loss {val:.4f}")
         return val
 
+    # The sample prompt is checked now, not at the first sample 250 steps in.
+    sample_ids = tokenizer.encode(tc.sample_prompt or ("Hello, I'm a language model," if tokenizer.name == "gpt2"
+                                                       else "\n"))
+    sample_new = min(tc.sample_tokens, cfg.block_size - 1)
+    if tc.sample_every and not 1 <= len(sample_ids) <= cfg.block_size - sample_new:
+        raise ValueError(f"--sample_prompt has {len(sample_ids)} tokens; with --sample_tokens={sample_new} it must "
+                         f"have 1 to {cfg.block_size - sample_new} tokens to fit block_size {cfg.block_size}")
+
     def sample(step):
-        prompt = tc.sample_prompt or ("Hello, I'm a language model," if tokenizer.name == "gpt2" else "\n")
-        ids = tokenizer.encode(prompt)
-        new = min(tc.sample_tokens, cfg.block_size - len(ids))
+        ids, new = sample_ids, sample_new
         model = nnx.merge(graphdef, state).model
         out = generate(model, np.tile(ids, (tc.num_samples, 1)), new, temperature=1.0, top_k=50,
                        vocab_limit=tokenizer.vocab_size, seed=tc.seed + step)
@@ -359,17 +416,22 @@ def run(tc: TrainConfig) -> dict:
             step += 1
             dt = time.perf_counter() - t0
             t0 = time.perf_counter()
+            # Skipped updates did not advance the optimizer's step count, nor its schedule.
+            lr = lr_at(step - 1 - skipped, optim_config(tc))
             if not metrics["finite"]:
                 if tc.on_nan == "stop":
-                    last = ckpt.latest_step()
+                    ckpt.wait()  # the newest save may still be in flight: name the one that is on disk
+                    good = ckpt.latest_step()
                     raise FloatingPointError(
                         f"non-finite loss or gradient norm at step {step} (loss {metrics['loss']}, grad norm "
                         f"{metrics['grad_norm']}); the update was not applied. Last good checkpoint: "
-                        f"{'none' if last is None else f'step {last}'} in {ckpt.directory}. "
+                        f"{'none' if good is None else f'step {good}'} in {ckpt.directory}. "
                         f"Lower --max_lr, or use --on_nan=skip to drop such updates")
                 skipped += 1
+                _log(f"step {step}: non-finite loss or gradient norm; update skipped (--on_nan=skip, "
+                     f"{skipped} skipped so far)")
             tps = tc.total_batch_size / dt
-            row = {"loss": float(metrics["loss"]), "lr": lr_at(step - 1, optim_config(tc)),
+            row = {"loss": float(metrics["loss"]), "lr": lr,
                    "grad_norm": float(metrics["grad_norm"]), "ms_per_step": dt * 1000, "tokens_per_sec": tps}
             if peak:
                 row["mfu"] = mfu(tps, fpt, jax.device_count(), peak)
@@ -386,20 +448,23 @@ def run(tc: TrainConfig) -> dict:
                 summary["hellaswag_acc_norm"] = hellaswag_eval(step)
             if tc.sample_every and (step % tc.sample_every == 0 or last):
                 sample(step)
-            if stop.received or last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+            stopping = stop.agreed()
+            if stopping or last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
                 save(step)
-            if stop.received:
+            if stopping and not last:
                 ckpt.wait()
-                _log(f"stopped by {stop.received} after step {step}; checkpoint saved in {ckpt.directory}. "
+                _log(f"stopped by {stopping} after step {step}; checkpoint saved in {ckpt.directory}. "
                      f"Resume with the same command (python train.py ... --out_dir={tc.out_dir})")
-                summary["interrupted"] = stop.received
+                summary["interrupted"] = stopping
                 break
             t0 = time.perf_counter()  # evals, samples and saves are not part of the step time
     finally:
-        stop.restore()
-        ckpt.wait()
-        ckpt.close()
-        logger.close()
+        try:
+            ckpt.wait()
+            ckpt.close()
+            logger.close()
+        finally:
+            stop.restore()  # last: a second signal during the final save still exits at once
     summary.update(step=step, skipped_steps=skipped, params=nnx.state(nnx.merge(graphdef, state).model, nnx.Param))
     if jax.process_index() == 0 and not summary.get("interrupted"):
         try:

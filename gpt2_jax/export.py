@@ -1,0 +1,97 @@
+"""A training run's checkpoint -> a Hugging Face GPT-2 folder.
+
+    python -m gpt2_jax.export OUT_DIR --to HF_DIR [--step N]     # newest good checkpoint by default
+
+HF_DIR gets `config.json` and `model.safetensors` (`convert.export_hf`: a padded 50304 vocabulary is
+sliced back to GPT-2's 50257), which `transformers.GPT2LMHeadModel.from_pretrained(HF_DIR)` loads, and
+`gpt2_jax_tokenizer.json`, the run's tokenizer as gpt2_jax records it, so that
+`python -m gpt2_jax.sample --init_from=HF_DIR` and `python -m gpt2_jax.evaluate` decode its ids.
+
+Tokenizers: a GPT-2 BPE model uses GPT-2's own tokenizer (`GPT2TokenizerFast.from_pretrained("gpt2")`
+in transformers, or tiktoken's "gpt2"); no tokenizer files are copied. A char-level model is exported
+too (HF's GPT-2 takes any vocabulary size), with a warning: no HF tokenizer matches it; id i is the
+character `chars[i]` of gpt2_jax_tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from gpt2_jax.data import Tokenizer
+
+TOKENIZER_FILE = "gpt2_jax_tokenizer.json"
+
+
+def read_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer an exported folder records (TOKENIZER_FILE), or None if it records none."""
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_meta(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | None = None) -> tuple[Path, dict]:
+    """Write the checkpoint of training run `out_dir` (newest, or `step`) as an HF folder `to`.
+
+    Returns (the folder, a summary: step, tokenizer name, vocab sizes, n_layer/n_head/n_embd/block_size).
+    """
+    from gpt2_jax.convert import export_hf, export_vocab_size  # noqa: PLC0415
+    from gpt2_jax.evaluate import load_training_run  # noqa: PLC0415
+
+    run, to = Path(out_dir).resolve(), Path(to).resolve()
+    root = run.parent if run.name == "checkpoints" else run
+    if to == root or root / "checkpoints" in (to, *to.parents):
+        raise ValueError(f"--to {to} would write into the run's own folder (and overwrite its config.json); "
+                         "pick another folder")
+    if to.exists() and not to.is_dir():
+        raise NotADirectoryError(f"--to {to} is a file; pass a folder (it is created if missing)")
+    model, tokenizer, meta = load_training_run(run, step)
+    cfg = model.config
+    vocab = export_vocab_size(cfg)
+    if tokenizer is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(f"the run's tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}")
+    export_hf(model, to, vocab_size=vocab)
+    if tokenizer is not None:
+        (to / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_meta(), indent=1) + "\n")
+    summary = {"step": meta["step"], "tokenizer": tokenizer.name if tokenizer else None, "vocab_size": vocab,
+               "model_vocab_size": cfg.vocab_size,
+               **{k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}}
+    return to, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.export", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="a training run's --out_dir (or its checkpoints/ folder)")
+    parser.add_argument("--to", required=True, help="the HF folder to write (created if missing)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
+    args = parser.parse_args(argv)
+    try:
+        folder, info = export_run(args.out_dir, args.to, args.step)
+    except (OSError, ValueError, RuntimeError) as e:  # OSError: FileNotFoundError, NotADirectoryError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sliced = f" (sliced from {info['model_vocab_size']})" if info["model_vocab_size"] != info["vocab_size"] else ""
+    print(f"wrote {folder} from step {info['step']}: GPT-2 with n_layer={info['n_layer']}, n_head={info['n_head']}, "
+          f"n_embd={info['n_embd']}, block_size={info['block_size']}, vocab_size={info['vocab_size']}{sliced}")
+    print(f"load it with transformers.GPT2LMHeadModel.from_pretrained({str(folder)!r})")
+    if info["tokenizer"] == "gpt2":
+        print("tokenizer: GPT-2's BPE (GPT2TokenizerFast.from_pretrained('gpt2') or tiktoken 'gpt2')")
+    elif info["tokenizer"] == "char":
+        print(f"warning: this model is char-level: no Hugging Face tokenizer matches its vocabulary. Its "
+              f"characters are in {folder / TOKENIZER_FILE} (id i = chars[i]); python -m gpt2_jax.sample reads them",
+              file=sys.stderr)
+    else:
+        print("warning: the run records no tokenizer and its vocabulary is not GPT-2's: no tokenizer is known "
+              "for this model", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
