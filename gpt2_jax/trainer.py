@@ -106,7 +106,8 @@ def model_config(tc: TrainConfig, data_vocab: int) -> GPTConfig:
 # The jitted steps
 
 
-def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, dropout: bool):
+def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, dropout: bool,
+                    vocab_limit: int | None = None):
     repl = sharding.replicated(batch_sharding.mesh)
 
     def train_step(state, x, y, rng):
@@ -117,7 +118,7 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
         model_def, params = nnx.split(ts.model)
 
         def loss_fn(params, x, y, key):
-            return cross_entropy(nnx.merge(model_def, params)(x, dropout_rng=key), y)
+            return cross_entropy(nnx.merge(model_def, params)(x, dropout_rng=key), y, vocab_limit)
 
         def micro_step(carry, batch):
             loss_sum, grad_sum = carry
@@ -140,9 +141,9 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
                    out_shardings=(state_shardings, repl))
 
 
-def make_eval_step(graphdef, state_shardings, batch_sharding):
+def make_eval_step(graphdef, state_shardings, batch_sharding, vocab_limit: int | None = None):
     def eval_step(state, x, y):
-        return cross_entropy(nnx.merge(graphdef, state).model(x), y)
+        return cross_entropy(nnx.merge(graphdef, state).model(x), y, vocab_limit)
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding, batch_sharding),
                    out_shardings=sharding.replicated(batch_sharding.mesh))
@@ -340,8 +341,10 @@ def run(tc: TrainConfig) -> dict:
             nnx.update(ts.model, jax.device_put(params, state_sh["model"]))
             state = nnx.state(ts)
 
-    train_step = make_train_step(graphdef, state_sh, batch_sh, grad_accum, dropout=cfg.dropout > 0)
-    eval_step = make_eval_step(graphdef, state_sh, eval_sh)
+    # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
+    train_step = make_train_step(graphdef, state_sh, batch_sh, grad_accum, dropout=cfg.dropout > 0,
+                                 vocab_limit=tokenizer.vocab_size)
+    eval_step = make_eval_step(graphdef, state_sh, eval_sh, vocab_limit=tokenizer.vocab_size)
     logger = MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=jax.process_index() == 0)
     fpt = flops_per_token(cfg, tc.block_size)
     peak = peak_flops(jax.devices()[0])

@@ -250,3 +250,27 @@ def test_cli_platform_without_backend(tmp_path):
     r = _train("--platform=gpu", f"--out_dir={tmp_path}")
     assert r.returncode == 1
     assert "--platform=gpu: this JAX has no cuda backend" in r.stderr and 'pip install "gpt2-jax[gpu]"' in r.stderr
+
+
+def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
+    """HF weights padded with zero rows: the padded ids' logit is 0, and without masking they would take
+    probability mass from the real ids. The trainer leaves them out of the softmax, so the padded model's
+    loss equals the unpadded one's."""
+    from flax import nnx
+
+    from gpt2_jax.convert import export_hf
+    from gpt2_jax.model import GPT
+    from gpt2_jax.trainer import model_config, resolve
+
+    tc = resolve(tiny(tmp_path / "x", char_data), "cpu", 1)
+    vocab = data_lib.Tokenizer.load(char_data).vocab_size
+    model = GPT(model_config(tc, vocab), rngs=nnx.Rngs(3))
+    nnx.update(model, jax.tree.map(lambda p: p * 4.0, nnx.state(model, nnx.Param)))  # logits far from 0
+    init = export_hf(model, tmp_path / "init")
+    run(tiny(tmp_path / "plain", char_data, init_from=str(init), max_steps=1, eval_every=1, eval_steps=2))
+    run(tiny(tmp_path / "padded", char_data, init_from=str(init), max_steps=1, eval_every=1, eval_steps=2,
+             vocab_size=vocab + 28))
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("plain", "padded")}
+    assert rows["plain"][0]["loss"] == pytest.approx(rows["padded"][0]["loss"], rel=1e-6)
+    assert rows["plain"][1]["val_loss"] == pytest.approx(rows["padded"][1]["val_loss"], rel=1e-6)
