@@ -122,8 +122,10 @@ def main(argv=None) -> dict:
     ratio = rows["jax"]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
     ratio_decode = (rows["jax"]["decode_tokens_per_s"] / rows["hf"]["decode_tokens_per_s"]
                     if rows["jax"]["decode_tokens_per_s"] and rows["hf"]["decode_tokens_per_s"] else None)
-    print(f"ratio JAX / HF: {ratio:.2f}x end to end" + (f", {ratio_decode:.2f}x per decoded token" if ratio_decode else ""))
-    print(f"greedy ids identical in {same}/{B} rows" + (f" (first difference at new token {first_diff})" if first_diff else "")
+    per_token = f", {ratio_decode:.2f}x per decoded token" if ratio_decode else ""
+    print(f"ratio JAX / HF: {ratio:.2f}x end to end{per_token}")
+    differs = f" (first difference at new token {first_diff})" if first_diff else ""
+    print(f"greedy ids identical in {same}/{B} rows{differs}"
           + f" | median of {args.repeats} | load avg (1 min) before {env['loadavg_1m_before']}, after "
           f"{env['loadavg_1m_after']}")
     result = {"bench": "sample", **env, "torch_device": device,

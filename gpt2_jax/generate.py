@@ -65,7 +65,8 @@ def _generate(model: GPT, prompts, lengths, rng, *, prefill_len, max_new_tokens,
     B, L = prompts.shape
     total = L + max_new_tokens
     cache = model.init_cache(B, total)
-    logits, cache = model.decode(prompts[:, :prefill_len], cache, 0)  # prefill: (B, prefill_len, V)
+    layers = model.split_layers()  # per-layer weights sliced once, not on every token
+    logits, cache = model.decode(prompts[:, :prefill_len], cache, 0, layers)  # prefill: (B, prefill_len, V)
     logits = logits[:, -1]  # (B, V): the distribution at position prefill_len
     tokens = jnp.zeros((B, total), jnp.int32).at[:, :L].set(prompts)
 
@@ -75,7 +76,7 @@ def _generate(model: GPT, prompts, lengths, rng, *, prefill_len, max_new_tokens,
         sampled = next_token(logits, sub, temperature, top_k, top_p, vocab_limit).astype(jnp.int32)  # (B,)
         tok = jnp.where(pos < lengths, tokens[:, pos], sampled)  # rows still in their prompt: teacher forcing
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, pos))
-        logits, cache = model.decode(tok[:, None], cache, pos)  # (B, 1, V)
+        logits, cache = model.decode(tok[:, None], cache, pos, layers)  # (B, 1, V)
         return tokens, cache, logits[:, -1], rng
 
     tokens, *_ = jax.lax.fori_loop(prefill_len, total, step, (tokens, cache, logits, rng))

@@ -21,7 +21,8 @@ from gpt2_jax.config import GPTConfig
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon (Flax's default is 1e-6)
 INIT_STD = 0.02  # GPT-2 / nanoGPT init for weights and embeddings
 
-# KV cache: (keys, values), each (n_layer, B, max_len, n_head, head_dim) in the compute dtype.
+# KV cache: (keys, values), each (n_layer, B, n_head, max_len, head_dim) in the compute dtype; heads come
+# before positions so that attention reads a layer's keys and values without transposing them.
 KVCache = tuple[jax.Array, jax.Array]
 
 
@@ -104,10 +105,10 @@ class CausalSelfAttention(nnx.Module):
         if cache is not None:  # write this step's keys/values at [pos, pos + T), attend to [0, pos + T)
             # `cache` holds every layer: updating it in place at `layer` writes only the new T positions,
             # where returning a per-layer slice from the layer scan would copy the whole cache per token.
-            where = (layer, 0, pos, 0, 0)
-            cache = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), where)
-                          for c, new in zip(cache, (k, v)))
-            k, v = cache[0][layer], cache[1][layer]  # (B, S, nh, hs)
+            where = (layer, 0, 0, pos, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, new.swapaxes(1, 2)[None].astype(c.dtype), where)
+                          for c, new in zip(cache, (k, v)))  # new (B, T, nh, hs) -> (1, B, nh, T, hs)
+            k, v = (c[layer].swapaxes(1, 2) for c in cache)  # (B, S, nh, hs)
             mask = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S)
         if dropout_rng is not None and self.attn_dropout.rate > 0:
             # Dropout on the attention probabilities needs them materialised: use the plain path.
@@ -189,10 +190,11 @@ class GPT(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         cfg = self.config
-        shape = (cfg.n_layer, batch_size, max_len or cfg.block_size, cfg.n_head, cfg.head_dim)
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim)
         return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
 
-    def decode(self, idx: jax.Array, cache: KVCache, pos, layers: list | None = None) -> tuple[jax.Array, KVCache]:
+    def decode(self, idx: jax.Array, cache: KVCache, pos,
+               layers: list | None = None) -> tuple[jax.Array, KVCache]:
         """Logits for tokens `idx` (B, T) at positions [pos, pos + T), reading and extending `cache`.
 
         Prefill with the whole prompt at pos=0, then feed one token at a time; `pos` may be traced,
@@ -204,9 +206,9 @@ class GPT(nnx.Module):
     def split_layers(self) -> list:
         """The blocks' parameters one layer at a time (n_layer states without the stacked axis).
 
-        Computed once outside a decode loop and passed to every `decode` step, they spare XLA:CPU from
-        copying each layer's weights out of the stacked arrays on every token, which is most of a
-        small model's decode time on CPU (measured 3x).
+        Computed once outside a decode loop and passed to every `decode` step, they spare XLA from
+        copying each layer's weights out of the stacked arrays on every token (measured on CPU, 124M at
+        batch 1: 32 -> 23 ms/token).
         """
         stacked = nnx.state(self.h)
         return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.n_layer)]
@@ -214,7 +216,7 @@ class GPT(nnx.Module):
     def _forward(self, idx, cache, pos, dropout_rng, layers=None):
         cfg = self.config
         B, T = idx.shape
-        max_len = cfg.block_size if cache is None else cache[0].shape[2]
+        max_len = cfg.block_size if cache is None else cache[0].shape[3]
         if T > max_len:
             raise ValueError(f"sequence length {T} exceeds block_size {max_len}; crop the input to the "
                              f"last {max_len} tokens")
@@ -232,19 +234,19 @@ class GPT(nnx.Module):
 
         # A scan compiles one block instead of n_layer. On CPU, where models are small and compiling is
         # cheap, an unrolled forward+backward runs ~20% faster: a scan keeps each layer's activations in
-        # stacked buffers that it zero-fills, writes and slices again. Decoding stays rolled: unrolled,
-        # XLA:CPU copies every layer's weights out of the stacked arrays on every token. Remat inside a
-        # rolled scan needs no CSE barrier; unrolled it does, or XLA would merge the recomputation back.
-        unroll = jax.default_backend() == "cpu" and cache is None
-        if cfg.remat != "none":
-            block_step = jax.checkpoint(block_step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=unroll)
+        # stacked buffers that it zero-fills, writes and slices again. Decoding stays rolled (unrolled,
+        # XLA:CPU copies every layer's weights out of the stacked arrays on every token), and so does
+        # remat: unrolled, XLA schedules the recomputation early and saves no memory at all.
+        unroll = jax.default_backend() == "cpu" and cache is None and cfg.remat == "none"
+        if cfg.remat != "none":  # inside a scan, remat needs no CSE barrier (which would block fusions)
+            block_step = jax.checkpoint(block_step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layer_rngs = None if keys[1] is None else jax.random.split(keys[1], cfg.n_layer)
         if layers is not None:  # weights already split per layer (decode): a plain loop over them
             for i, params in enumerate(layers):
                 (x, cache), _ = block_step((x, cache), (params, None, i))
         else:
-            (x, cache), _ = jax.lax.scan(block_step, (x, cache), (stacked, layer_rngs, jnp.arange(cfg.n_layer)),
-                                         unroll=unroll)
+            layers_in = (stacked, layer_rngs, jnp.arange(cfg.n_layer))
+            (x, cache), _ = jax.lax.scan(block_step, (x, cache), layers_in, unroll=unroll)
         x = self.ln_f(x)
         logits = _dense(self.wte, x)  # tied LM head: x @ wte.T -> (B, T, vocab)
         return logits.astype(jnp.float32), cache

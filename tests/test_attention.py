@@ -94,14 +94,15 @@ def test_kv_cache_decode_matches_full_forward_per_implementation(impl):
     idx = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY.vocab_size)
     full = GPT(TINY.replace(attention="einsum"), rngs=nnx.Rngs(0))(idx)
     model = GPT(TINY.replace(attention=impl), rngs=nnx.Rngs(0))  # the same weights: the same seed
-    decode = nnx.jit(lambda m, x, c, p: m.decode(x, c, p))
-    cache = model.init_cache(2, 16)
-    logits, cache = decode(model, idx[:, :5], cache, 0)
-    steps = [logits]
-    for t in range(5, 12):
-        logits, cache = decode(model, idx[:, t : t + 1], cache, t)
-        steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=F32_ATOL, rtol=0)
+    for layers in (None, model.split_layers()):  # the stacked weights, or split once for a decode loop
+        decode = nnx.jit(lambda m, x, c, p, layers=layers: m.decode(x, c, p, layers))
+        cache = model.init_cache(2, 16)
+        logits, cache = decode(model, idx[:, :5], cache, 0)
+        steps = [logits]
+        for t in range(5, 12):
+            logits, cache = decode(model, idx[:, t : t + 1], cache, t)
+            steps.append(logits)
+        np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=F32_ATOL, rtol=0)
 
 
 def test_cudnn_with_float32_compute_is_a_clear_error():
@@ -147,3 +148,21 @@ def test_remat_gives_same_loss_and_grads(remat, dropout):
     _, loss_r, grads_r = loss_and_grads(cfg.replace(remat=remat), dropout_rng=rng)
     np.testing.assert_allclose(loss_r, loss, atol=REMAT_ATOL, rtol=0)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=REMAT_ATOL, rtol=0), grads_r, grads)
+
+
+def test_remat_saves_activation_memory():
+    """XLA's buffer plan for the gradient: remat must shrink the temporaries. (It silently stops doing
+    so if the layer loop is unrolled: XLA then schedules the recomputation early and keeps everything.)"""
+    cfg = TINY.replace(n_layer=4, block_size=64)
+    x = jnp.zeros((8, cfg.block_size), jnp.int32)
+
+    def temp_bytes(remat: str) -> int:
+        graphdef, params = nnx.split(GPT(cfg.replace(remat=remat), rngs=nnx.Rngs(0)))
+        grad = jax.jit(jax.grad(lambda p: cross_entropy(nnx.merge(graphdef, p)(x), x)))
+        analysis = grad.lower(params).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip(f"no memory_analysis on {jax.default_backend()}")
+        return analysis.temp_size_in_bytes
+
+    none, dots, full = (temp_bytes(r) for r in ("none", "dots", "full"))
+    assert full < dots < none, (none, dots, full)
