@@ -11,9 +11,6 @@ test_export_cli.py makes the same run, and whichever file runs second reuses it.
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -25,37 +22,10 @@ from flax import nnx
 from gpt2_jax import data as data_lib
 from gpt2_jax.evaluate import main, shard_batches
 
-ROOT = Path(__file__).resolve().parents[1]
-HELLASWAG_LIMIT = 20
+HELLASWAG_LIMIT = 20  # the in-loop limit of the bpe_run fixture (tests/conftest.py)
 # The CLI's loss: float32 logits and logsumexp over 50257 ids, averaged over a few hundred tokens;
 # the direct computation: the same logits in float64. Measured difference ~1e-7.
 LOSS_ATOL = 1e-5
-
-
-@pytest.fixture(scope="session")
-def hellaswag_file(shared_dir) -> Path:
-    path = shared_dir / "data" / "hellaswag_val.jsonl"
-    if not path.is_file():
-        pytest.skip(f"HellaSwag validation file not found at {path} (set GPT2_JAX_SHARED)")
-    return path
-
-
-@pytest.fixture(scope="session")
-def bpe_run(tmp_path_factory, tiny_shakespeare, hellaswag_file, gpt2_bpe) -> tuple[Path, Path]:
-    """(out_dir, data_dir): Tiny Shakespeare as GPT-2 BPE shards, and a 1-layer model trained on them
-    for 2 steps by train.py with in-loop HellaSwag. Made once per session (see the module docstring)."""
-    base = tmp_path_factory.getbasetemp() / "bpe-run"
-    data, out = base / "data", base / "out"
-    if not (out / "metrics.jsonl").is_file():
-        assert data_lib.main(["text", str(tiny_shakespeare), "--out", str(data), "--tokenizer", "gpt2"]) == 0
-        r = subprocess.run([sys.executable, "train.py", f"--data={data}", f"--out_dir={out}", "--max_steps=2",
-                            "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=64", "--micro_batch_size=8",
-                            "--eval_every=0", "--sample_every=0", "--tensorboard=false", "--hellaswag_every=2",
-                            f"--hellaswag_data={hellaswag_file}", f"--hellaswag_limit={HELLASWAG_LIMIT}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
-        assert r.returncode == 0, r.stderr[-3000:]
-    return out, data
 
 
 @pytest.fixture(scope="module")

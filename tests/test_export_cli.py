@@ -19,35 +19,13 @@ import pytest
 import torch
 from flax import nnx
 
-from gpt2_jax import data as data_lib
 from gpt2_jax.export import TOKENIZER_FILE, main
 from gpt2_jax.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-HELLASWAG_LIMIT = 20
 # HF (torch) and gpt2_jax on the same float32 weights: a 1-layer, 32-wide model's logits differ only by
 # summation order (measured ~1e-7); 1e-4 is the project's logits tolerance (parity_tests).
 LOGITS_ATOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def bpe_run(tmp_path_factory, tiny_shakespeare, shared_dir, gpt2_bpe) -> tuple[Path, Path]:
-    """(out_dir, data_dir), made as tests/test_eval_cli.py makes it (once per session)."""
-    hellaswag_file = shared_dir / "data" / "hellaswag_val.jsonl"
-    if not hellaswag_file.is_file():
-        pytest.skip(f"HellaSwag validation file not found at {hellaswag_file} (set GPT2_JAX_SHARED)")
-    base = tmp_path_factory.getbasetemp() / "bpe-run"
-    data, out = base / "data", base / "out"
-    if not (out / "metrics.jsonl").is_file():
-        assert data_lib.main(["text", str(tiny_shakespeare), "--out", str(data), "--tokenizer", "gpt2"]) == 0
-        r = subprocess.run([sys.executable, "train.py", f"--data={data}", f"--out_dir={out}", "--max_steps=2",
-                            "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=64", "--micro_batch_size=8",
-                            "--eval_every=0", "--sample_every=0", "--tensorboard=false", "--hellaswag_every=2",
-                            f"--hellaswag_data={hellaswag_file}", f"--hellaswag_limit={HELLASWAG_LIMIT}"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
-        assert r.returncode == 0, r.stderr[-3000:]
-    return out, data
 
 
 @pytest.fixture(scope="module")
