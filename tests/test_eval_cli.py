@@ -11,7 +11,6 @@ test_export_cli.py makes the same run, and whichever file runs second reuses it.
 
 import itertools
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
