@@ -12,6 +12,8 @@ maps them to the device mesh.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -70,14 +72,7 @@ def attention(q, k, v, mask, implementation: str) -> jax.Array:
     `mask=None` means causal over equal-length q and k (the training path).
     """
     if implementation == "einsum":  # plain reference: softmax in float32
-        T, S = q.shape[1], k.shape[1]
-        if mask is None:
-            mask = jnp.tril(jnp.ones((T, S), dtype=bool))
-        scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
-        scores = scores * q.shape[-1] ** -0.5
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+        return einsum_attention(q, k, v, mask)
     if mask is not None:
         # Decoding against a cache: an explicit mask, which the XLA implementation supports everywhere
         # (cuDNN takes only causal/padding masks; one query per step gains nothing from it anyway).
@@ -112,21 +107,25 @@ class CausalSelfAttention(nnx.Module):
             mask = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S)
         if dropout_rng is not None and self.attn_dropout.rate > 0:
             # Dropout on the attention probabilities needs them materialised: use the plain path.
-            y = _attention_with_dropout(q, k, v, mask, self.attn_dropout, dropout_rng)
+            drop = functools.partial(self.attn_dropout, deterministic=False, rngs=jax.random.fold_in(dropout_rng, 1))
+            y = einsum_attention(q, k, v, mask, drop)
         else:
             y = attention(q, k, v, mask, self.impl)  # (B, T, nh, hs)
         y = _dense(self.c_proj, y.reshape(B, T, C))
         return self.resid_dropout(y, deterministic=dropout_rng is None, rngs=dropout_rng), cache
 
 
-def _attention_with_dropout(q, k, v, mask, dropout: nnx.Dropout, rng) -> jax.Array:
+def einsum_attention(q, k, v, mask, dropout=None) -> jax.Array:
+    """Attention with the probabilities materialised, softmax in float32; `mask` as in `attention`.
+    `dropout`, if given, maps the (B, nh, T, S) probabilities before they weight the values."""
     T, S = q.shape[1], k.shape[1]
     if mask is None:
         mask = jnp.tril(jnp.ones((T, S), dtype=bool))
     scores = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
-    probs = dropout(probs, deterministic=False, rngs=jax.random.fold_in(rng, 1)).astype(v.dtype)
-    return jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
 
 
 class MLP(nnx.Module):

@@ -305,7 +305,8 @@ def run(tc: TrainConfig) -> dict:
     val_loader = data_lib.TokenLoader(data_dir, "val", tc.micro_batch_size, **loader_args) if tc.eval_every else None
 
     # Shapes first, then shardings, then the arrays, created directly where they belong.
-    tx = make_optimizer(optim_config(tc))
+    oc = optim_config(tc)
+    tx = make_optimizer(oc)
     abstract = nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx))
     graphdef, abstract_state = nnx.split(abstract)
     state_sh = sharding.state_shardings(abstract_state, mesh)
@@ -420,7 +421,7 @@ def run(tc: TrainConfig) -> dict:
             dt = time.perf_counter() - t0
             t0 = time.perf_counter()
             # Skipped updates did not advance the optimizer's step count, nor its schedule.
-            lr = lr_at(step - 1 - skipped, optim_config(tc))
+            lr = lr_at(step - 1 - skipped, oc)
             if not metrics["finite"]:
                 if tc.on_nan == "stop":
                     ckpt.wait()  # the newest save may still be in flight: name the one that is on disk
