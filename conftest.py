@@ -1,10 +1,35 @@
 """Session-wide test setup, before any test module initialises JAX: 8 fake CPU devices, so that
-multi-device code (meshes, shardings, collectives) is tested on a plain CPU machine."""
+multi-device code (meshes, shardings, collectives) is tested on a plain CPU machine. Also fixtures that
+both test folders use (parity_tests/ and tests/).
+
+Kept import-light: torch is imported only inside the fixtures that need it."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(scope="session")
+def randomize():
+    """`randomize(model, seed)`: give every tensor of a torch GPT-2 distinct random values (LayerNorm
+    weights and biases included), so a swapped, transposed or dropped tensor changes the output instead
+    of hiding behind ones and zeros."""
+    import torch  # noqa: PLC0415
+
+    def randomize_(model: torch.nn.Module, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                noise = torch.randn(p.shape, generator=gen)
+                if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                    p.copy_(1.0 + 0.1 * noise)  # LayerNorm gains around 1
+                else:
+                    p.copy_(0.02 * noise)
+
+    return randomize_

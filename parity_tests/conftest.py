@@ -24,29 +24,14 @@ torch.set_num_threads(os.cpu_count() or 1)
 SEED = 1234
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Give every tensor distinct random values (LayerNorm weights and biases included), so a swapped,
-    transposed or dropped tensor changes the output instead of hiding behind ones and zeros."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1.0 + 0.1 * noise)  # LayerNorm gains around 1
-            elif name.endswith(".bias"):
-                p.copy_(0.02 * noise)
-            else:
-                p.copy_(0.02 * noise)
-
-
 @pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory) -> Path:
+def hf_dir(tmp_path_factory, randomize) -> Path:
     """A GPT2LMHeadModel(GPT2Config()) -- the exact 124M architecture -- randomised and saved."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(SEED)
     model = GPT2LMHeadModel(GPT2Config())
-    randomize_(model, SEED)
+    randomize(model, SEED)  # root conftest.py
     path = tmp_path_factory.mktemp("hf-gpt2-random")
     model.save_pretrained(path)
     return path

@@ -34,22 +34,13 @@ PROMPT = "Hello, I'm a language model,"
 MARGIN = 1e-4
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Every tensor random (LayerNorm gains around 1), as parity_tests/conftest.py does."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.1 * noise if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.02 * noise)
-
-
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
+def hf_dir(tmp_path_factory, randomize) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(SEED)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=128))
-    randomize_(model, SEED)
+    randomize(model, SEED)  # root conftest.py
     path = tmp_path_factory.mktemp("hf-tiny-random")
     model.save_pretrained(path)
     return path
