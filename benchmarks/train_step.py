@@ -3,8 +3,9 @@
     python benchmarks/train_step.py --preset=char --micro_batch_size=8 --block_size=256
     python benchmarks/train_step.py --preset=gpt2 --n_layer=4 --n_head=4 --n_embd=256 --micro_batch_size=8 \
         --block_size=256
-    python benchmarks/train_step.py --preset=gpt2 --vocab_size=50304 --micro_batch_size=16 --dtype=bfloat16 \
-        --attention=cudnn   # on a GPU
+    python benchmarks/train_step.py --preset=gpt2 --vocab_size=50304 --micro_batch_size=16 --dtype=bfloat16
+
+(the last on a GPU; --attention defaults to the trainer's choice: cudnn on a GPU in bf16, blocked on CPU)
 
 Contenders, all float32 unless --dtype says otherwise, same config, same batch, dropout 0:
   train    gpt2_jax: trainer.make_train_step (the trainer's jitted step: grad accumulation in lax.scan,
@@ -46,9 +47,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from gpt2_jax import sharding  # noqa: E402
-from gpt2_jax.config import GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PRESETS, GPTConfig, preset  # noqa: E402
+from gpt2_jax.config import ATTENTION, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PRESETS, GPTConfig, preset  # noqa: E402
 from gpt2_jax.metrics import FLOPS_CONVENTION, flops_per_token, mfu, peak_flops  # noqa: E402
-from gpt2_jax.model import GPT  # noqa: E402
+from gpt2_jax.model import GPT, default_attention  # noqa: E402
 from gpt2_jax.optim import OptimConfig, make_optimizer  # noqa: E402
 from gpt2_jax.trainer import TrainState, make_train_step  # noqa: E402
 
@@ -62,7 +63,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
         p.add_argument(f"--{name}", type=int, default=0, help="override the preset's (0: keep)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    p.add_argument("--attention", default="xla", choices=("xla", "cudnn", "einsum"))
+    p.add_argument("--attention", default="", choices=("",) + ATTENTION,
+                   help="empty: the trainer's default for this platform and dtype")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: all cores)")
 
@@ -70,7 +72,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 def model_config(args) -> GPTConfig:
     overrides = {k: getattr(args, k) for k in ("block_size", "n_layer", "n_head", "n_embd", "vocab_size")
                  if getattr(args, k)}
-    return preset(args.preset, dropout=0.0, dtype=args.dtype, attention=args.attention, remat=args.remat,
+    attention = args.attention or default_attention(jax.default_backend(), args.dtype)
+    return preset(args.preset, dropout=0.0, dtype=args.dtype, attention=attention, remat=args.remat,
                   **overrides)
 
 

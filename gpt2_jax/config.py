@@ -14,6 +14,7 @@ PADDED_VOCAB_SIZE = 50304  # next multiple of 128: faster matmuls, the extra row
 
 # Fields that define the network's shapes. Two configs that differ here cannot share weights.
 ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+ATTENTION = ("xla", "cudnn", "blocked", "einsum")  # model.attention's implementations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
     # How the network is computed, not what it is: changing these keeps weights compatible.
     dtype: str = "float32"  # compute dtype ("bfloat16" on GPU/TPU); params are always float32
-    attention: str = "xla"  # "xla" | "cudnn" (flash attention on NVIDIA) | "einsum" (plain reference)
+    attention: str = "xla"  # "xla" | "cudnn" (flash attention on NVIDIA) | "blocked" (CPU) | "einsum" (reference)
     remat: str = "none"  # activation checkpointing per block: "none" | "full" | "dots" (save matmuls)
 
     def __post_init__(self):
@@ -35,8 +36,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: use float32, bfloat16 or float16")
-        if self.attention not in ("xla", "cudnn", "einsum"):
-            raise ValueError(f"attention={self.attention!r}: use xla, cudnn or einsum")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention={self.attention!r}: use one of {', '.join(ATTENTION)}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}: use none, full or dots")
         if not 0.0 <= self.dropout < 1.0:
@@ -113,7 +114,8 @@ class TrainConfig:
     vocab_size: int = _flag(0, "model vocabulary (0: the data's; GPT-2 BPE is padded to 50304)")
     dropout: float = _flag(-1.0, "dropout rate (-1: the preset's)")
     dtype: str = _flag("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on gpu/tpu, float32 on cpu)")
-    attention: str = _flag("", "xla | cudnn | einsum (empty: cudnn on gpu with bfloat16, else xla)")
+    attention: str = _flag("", "xla | cudnn | blocked | einsum (empty: cudnn on gpu with bfloat16, blocked on "
+                                "cpu, else xla)")
     remat: str = _flag("none", "activation checkpointing per block: none | full | dots")
     mesh: str = _flag("", "device mesh, e.g. data:8 or data:2,fsdp:4 (empty: every device on data; "
                       "single-process runs may use fewer devices than they have)")

@@ -30,7 +30,7 @@ from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import PADDED_VOCAB_SIZE, PRESETS, GPTConfig, TrainConfig, preset
 from gpt2_jax.generate import generate
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, format_step_line, mfu, mfu_banner, peak_flops
-from gpt2_jax.model import GPT, cross_entropy
+from gpt2_jax.model import GPT, cross_entropy, default_attention
 from gpt2_jax.optim import OptimConfig, lr_at, make_optimizer
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -63,12 +63,12 @@ def resolve(tc: TrainConfig, backend: str, num_devices: int) -> TrainConfig:
         micro = 8 if cpu else 64 * num_devices
     total = tc.total_batch_size or (2**19 if big else micro * block)
     steps = tc.max_steps or (19073 if big else (150 if cpu else 5000))
+    dtype = tc.dtype or ("float32" if cpu else "bfloat16")
     return dataclasses.replace(
         tc, block_size=block, micro_batch_size=micro, total_batch_size=total, max_steps=steps,
         warmup_steps=tc.warmup_steps if tc.warmup_steps >= 0 else (715 if big else max(1, steps // 10)),
         max_lr=tc.max_lr or (6e-4 if big else 1e-3),
-        dtype=tc.dtype or ("float32" if cpu else "bfloat16"),
-        attention=tc.attention or ("cudnn" if backend == "gpu" and tc.dtype != "float32" else "xla"),
+        dtype=dtype, attention=tc.attention or default_attention(backend, dtype),
     )
 
 
