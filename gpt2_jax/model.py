@@ -51,11 +51,14 @@ def _linear(cfg: GPTConfig, d_in: int, d_out: int, axes, std: float, rngs: nnx.R
 
 
 def _dense(layer: nnx.Linear | nnx.Embed, x: jax.Array) -> jax.Array:
-    """`layer(x)` (or `layer.attend(x)`) with x flattened to (tokens, features): the same math, but XLA:CPU
-    computes the weight gradient of a 2-D matmul directly, where for a (B, T, C) input it adds a
-    transpose and a slower kernel (measured 1.5x slower per matmul). A free reshape on GPU/TPU."""
+    """`layer(x)` with x flattened to (tokens, features): the same math, but XLA:CPU computes the weight
+    gradient of a 2-D matmul directly, where for a (B, T, C) input it adds a transpose and a slower
+    kernel (measured 1.5x slower per matmul). A free reshape on GPU/TPU.
+
+    For an Embed (the tied LM head) it is `x @ embedding.T` in the dtype of x, the compute dtype.
+    """
     flat = x.reshape(-1, x.shape[-1])  # (B*T, C)
-    out = layer.attend(flat) if isinstance(layer, nnx.Embed) else layer(flat)
+    out = flat @ layer.embedding[...].astype(flat.dtype).T if isinstance(layer, nnx.Embed) else layer(flat)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -196,10 +199,12 @@ _REMAT_POLICIES = {
 class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        dtype = jnp.dtype(cfg.dtype)
-        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
+        # The embeddings, and so the residual stream, stay float32 whatever the compute dtype: as under
+        # torch autocast in nanoGPT, only matmul and attention inputs are rounded to bfloat16, the sums
+        # x + attn(...) and x + mlp(...) are float32 (ln_1/ln_2/ln_f output the compute dtype).
+        self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=jnp.float32, param_dtype=jnp.float32,
                              embedding_init=_normal(INIT_STD, ("vocab", "embed")), rngs=rngs)
-        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
+        self.wpe = nnx.Embed(cfg.block_size, cfg.n_embd, dtype=jnp.float32, param_dtype=jnp.float32,
                              embedding_init=_normal(INIT_STD, (None, "embed")), rngs=rngs)
         self.drop = nnx.Dropout(cfg.dropout)
 
@@ -276,7 +281,7 @@ class GPT(nnx.Module):
         else:
             layers_in = (stacked, layer_rngs, jnp.arange(cfg.n_layer))
             (x, cache), _ = jax.lax.scan(block_step, (x, cache), layers_in, unroll=unroll)
-        x = self.ln_f(x)
+        x = self.ln_f(x)  # (B, T, C) in the compute dtype
         logits = _dense(self.wte, x)  # tied LM head: x @ wte.T -> (B, T, vocab)
         return logits.astype(jnp.float32), cache
 
