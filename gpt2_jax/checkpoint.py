@@ -5,6 +5,7 @@ Usage (as in trainer.py):
     ckpt = Checkpointer(directory, max_to_keep=3, async_save=True)
     if ckpt.latest_step() is not None:      # resume; abstract_state: ShapeDtypeStructs + target shardings
         state, meta, step = ckpt.restore(abstract_state)
+    part, meta, step = ckpt.restore({"model": abstract_params}, partial=True)  # reads only these arrays
     ...
     ckpt.save(step, state, {"config": ..., "loader": ...})  # state: any pytree of jax.Arrays (nnx.State too)
     ckpt.close()                                             # waits for the last async save
@@ -140,12 +141,18 @@ class Checkpointer:
         """Blocks until async saves (and the deletions that follow them) are finished."""
         self._manager.wait_until_finished()
 
-    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any], int]:
+    def restore(
+        self, abstract_state: PyTree, step: int | None = None, *, partial: bool = False
+    ) -> tuple[PyTree, dict[str, Any], int]:
         """Restores `(state, meta, step)` with arrays placed on `abstract_state`'s shardings.
 
         `abstract_state` is a tree of jax.ShapeDtypeStruct with `.sharding` set (see `abstract_like`),
         with the structure of the saved state: optax NamedTuples come back as NamedTuples. The mesh and
         device count may differ from the ones the checkpoint was saved with.
+
+        partial=True: `abstract_state` may hold only some subtrees of the saved state, e.g.
+        `{"model": ...}` of a `{"model": ..., "opt": ...}` state, and only their arrays are read from disk
+        (inference needs the params, not the optimizer moments that double or triple them).
 
         step=None restores the newest checkpoint that restores cleanly: a damaged one is skipped with a
         warning and the previous one tried. An explicit step is restored or raises, without fallback.
@@ -159,7 +166,7 @@ class Checkpointer:
                     f"No complete checkpoint for step {step} in {self.directory}; complete steps: {steps}"
                 )
             try:
-                state, meta = self._restore_step(step, abstract_state)
+                state, meta = self._restore_step(step, abstract_state, partial)
             except Exception as e:
                 raise RuntimeError(
                     f"Could not restore step {step} from {self.step_dir(step)}: {_short(e)}"
@@ -173,7 +180,7 @@ class Checkpointer:
         failures = []
         for s in reversed(steps):
             try:
-                state, meta = self._restore_step(s, abstract_state)
+                state, meta = self._restore_step(s, abstract_state, partial)
             except Exception as e:
                 failure = f"step {s} ({self.step_dir(s)}): {_short(e)}"
                 failures.append(failure)
@@ -199,18 +206,37 @@ class Checkpointer:
         except Exception:  # a damaged step: restore() falls back and reports it
             return None
 
-    def _restore_step(self, step: int, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        error = None
+    def _restore_step(self, step: int, abstract_state: PyTree, partial: bool) -> tuple[PyTree, dict[str, Any]]:
+        state_args = {} if partial else {"state": ocp.args.StandardRestore(abstract_state)}
+        args = ocp.args.Composite(**state_args, meta=ocp.args.JsonRestore())
+        error = state = meta = None
         try:
             restored = self._manager.restore(step, args=args)
+            state = self._restore_part(step, abstract_state) if partial else restored["state"]
+            meta = restored["meta"]
         except Exception as e:
             error = e
         # Every process reads only its own shards, so one may fail where others succeed. They must all
         # agree, or they would go on from different steps.
         if not _on_all_processes(error is None):
             raise error or RuntimeError(f"another process failed to restore step {step}")
-        return restored["state"], restored["meta"]
+        return state, meta
+
+    def _restore_part(self, step: int, abstract_part: PyTree) -> PyTree:
+        """The arrays of `abstract_part`, a part of the saved state tree, and no others.
+
+        StandardRestore has no partial restore, and orbax binds one handler type to each item of a
+        manager (StandardCheckpointHandler to "state", on the first save or restore), so the "state"
+        folder is read with orbax's PyTreeCheckpointHandler directly: StandardCheckpointHandler wraps
+        it, so the format is the same, and its `partial_restore` reads only the leaves in the target.
+        """
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_part)  # target shardings
+        args = ocp.args.PyTreeRestore(abstract_part, restore_args=restore_args, partial_restore=True)
+        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        try:
+            return reader.restore(self.step_dir(step) / "state", args=args)
+        finally:
+            reader.close()
 
     def close(self) -> None:
         """Waits for pending saves, then releases orbax's threads."""

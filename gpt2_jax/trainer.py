@@ -495,15 +495,13 @@ def load_run(path: str | os.PathLike, step: int | None = None, **overrides):
     if meta is None:
         raise FileNotFoundError(f"no readable checkpoint in {folder}")
     cfg = GPTConfig.from_dict(meta["model_config"]).replace(**overrides)
-    tc = TrainConfig(**meta["train_config"])
-    tx = make_optimizer(optim_config(tc))
-    abstract = nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_model = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_state)
-    state, meta, _ = ckpt.restore(target, step=step)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_model)
+    # The saved TrainState is {"model", "opt"}: read only the model, not the AdamW moments (2x its size).
+    state, meta, _ = ckpt.restore({"model": target}, step=step, partial=True)
     tokenizer = data_lib.Tokenizer.from_meta(meta["tokenizer"]) if "tokenizer" in meta else None
-    return nnx.merge(graphdef, state).model, tokenizer, meta
+    return nnx.merge(graphdef, state["model"]), tokenizer, meta
 
 
 def _global(local: np.ndarray, sh, tc: TrainConfig) -> jax.Array:
