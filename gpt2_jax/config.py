@@ -145,6 +145,8 @@ class TrainConfig:
     tensorboard: bool = _flag(True, "also write TensorBoard event files to out_dir/tb")
     seed: int = _flag(1337, "seed for init, dropout and sampling")
     on_nan: str = _flag("stop", "non-finite loss or grad norm: stop (keep the last good checkpoint) | skip the update")
+    max_skips: int = _flag(10, "--on_nan=skip stops the run as --on_nan=stop does after more than this many "
+                           "CONSECUTIVE skipped updates (a diverged run); a finite step resets the count. 0: no limit")
     # Multi-process (multi-host GPU, or several CPU processes in tests); Cloud TPU VMs need none of these.
     distributed: bool = _flag(False, "call jax.distributed.initialize() (automatic on TPU pods)")
     coordinator_address: str = _flag("", "host:port of process 0, for --distributed off TPU")

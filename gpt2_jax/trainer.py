@@ -288,6 +288,9 @@ def run(tc: TrainConfig) -> dict:
     tc = resolve(tc, jax.default_backend(), jax.device_count())
     if tc.on_nan not in ("stop", "skip"):
         raise ValueError(f"--on_nan={tc.on_nan!r}: use stop or skip")
+    if tc.max_skips < 0:
+        raise ValueError(f"--max_skips={tc.max_skips} is negative; use the most consecutive updates --on_nan=skip "
+                         f"may drop before the run stops (0: no limit)")
     mesh = sharding.make_mesh(tc.mesh)
     dp = sharding.data_parallel_size(mesh)
     grad_accum = check_batch(tc, dp, jax.process_count())
@@ -314,7 +317,7 @@ def run(tc: TrainConfig) -> dict:
     eval_sh = sharding.batch_sharding(mesh, ndim=2)
 
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=tc.keep_checkpoints)
-    start_step, skipped = 0, 0
+    start_step, skipped, in_a_row = 0, 0, 0  # skipped updates: in all, and consecutive ones up to now
     fingerprint = {"dir": str(data_dir.resolve()), "shards": train_loader.state()["shards"]}
     if ckpt.latest_step() is not None:
         if (meta := ckpt.read_meta()) is not None:
@@ -327,7 +330,7 @@ def run(tc: TrainConfig) -> dict:
                              f"over") from e
         check_resume(meta, cfg, fingerprint)
         train_loader.restore(meta["loader"])
-        skipped = meta.get("skipped_steps", 0)
+        skipped, in_a_row = meta.get("skipped_steps", 0), meta.get("consecutive_skips", 0)
         damaged = [s for s in complete if s > start_step]
         _log(f"resumed from {ckpt.directory} at step {start_step}"
              + (f" (could not restore the newer checkpoints {damaged}: see the warnings above)" if damaged else ""))
@@ -361,7 +364,8 @@ def run(tc: TrainConfig) -> dict:
     def save(step):
         meta = {"step": step, "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc),
                 "tokenizer": tokenizer.to_meta(),
-                "loader": train_loader.state(), "data": fingerprint, "skipped_steps": skipped}
+                "loader": train_loader.state(), "data": fingerprint, "skipped_steps": skipped,
+                "consecutive_skips": in_a_row}
         ckpt.save(step, state, meta)
 
     def evaluate(step):
@@ -422,18 +426,27 @@ def run(tc: TrainConfig) -> dict:
             t0 = time.perf_counter()
             # Skipped updates did not advance the optimizer's step count, nor its schedule.
             lr = lr_at(step - 1 - skipped, oc)
+            in_a_row = 0 if metrics["finite"] else in_a_row + 1
             if not metrics["finite"]:
-                if tc.on_nan == "stop":
+                diverged = tc.on_nan == "skip" and 0 < tc.max_skips < in_a_row
+                if tc.on_nan == "stop" or diverged:
                     ckpt.wait()  # the newest save may still be in flight: name the one that is on disk
                     good = ckpt.latest_step()
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient norm at step {step} (loss {metrics['loss']}, grad norm "
-                        f"{metrics['grad_norm']}); the update was not applied. Last good checkpoint: "
-                        f"{'none' if good is None else f'step {good}'} in {ckpt.directory}. "
-                        f"Lower --max_lr, or use --on_nan=skip to drop such updates")
+                    values = f"loss {metrics['loss']}, grad norm {metrics['grad_norm']}"
+                    if diverged:
+                        what = (f"non-finite loss or gradient norm at {in_a_row} steps in a row ({step - in_a_row + 1}"
+                                f"-{step}), more than --max_skips={tc.max_skips}: the run has likely diverged (step "
+                                f"{step}: {values})")
+                        fix = "Lower --max_lr, or raise --max_skips (0: no limit)"
+                    else:
+                        what = f"non-finite loss or gradient norm at step {step} ({values})"
+                        fix = "Lower --max_lr, or use --on_nan=skip to drop such updates"
+                    raise FloatingPointError(f"{what}; the update was not applied. Last good checkpoint: "
+                                             f"{'none' if good is None else f'step {good}'} in {ckpt.directory}. {fix}")
                 skipped += 1
+                limit = f", {in_a_row} in a row of at most --max_skips={tc.max_skips}" if tc.max_skips else ""
                 _log(f"step {step}: non-finite loss or gradient norm; update skipped (--on_nan=skip, "
-                     f"{skipped} skipped so far)")
+                     f"{skipped} skipped so far){limit}")
             tps = tc.total_batch_size / dt
             row = {"loss": float(metrics["loss"]), "lr": lr,
                    "grad_norm": float(metrics["grad_norm"]), "ms_per_step": dt * 1000, "tokens_per_sec": tps}

@@ -14,6 +14,7 @@ tests/test_train.py.
 """
 
 import functools
+import itertools
 import os
 import re
 import shutil
@@ -26,11 +27,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from gpt2_jax import data as data_lib
+from gpt2_jax import trainer
 from gpt2_jax.config import TrainConfig
 from gpt2_jax.metrics import read_metrics
 from gpt2_jax.trainer import load_run, run
@@ -412,6 +415,72 @@ def test_nan_skip_drops_the_update_counts_it_and_goes_on(tmp_path, data_dir, env
     same = jax.tree.map(np.array_equal, nnx.state(after1, nnx.Param), nnx.state(after3, nnx.Param))
     assert all(jax.tree.leaves(same))
     assert meta3["skipped_steps"] == 2 and meta3["loader"]["position"] > meta1["loader"]["position"]
+
+
+def test_nan_skip_stops_after_max_skips_in_a_row(tmp_path, data_dir, env):
+    """--on_nan=skip is not a licence to skip forever: more than --max_skips non-finite steps in a row stop
+    the run as --on_nan=stop does (exit status 1, the last good checkpoint kept)."""
+    out = tmp_path / "run"
+    p = train(flags(data_dir, out, **NAN, on_nan="skip", max_skips=1), env, tmp_path / "stderr.txt")
+    assert p.proc.returncode == 1, p.stderr[-3000:]
+    p.wait_for(r"^step 2: .*update skipped \(--on_nan=skip, 1 skipped so far\), 1 in a row of at most --max_skips=1")
+    assert re.search(r"error: non-finite loss or gradient norm at 2 steps in a row \(2-3\), more than --max_skips=1: "
+                     r"the run has likely diverged \(step 3: loss nan.*\); the update was not applied. Last good "
+                     r"checkpoint: step 2 in .*checkpoints\. Lower --max_lr, or raise --max_skips", p.stderr), \
+        p.stderr[-3000:]
+    assert_no_traceback_of_ours(p.stderr)
+    assert complete_steps(out) == [1, 2]  # step 2 skipped its update and was saved; step 3 stopped the run
+    assert sorted(timeline(out)) == [1, 2]
+
+
+POISON = -1  # a label id that no batch holds
+
+
+def nan_at(monkeypatch, steps) -> None:
+    """Make the loss NaN at `steps` (1-based) only, inside the jitted train step as a real overflow would
+    be. (--max_lr=1e10 above cannot interleave finite steps: the blown-up weights stay.) Those steps'
+    labels are replaced by POISON, and the trainer's loss is NaN for a batch of POISON labels."""
+    real_loss, real_make = trainer.cross_entropy, trainer.make_train_step
+
+    def loss(logits, targets, vocab_limit=None):
+        return jnp.where(jnp.all(targets == POISON), jnp.nan, real_loss(logits, targets, vocab_limit))
+
+    def make_train_step(*args, **kwargs):
+        step_fn, calls = real_make(*args, **kwargs), itertools.count(1)
+
+        def poisoned(state, x, y, rng):
+            if next(calls) in steps:
+                y = jax.device_put(np.full(y.shape, POISON, y.dtype), y.sharding)
+            return step_fn(state, x, y, rng)
+
+        return poisoned
+
+    monkeypatch.setattr(trainer, "cross_entropy", loss)
+    monkeypatch.setattr(trainer, "make_train_step", make_train_step)
+
+
+def test_nan_skip_count_restarts_after_a_finite_step(tmp_path, data_dir, monkeypatch, capsys):
+    """--max_skips counts CONSECUTIVE skips: NaN at steps 2, 3, 5, 6 with --max_skips=2 runs to the end
+    (4 skips, never more than 2 in a row), while NaN at 2, 3, 4 stops at step 4."""
+    config = dict(FLAGS, data=str(data_dir), max_steps=7, checkpoint_every=0, on_nan="skip", max_skips=2)
+    nan_at(monkeypatch, {2, 3, 5, 6})
+    summary = run(TrainConfig(**config, out_dir=str(tmp_path / "gaps")))
+    assert (summary["step"], summary["skipped_steps"]) == (7, 4)
+    rows = [r for r in read_metrics(tmp_path / "gaps" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows if np.isnan(r["loss"])] == [2, 3, 5, 6]
+    stdout = capsys.readouterr().out
+    assert "step 5: non-finite loss or gradient norm; update skipped (--on_nan=skip, 3 skipped so far), 1 in a row " \
+           "of at most --max_skips=2" in stdout, stdout
+
+    monkeypatch.undo()  # the control: the same skips without the finite step 4 in between stop the run
+    nan_at(monkeypatch, {2, 3, 4})
+    with pytest.raises(FloatingPointError, match=r"at 3 steps in a row \(2-4\), more than --max_skips=2"):
+        run(TrainConfig(**config, out_dir=str(tmp_path / "streak")))
+
+
+def test_max_skips_must_not_be_negative(tmp_path, data_dir):
+    with pytest.raises(ValueError, match=r"--max_skips=-1 is negative.*\(0: no limit\)"):
+        run(TrainConfig(**dict(FLAGS, data=str(data_dir), out_dir=str(tmp_path), on_nan="skip", max_skips=-1)))
 
 
 # --- 6. resume checks on the command line -----------------------------------------------------------
