@@ -201,7 +201,8 @@ def load_init_params(tc: TrainConfig, cfg: GPTConfig, abstract_state):
         source = Checkpointer(folder, read_only=True)
         if (meta := source.read_meta()) is not None:
             check_resume(meta, cfg, None)
-        state, meta, step = source.restore(abstract_state)
+        # Only the params are read from disk, not the AdamW moments: this run starts a fresh optimizer.
+        state, meta, step = source.restore({"model": abstract_state["model"]}, partial=True)
         _log(f"init_from: {folder} step {step} (params only; a fresh optimizer)")
         return state["model"]
     from gpt2_jax.convert import load_hf  # noqa: PLC0415
