@@ -404,7 +404,8 @@ def load_training_run(path: str | os.PathLike, step: int | None = None,
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        steps = Checkpointer(folder, read_only=True).all_steps()
+        with Checkpointer(folder, read_only=True) as ckpt:
+            steps = ckpt.all_steps()
         if not steps or (step is not None and step not in steps):
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in {folder} "
                                     f"(complete steps: {steps or 'none'})")

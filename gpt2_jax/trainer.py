@@ -198,11 +198,11 @@ def load_init_params(tc: TrainConfig, cfg: GPTConfig, abstract_state):
     path = Path(tc.init_from)
     if (path / "checkpoints").is_dir() or path.name == "checkpoints":
         folder = path if path.name == "checkpoints" else path / "checkpoints"
-        source = Checkpointer(folder, read_only=True)
-        if (meta := source.read_meta()) is not None:
-            check_resume(meta, cfg, None)
-        # Only the params are read from disk, not the AdamW moments: this run starts a fresh optimizer.
-        state, meta, step = source.restore({"model": abstract_state["model"]}, partial=True)
+        with Checkpointer(folder, read_only=True) as source:
+            if (meta := source.read_meta()) is not None:
+                check_resume(meta, cfg, None)
+            # Only the params are read from disk, not the AdamW moments: this run starts a fresh optimizer.
+            state, meta, step = source.restore({"model": abstract_state["model"]}, partial=True)
         _log(f"init_from: {folder} step {step} (params only; a fresh optimizer)")
         return state["model"]
     from gpt2_jax.convert import load_hf  # noqa: PLC0415
@@ -504,16 +504,16 @@ def load_run(path: str | os.PathLike, step: int | None = None, **overrides):
     folder = path if path.name == "checkpoints" else path / "checkpoints"
     if not folder.is_dir():
         raise FileNotFoundError(f"{path} is not a training run: no checkpoints/ folder in it")
-    ckpt = Checkpointer(folder, read_only=True)
-    meta = ckpt.read_meta(step)
-    if meta is None:
-        raise FileNotFoundError(f"no readable checkpoint in {folder}")
-    cfg = GPTConfig.from_dict(meta["model_config"]).replace(**overrides)
-    graphdef, abstract_model = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_model)
-    # The saved TrainState is {"model", "opt"}: read only the model, not the AdamW moments (2x its size).
-    state, meta, _ = ckpt.restore({"model": target}, step=step, partial=True)
+    with Checkpointer(folder, read_only=True) as ckpt:
+        meta = ckpt.read_meta(step)
+        if meta is None:
+            raise FileNotFoundError(f"no readable checkpoint in {folder}")
+        cfg = GPTConfig.from_dict(meta["model_config"]).replace(**overrides)
+        graphdef, abstract_model = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_model)
+        # The saved TrainState is {"model", "opt"}: read only the model, not the AdamW moments (2x its size).
+        state, meta, _ = ckpt.restore({"model": target}, step=step, partial=True)
     tokenizer = data_lib.Tokenizer.from_meta(meta["tokenizer"]) if "tokenizer" in meta else None
     return nnx.merge(graphdef, state["model"]), tokenizer, meta
 
