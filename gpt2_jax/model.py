@@ -97,23 +97,23 @@ def default_attention(backend: str, dtype: str) -> str:
     return "blocked" if backend == "cpu" else "xla"
 
 
-def blocked_attention(q, k, v) -> jax.Array:
+def blocked_attention(q, k, v, dropout=None) -> jax.Array:
     """Causal attention computed in blocks of query rows, each against only the keys up to its last row.
 
     With n blocks the score matrix costs (n + 1) / 2n of the full one: the masked upper triangle is mostly
     never computed. XLA:CPU has no flash-attention kernel, and this runs 2-3x faster there than
     `jax.nn.dot_product_attention` (fwd + bwd, T = 128..1024; measured in benchmarks/NOTES.md).
+    `dropout(probs, block)`, if given, maps each block's probabilities (block = 0, 1, ...).
     """
     T = q.shape[1]
     block = max(64, T // 8)  # fewer, larger blocks for long sequences: the best measured on CPU
-    if T <= block:
-        return einsum_attention(q, k, v, None)
     rows = []
-    for start in range(0, T, block):
+    for i, start in enumerate(range(0, T, block)):
         stop = min(start + block, T)
         mask = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]  # (rows, keys [0, stop))
-        rows.append(einsum_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
-    return jnp.concatenate(rows, axis=1)
+        drop = None if dropout is None else functools.partial(dropout, block=i)
+        rows.append(einsum_attention(q[:, start:stop], k[:, :stop], v[:, :stop], mask, drop))
+    return jnp.concatenate(rows, axis=1) if len(rows) > 1 else rows[0]
 
 
 class CausalSelfAttention(nnx.Module):
@@ -139,9 +139,16 @@ class CausalSelfAttention(nnx.Module):
             k, v = (c[layer].swapaxes(1, 2) for c in cache)  # (B, S, nh, hs)
             mask = jnp.arange(k.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]  # (T, S)
         if dropout_rng is not None and self.attn_dropout.rate > 0:
-            # Dropout on the attention probabilities needs them materialised: use the plain path.
-            drop = functools.partial(self.attn_dropout, deterministic=False, rngs=jax.random.fold_in(dropout_rng, 1))
-            y = einsum_attention(q, k, v, mask, drop)
+            # Dropout on the attention probabilities needs them materialised: the blocked or plain path.
+            key = jax.random.fold_in(dropout_rng, 1)
+
+            def drop(probs, block: int = 0):  # an independent mask per query block
+                return self.attn_dropout(probs, deterministic=False, rngs=jax.random.fold_in(key, block))
+
+            if self.impl == "blocked" and mask is None:
+                y = blocked_attention(q, k, v, drop)
+            else:
+                y = einsum_attention(q, k, v, mask, drop)
         else:
             y = attention(q, k, v, mask, self.impl)  # (B, T, nh, hs)
         y = _dense(self.c_proj, y.reshape(B, T, C))

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from gpt2_jax.config import GPTConfig
-from gpt2_jax.model import GPT, attention, cross_entropy
+from gpt2_jax.model import GPT, attention, blocked_attention, cross_entropy
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
@@ -91,6 +91,36 @@ def test_blocked_gradients_match_einsum(T):
 
     for got, want in zip(grads("blocked"), grads("einsum")):
         np.testing.assert_allclose(got, want, atol=F32_ATOL, rtol=0)
+
+
+def test_blocked_dropout_maps_every_block_with_its_own_index():
+    """Attention dropout on the blocked path (the CPU default, char preset: dropout 0.2): each query block's
+    probabilities go through `dropout` with its own block index (the model folds it into the RNG key, so
+    the blocks draw independent masks), and what it returns is what weights the values."""
+    q, k, v = qkv(200, 200)  # blocks of 64 rows: 64, 64, 64 and 8
+    seen = []
+
+    def double(probs, block):
+        seen.append((block, probs.shape))
+        return 2.0 * probs
+
+    out = blocked_attention(q, k, v, double)
+    B, _, nh, _ = q.shape
+    assert seen == [(0, (B, nh, 64, 64)), (1, (B, nh, 64, 128)), (2, (B, nh, 64, 192)), (3, (B, nh, 8, 200))]
+    np.testing.assert_allclose(out, 2.0 * attention(q, k, v, None, "einsum"), atol=2 * F32_ATOL, rtol=0)
+
+
+def test_model_sends_attention_dropout_through_the_blocked_path(monkeypatch):
+    import gpt2_jax.model as model_lib  # noqa: PLC0415
+
+    calls, real = [], model_lib.blocked_attention
+    monkeypatch.setattr(model_lib, "blocked_attention",
+                        lambda q, k, v, dropout=None: calls.append(dropout is not None) or real(q, k, v, dropout))
+    cfg = TINY.replace(dropout=0.2, attention="blocked", block_size=160)
+    _, with_dropout, _ = loss_and_grads(cfg, dropout_rng=jax.random.key(3))
+    _, without, _ = loss_and_grads(cfg)
+    assert calls == [True, False]  # traced once per call (the layers share one scan body)
+    assert float(with_dropout) != float(without)
 
 
 @needs_gpu
@@ -171,9 +201,12 @@ def test_bfloat16_rounds_matmul_inputs_but_keeps_the_residual_stream_float32():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_gives_same_loss_and_grads(remat, dropout):
-    """Recomputing a block in the backward pass must not change anything, dropout masks included."""
-    cfg, rng = TINY.replace(dropout=dropout), (jax.random.key(3) if dropout else None)
+@pytest.mark.parametrize("impl", ["xla", "blocked"])
+def test_remat_gives_same_loss_and_grads(remat, dropout, impl):
+    """Recomputing a block in the backward pass must not change anything, dropout masks included
+    (blocked: T=160, three query blocks, each with its own dropout mask)."""
+    cfg = TINY.replace(dropout=dropout, attention=impl, block_size=160 if impl == "blocked" else TINY.block_size)
+    rng = jax.random.key(3) if dropout else None
     _, loss, grads = loss_and_grads(cfg, dropout_rng=rng)
     _, loss_r, grads_r = loss_and_grads(cfg.replace(remat=remat), dropout_rng=rng)
     np.testing.assert_allclose(loss_r, loss, atol=REMAT_ATOL, rtol=0)
