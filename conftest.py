@@ -16,13 +16,17 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 
 @pytest.fixture(scope="session")
-def randomize():
-    """`randomize(model, seed)`: give every tensor of a torch GPT-2 distinct random values (LayerNorm
-    weights and biases included), so a swapped, transposed or dropped tensor changes the output instead
-    of hiding behind ones and zeros."""
+def random_hf_checkpoint(tmp_path_factory):
+    """`random_hf_checkpoint(seed, **GPT2Config kwargs) -> folder`: a GPT2LMHeadModel with every tensor
+    given distinct random values (LayerNorm weights and biases included, so that a swapped, transposed or
+    dropped tensor changes the output instead of hiding behind ones and zeros), written with
+    `save_pretrained` -- the same files, and so the same loading path, as a real Hub checkpoint."""
     import torch  # noqa: PLC0415
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
 
-    def randomize_(model: torch.nn.Module, seed: int) -> None:
+    def make(seed: int, **config):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(**config))
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -31,5 +35,8 @@ def randomize():
                     p.copy_(1.0 + 0.1 * noise)  # LayerNorm gains around 1
                 else:
                     p.copy_(0.02 * noise)
+        path = tmp_path_factory.mktemp("hf-random")
+        model.save_pretrained(path)
+        return path
 
-    return randomize_
+    return make

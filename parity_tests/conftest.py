@@ -25,16 +25,9 @@ SEED = 1234
 
 
 @pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory, randomize) -> Path:
+def hf_dir(random_hf_checkpoint) -> Path:
     """A GPT2LMHeadModel(GPT2Config()) -- the exact 124M architecture -- randomised and saved."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(SEED)
-    model = GPT2LMHeadModel(GPT2Config())
-    randomize(model, SEED)  # root conftest.py
-    path = tmp_path_factory.mktemp("hf-gpt2-random")
-    model.save_pretrained(path)
-    return path
+    return random_hf_checkpoint(SEED)  # root conftest.py
 
 
 @pytest.fixture(scope="session")

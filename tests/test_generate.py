@@ -35,15 +35,8 @@ MARGIN = 1e-4
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory, randomize) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(SEED)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=128))
-    randomize(model, SEED)  # root conftest.py
-    path = tmp_path_factory.mktemp("hf-tiny-random")
-    model.save_pretrained(path)
-    return path
+def hf_dir(random_hf_checkpoint) -> Path:
+    return random_hf_checkpoint(SEED, n_layer=2, n_embd=64, n_head=4, vocab_size=50257, n_positions=128)
 
 
 @pytest.fixture(scope="module")
