@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2_jax.config import GPTConfig
+from gpt2_jax.config import GPTConfig, TrainConfig
 from gpt2_jax.model import GPT, attention, blocked_attention, cross_entropy
+from gpt2_jax.trainer import resolve
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
@@ -229,3 +230,16 @@ def test_remat_saves_activation_memory():
 
     none, dots, full = (temp_bytes(r) for r in ("none", "dots", "full"))
     assert full < dots < none, (none, dots, full)
+
+
+@pytest.mark.parametrize("backend,dtype,expected", [("cpu", "", "blocked"), ("gpu", "", "cudnn"),
+                                                    ("gpu", "float32", "xla"), ("tpu", "", "xla")])
+def test_trainer_default_attention_per_platform(backend, dtype, expected):
+    """`--attention` empty: cuDNN on GPUs in bf16 (it has no float32 kernel), blocked on CPU, else XLA's."""
+    assert resolve(TrainConfig(dtype=dtype), backend, 1).attention == expected
+    assert resolve(TrainConfig(dtype=dtype, attention="einsum"), backend, 1).attention == "einsum"  # explicit wins
+
+
+def test_unknown_attention_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"attention='flash': use one of xla, cudnn, blocked, einsum"):
+        GPTConfig(attention="flash")
