@@ -12,7 +12,8 @@ is excluded); then `--repeats` calls are timed, alternating, and the medians com
 
 Two rates per side: end to end (new tokens / wall time, prefill included, as a user sees it), and
 per decoded token (the difference between a `--new_tokens` call and a 1-token call, which cancels the
-prefill and fixed per-call costs). The greedy ids of the two sides are compared too.
+prefill and fixed per-call costs). The greedy ids of the two sides are compared too. Also printed: the
+memory-bandwidth floor of a batch-1 decode step (weight bytes / measured bandwidth).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for train_step's sha
 
 from train_step import add_model_flags, environment, model_config, torch_setup  # noqa: E402
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -45,6 +48,22 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def weight_read_floor(model: GPT, repeats: int) -> dict:
+    """The memory-bandwidth floor of decoding at batch 1: every weight is read once per token.
+
+    Bandwidth is measured with the largest such read, the LM head's (vocab, C) float32 matrix times one
+    vector; the bytes are all params except the position table (one row of it is read per token).
+    """
+    weights = nnx.state(model, nnx.Param)
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(weights)) - model.wpe.embedding[...].nbytes
+    head = model.wte.embedding[...]
+    gemv = jax.jit(lambda w, x: x @ w.T)
+    x = jnp.ones((1, head.shape[1]), head.dtype)
+    gemv(head, x).block_until_ready()
+    gb_per_s = head.nbytes / min(timed(lambda: gemv(head, x).block_until_ready(), repeats * 4)) / 1e9
+    return {"weight_bytes": nbytes, "bandwidth_gb_per_s": gb_per_s, "floor_ms_per_token": nbytes / gb_per_s / 1e6}
 
 
 def main(argv=None) -> dict:
@@ -119,6 +138,10 @@ def main(argv=None) -> dict:
         per = "-" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token']:.2f}"
         dts = "-" if not r["decode_tokens_per_s"] else f"{r['decode_tokens_per_s']:,.0f}"
         print(f"{r['name']:<36} {r['tokens_per_s']:10,.0f} {r['ms_per_call']:10.1f} {per:>23} {dts:>15}")
+    floor = weight_read_floor(model, args.repeats)
+    print(f"memory floor at batch 1: {floor['weight_bytes'] / 1e6:,.0f} MB of weights per token at "
+          f"{floor['bandwidth_gb_per_s']:.1f} GB/s (measured: the LM head's matrix-vector product) = "
+          f"{floor['floor_ms_per_token']:.2f} ms/token")
     ratio = rows["jax"]["tokens_per_s"] / rows["hf"]["tokens_per_s"]
     ratio_decode = (rows["jax"]["decode_tokens_per_s"] / rows["hf"]["decode_tokens_per_s"]
                     if rows["jax"]["decode_tokens_per_s"] and rows["hf"]["decode_tokens_per_s"] else None)
@@ -131,7 +154,7 @@ def main(argv=None) -> dict:
     result = {"bench": "sample", **env, "torch_device": device,
               "config": {**cfg.to_dict(), "preset": args.preset, "batch": B, "prompt_len": P, "new_tokens": N},
               "gpt2_jax": rows["jax"], "hf_generate": rows["hf"], "ratio_jax_over_hf": ratio,
-              "ratio_jax_over_hf_decode_only": ratio_decode, "identical_rows": same,
+              "ratio_jax_over_hf_decode_only": ratio_decode, "identical_rows": same, "memory_floor": floor,
               "command": "python benchmarks/sample.py " + " ".join(sys.argv[1:])}
     print(json.dumps(result))
     return result
