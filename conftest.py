@@ -1,13 +1,22 @@
 """Session-wide test setup, before any test module initialises JAX: 8 fake CPU devices, so that
-multi-device code (meshes, shardings, collectives) is tested on a plain CPU machine. Also fixtures that
-both test folders use (parity_tests/ and tests/).
+multi-device code (meshes, shardings, collectives) is tested on a plain CPU machine. Also what both test
+folders (parity_tests/ and tests/) use: the read-only shared folder -- `../shared` beside the checkout,
+or $GPT2_JAX_SHARED -- with fixtures that skip, naming the path, when a file is missing; and a random
+HF checkpoint.
 
 Kept import-light: torch is imported only inside the fixtures that need it."""
 
 import os
+from pathlib import Path
 
 import pytest
 
+SHARED = Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+
+# Offline: tiktoken reads the GPT-2 BPE from the shared cache, and Hugging Face hub calls fail at once
+# instead of retrying for ~20 s.
+if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 
 import jax  # noqa: E402
@@ -40,3 +49,25 @@ def random_hf_checkpoint(tmp_path_factory):
         return path
 
     return make
+
+
+def _shared_file(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not found: set GPT2_JAX_SHARED to the shared folder (holding data/ and tiktoken-cache/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_shakespeare() -> Path:
+    return _shared_file("data", "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def hellaswag_file() -> Path:
+    return _shared_file("data", "hellaswag_val.jsonl")

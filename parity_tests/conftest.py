@@ -13,10 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may touch the network, here or in CI
-SHARED = Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
 
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.set_num_threads(os.cpu_count() or 1)
@@ -59,8 +55,3 @@ def tokens() -> dict[str, np.ndarray]:
         "odd": rng.integers(0, 50257, size=(2, 37)),
         "full": rng.integers(0, 50257, size=(1, 1024)),
     }
-
-
-@pytest.fixture
-def shared_dir() -> Path:
-    return SHARED

@@ -12,7 +12,6 @@ byte-level mapping, merge order or special-token handling. Compared:
 - decoding: ids -> text returns the original text exactly, in both libraries.
 """
 
-import os
 from pathlib import Path
 
 import pytest
@@ -52,15 +51,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def shared_dir() -> Path:
-    """`../shared` beside the checkout, or $GPT2_JAX_SHARED: the rule of conftest.SHARED (whose fixture is
-    function-scoped, and these fixtures are built once per module)."""
-    return Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
 @pytest.fixture(scope="module")
-def bpe_files() -> Path:
-    cache = shared_dir() / "tiktoken-cache"
+def bpe_files(shared_dir) -> Path:
+    cache = shared_dir / "tiktoken-cache"
     for name, what in ((VOCAB_JSON, "encoder.json"), (MERGES_TXT, "vocab.bpe")):
         if not (cache / name).is_file():
             pytest.skip(f"GPT-2 BPE file {what} ({name}) not found at {cache}; set GPT2_JAX_SHARED to the "
@@ -94,11 +87,8 @@ def hf_tok(bpe_files, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shakespeare() -> str:
-    path = shared_dir() / "data" / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {path}; set GPT2_JAX_SHARED to the folder holding data/")
-    return path.read_text(encoding="utf-8")
+def shakespeare(tiny_shakespeare) -> str:
+    return tiny_shakespeare.read_text(encoding="utf-8")
 
 
 def hf_encode_plain(tok, text: str) -> list[int]:

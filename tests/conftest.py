@@ -1,6 +1,5 @@
-"""Shared pytest fixtures: where ../shared lives, and skips for files a machine may not have.
-
-`GPT2_JAX_SHARED` overrides where the read-only shared folder is (default: beside the checkout).
+"""Fixtures of tests/: the GPT-2 BPE check and a small BPE training run shared by several modules.
+(The shared folder's fixtures -- shared_dir, tiny_shakespeare, hellaswag_file -- are in the root conftest.py.)
 """
 
 import os
@@ -9,27 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-SHARED = Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-# Offline by default: tiktoken reads the GPT-2 BPE from the shared cache, and Hugging Face hub calls
-# fail at once instead of retrying for ~20 s.
-if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def tiny_shakespeare() -> Path:
-    path = SHARED / "data" / "tinyshakespeare.txt"
-    if not path.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {path} (set GPT2_JAX_SHARED to shared/)")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -45,14 +23,6 @@ def gpt2_bpe() -> None:
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLASWAG_LIMIT = 20  # HellaSwag examples the shared BPE run evaluates in its loop
-
-
-@pytest.fixture(scope="session")
-def hellaswag_file(shared_dir) -> Path:
-    path = shared_dir / "data" / "hellaswag_val.jsonl"
-    if not path.is_file():
-        pytest.skip(f"HellaSwag validation file not found at {path} (set GPT2_JAX_SHARED)")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import sys
 import textwrap
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,8 +24,6 @@ from gpt2_jax import GPT, GPTConfig
 from gpt2_jax.evaluate import (download_hellaswag, evaluate_hellaswag, load_hellaswag, main, pack_batch,
                                render_example)
 
-SHARED = Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-HELLASWAG_FILE = SHARED / "data" / "hellaswag_val.jsonl"
 TINY = GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
 N_EXAMPLES = 50
 # float32 throughout; the two implementations sum in different orders (fused XLA kernels vs torch ops),
@@ -42,13 +39,6 @@ GOOD = {"ind": 7, "activity_label": "Roofing", "ctx": "A man is on a roof. he", 
 def char_encode(text: str) -> list[int]:
     """A stand-in tokenizer for tests that only need token bookkeeping: one id per character."""
     return [ord(c) for c in text]
-
-
-@pytest.fixture(scope="module")
-def hellaswag_file() -> Path:
-    if not HELLASWAG_FILE.is_file():
-        pytest.skip(f"HellaSwag validation file not found at {HELLASWAG_FILE} (set GPT2_JAX_SHARED)")
-    return HELLASWAG_FILE
 
 
 @pytest.fixture(scope="module")
