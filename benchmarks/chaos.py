@@ -108,7 +108,7 @@ def final_state(out_dir: Path):
     import numpy as np  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from gpt2_jax.trainer import load_run  # noqa: PLC0415
+    from gpt2_jax.runs import load_run  # noqa: PLC0415
 
     model, _, meta = load_run(out_dir)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))], meta

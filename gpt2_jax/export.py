@@ -16,50 +16,33 @@ character `chars[i]` of gpt2_jax_tokenizer.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from gpt2_jax.data import Tokenizer
-
-TOKENIZER_FILE = "gpt2_jax_tokenizer.json"
-
-
-def read_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
-    """The tokenizer an exported folder records (TOKENIZER_FILE), or None if it records none."""
-    path = Path(folder) / TOKENIZER_FILE
-    if not path.is_file():
-        return None
-    try:
-        return Tokenizer.from_meta(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-
+from gpt2_jax.convert import export_hf, export_vocab_size
+from gpt2_jax.runs import CHECKPOINTS, TOKENIZER_FILE, load_run, write_tokenizer
 
 def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | None = None) -> tuple[Path, dict]:
     """Write the checkpoint of training run `out_dir` (newest, or `step`) as an HF folder `to`.
 
     Returns (the folder, a summary: step, tokenizer name, vocab sizes, n_layer/n_head/n_embd/block_size).
     """
-    from gpt2_jax.convert import export_hf, export_vocab_size  # noqa: PLC0415
-    from gpt2_jax.evaluate import load_training_run  # noqa: PLC0415
-
     run, to = Path(out_dir).resolve(), Path(to).resolve()
-    root = run.parent if run.name == "checkpoints" else run
-    if to == root or root / "checkpoints" in (to, *to.parents):
+    root = run.parent if run.name == CHECKPOINTS else run
+    if to == root or root / CHECKPOINTS in (to, *to.parents):
         raise ValueError(f"--to {to} would write into the run's own folder (and overwrite its config.json); "
                          "pick another folder")
     if to.exists() and not to.is_dir():
         raise NotADirectoryError(f"--to {to} is a file; pass a folder (it is created if missing)")
-    model, tokenizer, meta = load_training_run(run, step)
+    model, tokenizer, meta = load_run(run, step)
     cfg = model.config
     vocab = export_vocab_size(cfg)
     if tokenizer is not None and tokenizer.vocab_size > vocab:
         raise ValueError(f"the run's tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}")
     export_hf(model, to, vocab_size=vocab)
     if tokenizer is not None:
-        (to / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_meta(), indent=1) + "\n")
+        write_tokenizer(to, tokenizer)
     summary = {"step": meta["step"], "tokenizer": tokenizer.name if tokenizer else None, "vocab_size": vocab,
                "model_vocab_size": cfg.vocab_size,
                **{k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}}

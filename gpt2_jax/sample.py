@@ -93,11 +93,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)  # bad flags exit here, before JAX starts
-    from gpt2_jax.evaluate import load_model  # noqa: PLC0415
+    from gpt2_jax.runs import load_model  # noqa: PLC0415
     from gpt2_jax.generate import generate  # noqa: PLC0415
 
     try:
-        model, tokenizer = load_model(args.init_from, step=args.step, dtype=args.dtype)
+        model, tokenizer, _ = load_model(args.init_from, step=args.step, dtype=args.dtype)
         if tokenizer is None:
             raise ValueError(f"{args.init_from} has no known tokenizer (vocab_size {model.config.vocab_size} is not "
                              "GPT-2's): sample from the training run's out_dir, or export it with gpt2_jax.export")

@@ -106,6 +106,13 @@ def state_shardings(abstract_state, mesh: Mesh):
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def with_shardings(abstract_state, shardings):
+    """`abstract_state` (from nnx.eval_shape) with each Variable's value a ShapeDtypeStruct carrying its
+    sharding from `shardings` (as `state_shardings` returns): the target of a restore."""
+    return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                        abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
     """Split dimension `batch_dim` of a batch over the data-parallel axes; replicate the rest."""
     spec = [None] * ndim
@@ -120,3 +127,60 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
     """A global array from this process's rows of the batch (each process read only its own slice)."""
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: batches of rows split over the data axes, outside the trainer's jitted step.
+
+
+def eval_mesh() -> Mesh | None:
+    """Every device on the data axis (params replicated, rows split), or None on one device."""
+    return make_mesh() if jax.device_count() > 1 else None
+
+
+def _row_spec(mesh: Mesh) -> tuple[P, int]:
+    """PartitionSpec that splits rows over the mesh's data-parallel axes, and the row multiple that needs."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"mesh axes {mesh.axis_names} include none of the batch axes {BATCH_AXES}")
+    return P(axes), math.prod(mesh.shape[a] for a in axes)
+
+
+def _on_mesh(state, mesh: Mesh):
+    """Parameters already laid out on `mesh`'s devices and axes keep their layout (e.g. FSDP or tensor
+    shards placed with sharding.state_shardings); the others are replicated over the mesh."""
+
+    def place(x):
+        s = getattr(x, "sharding", None)
+        same_mesh = (isinstance(s, NamedSharding) and s.mesh.axis_names == mesh.axis_names
+                     and s.mesh.devices.shape == mesh.devices.shape and (s.mesh.devices == mesh.devices).all())
+        return jax.device_put(x, NamedSharding(mesh, s.spec if same_mesh else P()))
+
+    return jax.tree.map(place, state)
+
+
+def place_for_rows(state, mesh: Mesh | None, num_rows: int):
+    """(state, row sharding, num_rows) for batches of `num_rows` rows: without a mesh, unchanged (the
+    default device); with one, rows split over its batch axes (num_rows rounded up to a multiple of
+    their size) and parameters not yet on the mesh replicated."""
+    if mesh is None:
+        return state, None, num_rows
+    # The model leaves sharding to XLA's propagation, which needs Auto axes; jax.make_mesh's default
+    # Explicit axes would make its embedding gather ambiguous. Same devices, so no data moves.
+    mesh = mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    spec, multiple = _row_spec(mesh)
+    return _on_mesh(state, mesh), NamedSharding(mesh, spec), -(-num_rows // multiple) * multiple
+
+
+def run_on_rows(fn, graphdef, state, row_sharding, *arrays, vocab_limit: int) -> np.ndarray:
+    """fn(graphdef, state, *arrays, vocab_limit) on host arrays split by rows; the result as float64 numpy."""
+    if row_sharding is not None:  # global arrays split by rows; every process holds the whole batch
+        arrays = [jax.make_array_from_callback(a.shape, row_sharding, lambda idx, a=a: a[idx]) for a in arrays]
+    out = fn(graphdef, state, *arrays, vocab_limit)
+    if not out.is_fully_addressable:  # multi-host: gather every row onto each process
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        out = multihost_utils.process_allgather(out, tiled=True)
+    return np.asarray(out, dtype=np.float64)
+
+

@@ -10,28 +10,33 @@ Python.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from gpt2_jax import data as data_lib
-from gpt2_jax import sharding
+from gpt2_jax import hellaswag, runs, sharding
 from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import PADDED_VOCAB_SIZE, PRESETS, GPTConfig, TrainConfig, preset
 from gpt2_jax.generate import generate
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, format_step_line, mfu, mfu_banner, peak_flops
 from gpt2_jax.model import GPT, cross_entropy, default_attention
 from gpt2_jax.optim import OptimConfig, lr_at, make_optimizer
+from gpt2_jax.plot import plot_run
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -191,28 +196,345 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def load_init_params(tc: TrainConfig, cfg: GPTConfig, abstract_state):
-    """Params to start from (None = random init): an HF checkpoint, or a training run's latest checkpoint."""
-    if tc.init_from == "scratch":
-        return None
-    path = Path(tc.init_from)
-    if (path / "checkpoints").is_dir() or path.name == "checkpoints":
-        folder = path if path.name == "checkpoints" else path / "checkpoints"
-        with Checkpointer(folder, read_only=True) as source:
-            if (meta := source.read_meta()) is not None:
-                check_resume(meta, cfg, None)
-            # Only the params are read from disk, not the AdamW moments: this run starts a fresh optimizer.
-            state, meta, step = source.restore({"model": abstract_state["model"]}, partial=True)
-        _log(f"init_from: {folder} step {step} (params only; a fresh optimizer)")
-        return state["model"]
-    from gpt2_jax.convert import load_hf  # noqa: PLC0415
+# ---------------------------------------------------------------------------------------------------
+# Setup: everything the loop needs, checked before anything compiles
 
-    model = load_hf(tc.init_from, vocab_size=cfg.vocab_size, **{k: getattr(cfg, k) for k in ("dtype", "attention")})
-    if model.config.arch_diff(cfg):
-        diff = {f: (getattr(model.config, f), getattr(cfg, f)) for f in model.config.arch_diff(cfg)}
+
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds and `train` uses. `state` (params + AdamW) is replaced by every step."""
+
+    tc: TrainConfig  # resolved: no "auto" values left
+    cfg: GPTConfig
+    mesh: jax.sharding.Mesh
+    out_dir: Path
+    tokenizer: data_lib.Tokenizer
+    train_loader: data_lib.TokenLoader
+    val_loader: data_lib.TokenLoader | None
+    fingerprint: dict  # the data folder and its shards: a checkpoint resumes only on the same data
+    graphdef: Any
+    state: Any
+    shardings: Any  # of `state`
+    grad_accum: int  # micro-batches per optimizer step
+    batch_sharding: NamedSharding  # of a train batch (grad_accum, micro_batch, T)
+    eval_sharding: NamedSharding  # of a val batch (micro_batch, T)
+    optim: OptimConfig
+    train_step: Callable
+    eval_step: Callable
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    nan: NanPolicy
+    start_step: int
+    hellaswag: list | None  # examples, when --hellaswag_every
+    sample_ids: list[int]  # the sample prompt
+
+    @property
+    def model(self) -> GPT:
+        return nnx.merge(self.graphdef, self.state).model
+
+
+def setup(tc: TrainConfig) -> Run:
+    """Resolve the settings, then build the mesh, data, state (fresh, resumed or initialised), compiled
+    steps, logger and checkpointer. Bad input raises here, before anything compiles.
+
+    Multi-process runs call init_distributed(tc) first (train.py does), before JAX initialises.
+    """
+    tc = resolve(tc, jax.default_backend(), jax.device_count())
+    if tc.on_nan not in ("stop", "skip"):
+        raise ValueError(f"--on_nan={tc.on_nan!r}: use stop or skip")
+    if tc.max_skips < 0:
+        raise ValueError(f"--max_skips={tc.max_skips} is negative; use the most consecutive updates --on_nan=skip "
+                         f"may drop before the run stops (0: no limit)")
+    mesh = sharding.make_mesh(tc.mesh)
+    grad_accum = check_batch(tc, sharding.data_parallel_size(mesh), jax.process_count())
+    out_dir = Path(tc.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data first: every bad-input error is raised before anything compiles.
+    data_dir = prepare_data(tc)
+    tokenizer = data_lib.Tokenizer.load(data_dir)
+    cfg = model_config(tc, tokenizer.vocab_size)
+    data_lib.check_vocab(data_dir, cfg.vocab_size)
+    loader = functools.partial(data_lib.TokenLoader, data_dir, batch_size=tc.micro_batch_size, seq_len=tc.block_size,
+                               process_index=jax.process_index(), process_count=jax.process_count(),
+                               vocab_size=cfg.vocab_size)
+    train_loader = loader("train")
+    fingerprint = {"dir": str(data_dir.resolve()), "shards": train_loader.state()["shards"]}
+    sample_ids = sample_prompt(tc, cfg, tokenizer)
+    hellaswag_examples = load_hellaswag_for(tc, tokenizer, data_dir)
+
+    # Shapes first, then shardings, then the arrays, created directly where they belong.
+    oc = optim_config(tc)
+    tx = make_optimizer(oc)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx)))
+    shardings = sharding.state_shardings(abstract, mesh)
+    ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
+    nan = NanPolicy(tc.on_nan, tc.max_skips)
+    resumed = resume(ckpt, sharding.with_shardings(abstract, shardings), cfg, fingerprint, train_loader, nan, tc)
+    if resumed is None:
+        state = jax.jit(lambda: nnx.state(TrainState(GPT(cfg, rngs=nnx.Rngs(tc.seed)), tx)), out_shardings=shardings)()
+        state = init_params(tc, cfg, graphdef, state, shardings)
+        start_step = 0
+    else:
+        state, start_step = resumed
+
+    # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
+    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+    eval_sh = sharding.batch_sharding(mesh, ndim=2)
+    run = Run(
+        tc=tc, cfg=cfg, mesh=mesh, out_dir=out_dir, tokenizer=tokenizer, train_loader=train_loader,
+        val_loader=loader("val") if tc.eval_every else None, fingerprint=fingerprint, graphdef=graphdef,
+        state=state, shardings=shardings, grad_accum=grad_accum, batch_sharding=batch_sh, eval_sharding=eval_sh,
+        optim=oc,
+        train_step=make_train_step(graphdef, shardings, batch_sh, grad_accum, dropout=cfg.dropout > 0,
+                                   vocab_limit=tokenizer.vocab_size),
+        eval_step=make_eval_step(graphdef, shardings, eval_sh, vocab_limit=tokenizer.vocab_size),
+        ckpt=ckpt, logger=MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=jax.process_index() == 0),
+        nan=nan, start_step=start_step, hellaswag=hellaswag_examples, sample_ids=sample_ids)
+    announce(run, abstract)
+    return run
+
+
+def resume(ckpt: Checkpointer, target, cfg: GPTConfig, fingerprint: dict, train_loader: data_lib.TokenLoader,
+           nan: NanPolicy, tc: TrainConfig) -> tuple[Any, int] | None:
+    """(state, step) of the newest checkpoint that restores, with the loader and NaN counts restored
+    too; None to start fresh (no checkpoint)."""
+    if ckpt.latest_step() is None:
+        if tc.resume:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}; drop --resume to start fresh")
+        return None
+    if (meta := ckpt.read_meta()) is not None:
+        check_resume(meta, cfg, fingerprint)  # a clear error before reading arrays of the wrong shape
+    complete = ckpt.all_steps()
+    try:  # the newest checkpoint that restores; each damaged one is skipped with a warning
+        state, meta, step = ckpt.restore(target)
+    except RuntimeError as e:  # none restores
+        raise ValueError(f"cannot resume: {e}\nMove {ckpt.directory} away (or use a new --out_dir) to start "
+                         f"over") from e
+    check_resume(meta, cfg, fingerprint)
+    train_loader.restore(meta["loader"])
+    nan.skipped, nan.in_a_row = meta.get("skipped_steps", 0), meta.get("consecutive_skips", 0)
+    damaged = [s for s in complete if s > step]
+    _log(f"resumed from {ckpt.directory} at step {step}"
+         + (f" (could not restore the newer checkpoints {damaged}: see the warnings above)" if damaged else ""))
+    return state, step
+
+
+def init_params(tc: TrainConfig, cfg: GPTConfig, graphdef, state, shardings):
+    """`state` with the model params of --init_from (an HF model or a training run's; runs.load_model),
+    or unchanged for --init_from=scratch. The optimizer stays fresh."""
+    if tc.init_from == "scratch":
+        return state
+    try:
+        model, _, meta = runs.load_model(tc.init_from, shardings=shardings["model"], vocab_size=cfg.vocab_size,
+                                         dtype=cfg.dtype, attention=cfg.attention)
+    except ValueError as e:  # e.g. a training run of another shape
+        raise ValueError(f"--init_from={tc.init_from}: {e}; pick the matching --preset and size flags") from e
+    if diff := model.config.arch_diff(cfg):
+        detail = {f: (getattr(model.config, f), getattr(cfg, f)) for f in diff}
         raise ValueError(f"--init_from={tc.init_from} has a different architecture than --preset={tc.preset}: "
-                         f"{diff} (checkpoint, preset); pick the matching --preset")
-    return nnx.state(model)
+                         f"{detail} (checkpoint, preset); pick the matching --preset")
+    _log(f"init_from: {tc.init_from}" + (f" step {meta['step']} (params only; a fresh optimizer)" if "step" in meta
+                                         else ""))
+    ts = nnx.merge(graphdef, state)
+    nnx.update(ts.model, jax.device_put(nnx.state(model), shardings["model"]))
+    return nnx.state(ts)
+
+
+def sample_prompt(tc: TrainConfig, cfg: GPTConfig, tokenizer: data_lib.Tokenizer) -> list[int]:
+    """The sample prompt's ids, checked now rather than at the first sample, 250 steps in."""
+    ids = tokenizer.encode(tc.sample_prompt or ("Hello, I'm a language model," if tokenizer.name == "gpt2" else "\n"))
+    new = min(tc.sample_tokens, cfg.block_size - 1)
+    if tc.sample_every and not 1 <= len(ids) <= cfg.block_size - new:
+        raise ValueError(f"--sample_prompt has {len(ids)} tokens; with --sample_tokens={new} it must "
+                         f"have 1 to {cfg.block_size - new} tokens to fit block_size {cfg.block_size}")
+    return ids
+
+
+def load_hellaswag_for(tc: TrainConfig, tokenizer: data_lib.Tokenizer, data_dir: Path) -> list | None:
+    if not tc.hellaswag_every:
+        return None
+    if tokenizer.name != "gpt2":
+        raise ValueError(f"--hellaswag_every={tc.hellaswag_every} needs a GPT-2 BPE model; the data in "
+                         f"{data_dir} is {tokenizer.name}-level. Set --hellaswag_every=0")
+    return hellaswag.load_hellaswag(tc.hellaswag_data or None, limit=tc.hellaswag_limit or None)
+
+
+def announce(run: Run, abstract) -> None:
+    """The start-up lines, and config.json beside the checkpoints."""
+    tc, cfg = run.tc, run.cfg
+    n_params = sum(x.size for x in jax.tree.leaves(abstract["model"]))
+    _log(f"model {tc.preset}: {n_params:,} params, vocab {cfg.vocab_size}, T={tc.block_size}, dtype {cfg.dtype} | "
+         f"mesh {dict(run.mesh.shape)} | batch {tc.total_batch_size:,} tokens = {tc.micro_batch_size} x "
+         f"{tc.block_size} x {run.grad_accum} accum | {tc.max_steps} steps")
+    if peak_flops(jax.devices()[0]):
+        _log(mfu_banner(flops_per_token(cfg, tc.block_size), jax.devices()[0], jax.device_count()))
+    if jax.process_index() == 0:
+        config = {"train": dataclasses.asdict(tc), "model": cfg.to_dict()}
+        (run.out_dir / runs.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop and its periodic tasks
+
+
+def train(run: Run) -> dict:
+    """Train from `run.start_step` to --max_steps; returns a summary (final step, last train/val loss,
+    out_dir, params, and "interrupted": the signal's name if SIGTERM/SIGINT stopped the run early,
+    after saving a checkpoint)."""
+    tc = run.tc
+    tasks = periodic_tasks(run)
+    stop = StopSignal()
+    summary = {"out_dir": str(run.out_dir), "start_step": run.start_step, "loss": None, "val_loss": None}
+    step, rng = run.start_step, jax.random.key(tc.seed)
+    try:
+        t0 = time.perf_counter()
+        while step < tc.max_steps:
+            x, y = next_batch(run)
+            run.state, metrics = run.train_step(run.state, x, y, jax.random.fold_in(rng, step))
+            metrics = jax.device_get(metrics)
+            step += 1
+            dt = time.perf_counter() - t0
+            run.nan.check(step, metrics, run.ckpt)  # raises to stop; else counts a skipped update
+            summary["loss"] = log_step(run, step, metrics, dt)
+            last = step == tc.max_steps
+            due = [task for every, task in tasks if every and (step % every == 0 or last)]
+            for task in due:
+                summary.update(task(run, step))
+            if (stopping := stop.agreed()) and not last:
+                if save not in due:
+                    save(run, step)
+                run.ckpt.wait()
+                _log(f"stopped by {stopping} after step {step}; checkpoint saved in {run.ckpt.directory}. "
+                     f"Resume with the same command (python train.py ... --out_dir={tc.out_dir})")
+                summary["interrupted"] = stopping
+                break
+            t0 = time.perf_counter()  # evals, samples and saves are not part of the step time
+    finally:
+        try:
+            run.ckpt.wait()
+            run.ckpt.close()
+            run.logger.close()
+        finally:
+            stop.restore()  # last: a second signal during the final save still exits at once
+    summary.update(step=step, skipped_steps=run.nan.skipped, params=nnx.state(run.model, nnx.Param))
+    if jax.process_index() == 0 and not summary.get("interrupted"):
+        try:
+            _log(f"plot: {plot_run(run.out_dir)}")
+        except Exception as e:  # a plot must never fail a finished run
+            _log(f"(no plot: {type(e).__name__}: {e})")
+    return summary
+
+
+def run(tc: TrainConfig) -> dict:
+    """Train as `tc` says: `train(setup(tc))`."""
+    return train(setup(tc))
+
+
+def periodic_tasks(run: Run) -> list[tuple[int, Callable[[Run, int], dict]]]:
+    """(every N steps, task): each also runs at the last step, none where N is 0. Saving comes last,
+    so a checkpoint records the evals before it; without --checkpoint_every it saves at the end only."""
+    tc = run.tc
+    return [(tc.eval_every, evaluate), (tc.hellaswag_every, hellaswag_eval), (tc.sample_every, sample),
+            (tc.checkpoint_every or tc.max_steps, save)]
+
+
+def next_batch(run: Run) -> tuple[jax.Array, jax.Array]:
+    """The next optimizer step's (grad_accum, micro_batch, T) inputs and targets, as global arrays."""
+    xs, ys = zip(*(run.train_loader.next_batch() for _ in range(run.grad_accum)), strict=True)
+    return _global(np.stack(xs), run.batch_sharding), _global(np.stack(ys), run.batch_sharding)
+
+
+def log_step(run: Run, step: int, metrics: dict, dt: float) -> float:
+    """Log one step's loss, lr, grad norm, time, tokens/s and MFU every --log_every steps; returns the loss."""
+    tc = run.tc
+    tps = tc.total_batch_size / dt
+    # Skipped updates did not advance the optimizer's step count, nor its schedule.
+    row = {"loss": float(metrics["loss"]), "lr": lr_at(step - 1 - run.nan.skipped, run.optim),
+           "grad_norm": float(metrics["grad_norm"]), "ms_per_step": dt * 1000, "tokens_per_sec": tps}
+    if peak := peak_flops(jax.devices()[0]):
+        row["mfu"] = mfu(tps, flops_per_token(run.cfg, tc.block_size), jax.device_count(), peak)
+    if run.nan.skipped:
+        row["skipped_steps"] = run.nan.skipped
+    if step % tc.log_every == 0 or step == tc.max_steps:
+        run.logger.log(step, **row)
+        _log(format_step_line(step, tc.max_steps, row))
+    return row["loss"]
+
+
+def evaluate(run: Run, step: int) -> dict:
+    """Mean loss over --eval_steps val micro-batches, the same ones every time."""
+    run.val_loader.reset()
+    losses = [run.eval_step(run.state, *(_global(b, run.eval_sharding) for b in run.val_loader.next_batch()))
+              for _ in range(run.tc.eval_steps)]
+    val = float(np.mean(jax.device_get(losses)))
+    run.logger.log(step, val_loss=val)
+    _log(f"step {step}: val loss {val:.4f}")
+    return {"val_loss": val}
+
+
+def hellaswag_eval(run: Run, step: int) -> dict:
+    result = hellaswag.evaluate_hellaswag(run.model, run.hellaswag, run.tokenizer.encode, mesh=run.mesh,
+                                          progress=False)
+    run.logger.log(step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
+    _log(f"step {step}: HellaSwag acc_norm {result['acc_norm']:.4f} acc {result['acc']:.4f} "
+         f"({result['n']} examples)")
+    return {"hellaswag_acc_norm": result["acc_norm"]}
+
+
+def sample(run: Run, step: int) -> dict:
+    tc = run.tc
+    prompts = np.tile(run.sample_ids, (tc.num_samples, 1))
+    out = generate(run.model, prompts, min(tc.sample_tokens, run.cfg.block_size - 1), temperature=1.0, top_k=50,
+                   vocab_limit=run.tokenizer.vocab_size, seed=tc.seed + step)
+    for i, row in enumerate(out):
+        _log(f"sample {i}: {run.tokenizer.decode(row.tolist())!r}")
+    return {}
+
+
+def save(run: Run, step: int) -> dict:
+    """A checkpoint of the state and everything an exact resume needs (async: the loop goes on)."""
+    meta = {"step": step, "model_config": run.cfg.to_dict(), "train_config": dataclasses.asdict(run.tc),
+            "tokenizer": run.tokenizer.to_meta(), "loader": run.train_loader.state(), "data": run.fingerprint,
+            "skipped_steps": run.nan.skipped, "consecutive_skips": run.nan.in_a_row}
+    run.ckpt.save(step, run.state, meta)
+    return {}
+
+
+@dataclasses.dataclass
+class NanPolicy:
+    """--on_nan: a non-finite loss or gradient norm left the state unchanged (the train step's guard);
+    `stop` ends the run there, `skip` goes on, but stops too after more than `max_skips` in a row."""
+
+    mode: str  # "stop" | "skip"
+    max_skips: int  # 0: no limit
+    skipped: int = 0  # skipped updates in all (they did not advance the LR schedule)
+    in_a_row: int = 0  # consecutive ones up to now
+
+    def check(self, step: int, metrics: dict, ckpt: Checkpointer) -> None:
+        self.in_a_row = 0 if metrics["finite"] else self.in_a_row + 1
+        if metrics["finite"]:
+            return
+        values = f"loss {metrics['loss']}, grad norm {metrics['grad_norm']}"
+        if self.mode == "stop":
+            self._stop(f"non-finite loss or gradient norm at step {step} ({values})",
+                       "Lower --max_lr, or use --on_nan=skip to drop such updates", ckpt)
+        if 0 < self.max_skips < self.in_a_row:
+            self._stop(f"non-finite loss or gradient norm at {self.in_a_row} steps in a row "
+                       f"({step - self.in_a_row + 1}-{step}), more than --max_skips={self.max_skips}: the run has "
+                       f"likely diverged (step {step}: {values})", "Lower --max_lr, or raise --max_skips (0: no limit)",
+                       ckpt)
+        self.skipped += 1
+        limit = f", {self.in_a_row} in a row of at most --max_skips={self.max_skips}" if self.max_skips else ""
+        _log(f"step {step}: non-finite loss or gradient norm; update skipped (--on_nan=skip, "
+             f"{self.skipped} skipped so far){limit}")
+
+    @staticmethod
+    def _stop(what: str, fix: str, ckpt: Checkpointer):
+        ckpt.wait()  # the newest save may still be in flight: name the one that is on disk
+        good = ckpt.latest_step()
+        raise FloatingPointError(f"{what}; the update was not applied. Last good checkpoint: "
+                                 f"{'none' if good is None else f'step {good}'} in {ckpt.directory}. {fix}")
 
 
 class StopSignal:
@@ -276,260 +598,13 @@ class StopSignal:
             signal.signal(s, h)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The run
 
-
-def run(tc: TrainConfig) -> dict:
-    """Train as `tc` says; returns a summary (final step, last train/val loss, out_dir, and "interrupted":
-    the signal's name if SIGTERM/SIGINT stopped the run early, after saving a checkpoint).
-
-    Multi-process runs call init_distributed(tc) first (train.py does), before JAX initialises.
-    """
-    tc = resolve(tc, jax.default_backend(), jax.device_count())
-    if tc.on_nan not in ("stop", "skip"):
-        raise ValueError(f"--on_nan={tc.on_nan!r}: use stop or skip")
-    if tc.max_skips < 0:
-        raise ValueError(f"--max_skips={tc.max_skips} is negative; use the most consecutive updates --on_nan=skip "
-                         f"may drop before the run stops (0: no limit)")
-    mesh = sharding.make_mesh(tc.mesh)
-    dp = sharding.data_parallel_size(mesh)
-    grad_accum = check_batch(tc, dp, jax.process_count())
-    out_dir = Path(tc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    # Data first: every bad-input error is raised before anything compiles.
-    data_dir = prepare_data(tc)
-    tokenizer = data_lib.Tokenizer.load(data_dir)
-    cfg = model_config(tc, tokenizer.vocab_size)
-    data_lib.check_vocab(data_dir, cfg.vocab_size)
-    loader_args = dict(seq_len=tc.block_size, process_index=jax.process_index(),
-                       process_count=jax.process_count(), vocab_size=cfg.vocab_size)
-    train_loader = data_lib.TokenLoader(data_dir, "train", tc.micro_batch_size, **loader_args)
-    val_loader = data_lib.TokenLoader(data_dir, "val", tc.micro_batch_size, **loader_args) if tc.eval_every else None
-
-    # Shapes first, then shardings, then the arrays, created directly where they belong.
-    oc = optim_config(tc)
-    tx = make_optimizer(oc)
-    abstract = nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx))
-    graphdef, abstract_state = nnx.split(abstract)
-    state_sh = sharding.state_shardings(abstract_state, mesh)
-    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)  # (grad_accum, micro_batch, T)
-    eval_sh = sharding.batch_sharding(mesh, ndim=2)
-
-    ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=tc.keep_checkpoints)
-    start_step, skipped, in_a_row = 0, 0, 0  # skipped updates: in all, and consecutive ones up to now
-    fingerprint = {"dir": str(data_dir.resolve()), "shards": train_loader.state()["shards"]}
-    if ckpt.latest_step() is not None:
-        if (meta := ckpt.read_meta()) is not None:
-            check_resume(meta, cfg, fingerprint)  # a clear error before reading arrays of the wrong shape
-        complete = ckpt.all_steps()
-        try:  # the newest checkpoint that restores; each damaged one is skipped with a warning
-            state, meta, start_step = ckpt.restore(_with_shardings(abstract_state, state_sh))
-        except RuntimeError as e:  # none restores
-            raise ValueError(f"cannot resume: {e}\nMove {ckpt.directory} away (or use a new --out_dir) to start "
-                             f"over") from e
-        check_resume(meta, cfg, fingerprint)
-        train_loader.restore(meta["loader"])
-        skipped, in_a_row = meta.get("skipped_steps", 0), meta.get("consecutive_skips", 0)
-        damaged = [s for s in complete if s > start_step]
-        _log(f"resumed from {ckpt.directory} at step {start_step}"
-             + (f" (could not restore the newer checkpoints {damaged}: see the warnings above)" if damaged else ""))
-    elif tc.resume:
-        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; drop --resume to start fresh")
-    else:
-        init = jax.jit(lambda: nnx.state(TrainState(GPT(cfg, rngs=nnx.Rngs(tc.seed)), tx)), out_shardings=state_sh)
-        state = init()
-        params = load_init_params(tc, cfg, _with_shardings(abstract_state, state_sh))
-        if params is not None:
-            ts = nnx.merge(graphdef, state)
-            nnx.update(ts.model, jax.device_put(params, state_sh["model"]))
-            state = nnx.state(ts)
-
-    # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
-    train_step = make_train_step(graphdef, state_sh, batch_sh, grad_accum, dropout=cfg.dropout > 0,
-                                 vocab_limit=tokenizer.vocab_size)
-    eval_step = make_eval_step(graphdef, state_sh, eval_sh, vocab_limit=tokenizer.vocab_size)
-    logger = MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=jax.process_index() == 0)
-    fpt = flops_per_token(cfg, tc.block_size)
-    peak = peak_flops(jax.devices()[0])
-    n_params = sum(x.size for x in jax.tree.leaves(abstract_state["model"]))
-    _log(f"model {tc.preset}: {n_params:,} params, vocab {cfg.vocab_size}, T={tc.block_size}, dtype {cfg.dtype} | "
-         f"mesh {dict(mesh.shape)} | batch {tc.total_batch_size:,} tokens = {tc.micro_batch_size} x "
-         f"{tc.block_size} x {grad_accum} accum | {tc.max_steps} steps")
-    if peak:
-        _log(mfu_banner(fpt, jax.devices()[0], jax.device_count()))
-    (out_dir / "config.json").write_text(json.dumps({"train": dataclasses.asdict(tc), "model": cfg.to_dict()},
-                                                    indent=2) + "\n") if jax.process_index() == 0 else None
-
-    def save(step):
-        meta = {"step": step, "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc),
-                "tokenizer": tokenizer.to_meta(),
-                "loader": train_loader.state(), "data": fingerprint, "skipped_steps": skipped,
-                "consecutive_skips": in_a_row}
-        ckpt.save(step, state, meta)
-
-    def evaluate(step):
-        val_loader.reset()
-        losses = [eval_step(state, *(_global(b, eval_sh, tc) for b in val_loader.next_batch()))
-                  for _ in range(tc.eval_steps)]
-        val = float(np.mean(jax.device_get(losses)))
-        logger.log(step, val_loss=val)
-        _log(f"step {step}: val loss {val:.4f}")
-        return val
-
-    # The sample prompt is checked now, not at the first sample 250 steps in.
-    sample_ids = tokenizer.encode(tc.sample_prompt or ("Hello, I'm a language model," if tokenizer.name == "gpt2"
-                                                       else "\n"))
-    sample_new = min(tc.sample_tokens, cfg.block_size - 1)
-    if tc.sample_every and not 1 <= len(sample_ids) <= cfg.block_size - sample_new:
-        raise ValueError(f"--sample_prompt has {len(sample_ids)} tokens; with --sample_tokens={sample_new} it must "
-                         f"have 1 to {cfg.block_size - sample_new} tokens to fit block_size {cfg.block_size}")
-
-    def sample(step):
-        ids, new = sample_ids, sample_new
-        model = nnx.merge(graphdef, state).model
-        out = generate(model, np.tile(ids, (tc.num_samples, 1)), new, temperature=1.0, top_k=50,
-                       vocab_limit=tokenizer.vocab_size, seed=tc.seed + step)
-        for i, row in enumerate(out):
-            _log(f"sample {i}: {tokenizer.decode(row.tolist())!r}")
-
-    hellaswag = None
-    if tc.hellaswag_every:
-        if tokenizer.name != "gpt2":
-            raise ValueError(f"--hellaswag_every={tc.hellaswag_every} needs a GPT-2 BPE model; the data in "
-                             f"{data_dir} is {tokenizer.name}-level. Set --hellaswag_every=0")
-        from gpt2_jax.evaluate import evaluate_hellaswag, load_hellaswag  # noqa: PLC0415
-
-        hellaswag = load_hellaswag(tc.hellaswag_data or None, limit=tc.hellaswag_limit or None)
-
-    def hellaswag_eval(step):
-        model = nnx.merge(graphdef, state).model
-        result = evaluate_hellaswag(model, hellaswag, tokenizer.encode, mesh=mesh, progress=False)
-        logger.log(step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
-        _log(f"step {step}: HellaSwag acc_norm {result['acc_norm']:.4f} acc {result['acc']:.4f} "
-             f"({result['n']} examples)")
-        return result["acc_norm"]
-
-    stop = StopSignal()
-    summary = {"out_dir": str(out_dir), "start_step": start_step, "loss": None, "val_loss": None}
-    step = start_step
-    base_rng = jax.random.key(tc.seed)
-    try:
-        t0 = time.perf_counter()
-        while step < tc.max_steps:
-            xs, ys = zip(*(train_loader.next_batch() for _ in range(grad_accum)), strict=True)
-            x, y = _global(np.stack(xs), batch_sh, tc), _global(np.stack(ys), batch_sh, tc)
-            state, metrics = train_step(state, x, y, jax.random.fold_in(base_rng, step))
-            metrics = jax.device_get(metrics)
-            step += 1
-            dt = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            # Skipped updates did not advance the optimizer's step count, nor its schedule.
-            lr = lr_at(step - 1 - skipped, oc)
-            in_a_row = 0 if metrics["finite"] else in_a_row + 1
-            if not metrics["finite"]:
-                diverged = tc.on_nan == "skip" and 0 < tc.max_skips < in_a_row
-                if tc.on_nan == "stop" or diverged:
-                    ckpt.wait()  # the newest save may still be in flight: name the one that is on disk
-                    good = ckpt.latest_step()
-                    values = f"loss {metrics['loss']}, grad norm {metrics['grad_norm']}"
-                    if diverged:
-                        what = (f"non-finite loss or gradient norm at {in_a_row} steps in a row ({step - in_a_row + 1}"
-                                f"-{step}), more than --max_skips={tc.max_skips}: the run has likely diverged (step "
-                                f"{step}: {values})")
-                        fix = "Lower --max_lr, or raise --max_skips (0: no limit)"
-                    else:
-                        what = f"non-finite loss or gradient norm at step {step} ({values})"
-                        fix = "Lower --max_lr, or use --on_nan=skip to drop such updates"
-                    raise FloatingPointError(f"{what}; the update was not applied. Last good checkpoint: "
-                                             f"{'none' if good is None else f'step {good}'} in {ckpt.directory}. {fix}")
-                skipped += 1
-                limit = f", {in_a_row} in a row of at most --max_skips={tc.max_skips}" if tc.max_skips else ""
-                _log(f"step {step}: non-finite loss or gradient norm; update skipped (--on_nan=skip, "
-                     f"{skipped} skipped so far){limit}")
-            tps = tc.total_batch_size / dt
-            row = {"loss": float(metrics["loss"]), "lr": lr,
-                   "grad_norm": float(metrics["grad_norm"]), "ms_per_step": dt * 1000, "tokens_per_sec": tps}
-            if peak:
-                row["mfu"] = mfu(tps, fpt, jax.device_count(), peak)
-            if skipped:
-                row["skipped_steps"] = skipped
-            summary["loss"] = row["loss"]
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                logger.log(step, **row)
-                _log(format_step_line(step, tc.max_steps, row))
-            last = step == tc.max_steps
-            if tc.eval_every and (step % tc.eval_every == 0 or last):
-                summary["val_loss"] = evaluate(step)
-            if hellaswag is not None and (step % tc.hellaswag_every == 0 or last):
-                summary["hellaswag_acc_norm"] = hellaswag_eval(step)
-            if tc.sample_every and (step % tc.sample_every == 0 or last):
-                sample(step)
-            stopping = stop.agreed()
-            if stopping or last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                save(step)
-            if stopping and not last:
-                ckpt.wait()
-                _log(f"stopped by {stopping} after step {step}; checkpoint saved in {ckpt.directory}. "
-                     f"Resume with the same command (python train.py ... --out_dir={tc.out_dir})")
-                summary["interrupted"] = stopping
-                break
-            t0 = time.perf_counter()  # evals, samples and saves are not part of the step time
-    finally:
-        try:
-            ckpt.wait()
-            ckpt.close()
-            logger.close()
-        finally:
-            stop.restore()  # last: a second signal during the final save still exits at once
-    summary.update(step=step, skipped_steps=skipped, params=nnx.state(nnx.merge(graphdef, state).model, nnx.Param))
-    if jax.process_index() == 0 and not summary.get("interrupted"):
-        try:
-            from gpt2_jax.plot import plot_run  # noqa: PLC0415
-
-            _log(f"plot: {plot_run(out_dir)}")
-        except Exception as e:  # a plot must never fail a finished run
-            _log(f"(no plot: {type(e).__name__}: {e})")
-    return summary
-
-
-def load_run(path: str | os.PathLike, step: int | None = None, **overrides):
-    """(model, tokenizer, meta) from a training run's out_dir (or its checkpoints/ folder); the newest
-    good checkpoint unless `step` is given. `overrides` set runtime model fields (dtype, attention).
-
-    The checkpoint is restored onto one device (use jax.device_put to place it elsewhere).
-    """
-    path = Path(path)
-    folder = path if path.name == "checkpoints" else path / "checkpoints"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path} is not a training run: no checkpoints/ folder in it")
-    with Checkpointer(folder, read_only=True) as ckpt:
-        meta = ckpt.read_meta(step)
-        if meta is None:
-            raise FileNotFoundError(f"no readable checkpoint in {folder}")
-        cfg = GPTConfig.from_dict(meta["model_config"]).replace(**overrides)
-        graphdef, abstract_model = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_model)
-        # The saved TrainState is {"model", "opt"}: read only the model, not the AdamW moments (2x its size).
-        state, meta, _ = ckpt.restore({"model": target}, step=step, partial=True)
-    tokenizer = data_lib.Tokenizer.from_meta(meta["tokenizer"]) if "tokenizer" in meta else None
-    return nnx.merge(graphdef, state["model"]), tokenizer, meta
-
-
-def _global(local: np.ndarray, sh, tc: TrainConfig) -> jax.Array:
+def _global(local: np.ndarray, sh) -> jax.Array:
     """Assemble the global batch from this process's rows (the batch dim is split across processes)."""
     shape = list(local.shape)
     batch_dim = 1 if local.ndim == 3 else 0
     shape[batch_dim] *= jax.process_count()
     return sharding.global_batch(local, sh, tuple(shape))
-
-
-def _with_shardings(abstract_state, shardings):
-    """The abstract state with each leaf a ShapeDtypeStruct carrying its target sharding."""
-    return jax.tree.map(lambda v, s: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
-                        abstract_state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def check_resume(meta: dict, cfg: GPTConfig, fingerprint: dict) -> None:

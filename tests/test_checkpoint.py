@@ -1,11 +1,10 @@
-"""Checkpointing: round trip, partial restore (trainer.load_run), max_to_keep, interrupted saves, damaged
+"""Checkpointing: round trip, partial restore (runs.load_run), max_to_keep, interrupted saves, damaged
 checkpoints, resharding restore.
 
-The resharding test needs 8 devices. tests/ and parity_tests/ share one pytest process, and JAX fixes
-the CPU device count when its backend first starts (often in another test file, with 1 device), so
-this file never changes JAX's device config: the 8-device part runs this file as a script in a fresh
-subprocess (`python tests/test_checkpoint.py reshard DIR`), then the pytest process restores the same
-checkpoint onto its own devices, whatever their number.
+The resharding test saves on 8 devices and restores onto others. JAX fixes the CPU device count when its
+backend first starts (the root conftest.py sets 8 for the whole pytest process), so the save runs this
+file as a script in a fresh subprocess (`python tests/test_checkpoint.py reshard DIR`), then the pytest
+process restores the same checkpoint onto its own devices, whatever their number.
 """
 
 import asyncio
@@ -134,13 +133,14 @@ def test_partial_restore_reads_only_the_part(tmp_path):
 
 
 def test_load_run_restores_only_the_model(tmp_path, monkeypatch):
-    """trainer.load_run (sample, evaluate, export) reads a run's model without its optimizer state, and the
+    """runs.load_run (sample, evaluate, export) reads a run's model without its optimizer state, and the
     params are bit-identical to the ones the run ended with (and saved)."""
     from flax import nnx
 
     from gpt2_jax import data as data_lib
     from gpt2_jax.config import TrainConfig
-    from gpt2_jax.trainer import load_run, run
+    from gpt2_jax.runs import load_run
+    from gpt2_jax.trainer import run
 
     data = tmp_path / "data"
     data_lib.prepare_text_string(data_lib.default_corpus()[:50_000], data, tokenizer="char")

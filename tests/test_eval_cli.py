@@ -29,7 +29,7 @@ LOSS_ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def run_model(bpe_run):
-    from gpt2_jax.trainer import load_run
+    from gpt2_jax.runs import load_run
 
     model, tokenizer, _ = load_run(bpe_run[0])
     assert model.config.vocab_size == 50304 and tokenizer.name == "gpt2"
@@ -139,7 +139,7 @@ def test_hellaswag_in_the_training_loop_equals_the_cli(bpe_run, hellaswag_file, 
 
 def test_hellaswag_refuses_a_char_level_model(hellaswag_file, capsys, tmp_path):
     from gpt2_jax import GPT, GPTConfig, export_hf
-    from gpt2_jax.export import TOKENIZER_FILE
+    from gpt2_jax.runs import TOKENIZER_FILE
 
     tokenizer = data_lib.Tokenizer.char("abcdefghij ")
     cfg = GPTConfig(block_size=16, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_embd=8)

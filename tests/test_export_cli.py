@@ -19,7 +19,8 @@ import pytest
 import torch
 from flax import nnx
 
-from gpt2_jax.export import TOKENIZER_FILE, main
+from gpt2_jax.export import main
+from gpt2_jax.runs import TOKENIZER_FILE
 from gpt2_jax.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_export_writes_an_hf_folder_with_the_real_vocabulary(exported):
 def test_transformers_loads_it_with_gpt2_jax_logits_and_generates(exported, bpe_run):
     from transformers import GPT2LMHeadModel
 
-    from gpt2_jax.trainer import load_run
+    from gpt2_jax.runs import load_run
 
     hf = GPT2LMHeadModel.from_pretrained(exported[0]).eval()
     model, tokenizer, meta = load_run(bpe_run[0])

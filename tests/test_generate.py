@@ -238,7 +238,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_cli_on_a_char_level_run_uses_its_vocabulary(char_run, capsys, tmp_path):
-    from gpt2_jax.trainer import load_run
+    from gpt2_jax.runs import load_run
 
     run_model, tokenizer, _ = load_run(char_run)
     assert tokenizer.name == "char" and tokenizer.vocab_size == run_model.config.vocab_size < 200

@@ -1,4 +1,4 @@
-"""HellaSwag evaluation (gpt2_jax/evaluate.py): schema checks, rendering, and scores checked against an
+"""HellaSwag evaluation (gpt2_jax/hellaswag.py): schema checks, rendering, and scores checked against an
 independent per-ending loop over reference_torch, unsharded and sharded over 8 CPU devices.
 
 A tiny random model keeps this fast; the data file and the GPT-2 BPE come from ../shared (skipped if
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from flax import nnx
 
 from gpt2_jax import GPT, GPTConfig
-from gpt2_jax.evaluate import (download_hellaswag, evaluate_hellaswag, load_hellaswag, main, pack_batch,
-                               render_example)
+from gpt2_jax.evaluate import main
+from gpt2_jax.hellaswag import download_hellaswag, evaluate_hellaswag, load_hellaswag, pack_batch, render_example
 
 TINY = GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
 N_EXAMPLES = 50
@@ -67,7 +67,7 @@ def jax_result(tiny_model, examples, encode) -> dict:
 
 
 def reference_losses(ref: torch.nn.Module, example: dict, encode, block_size: int) -> tuple[list, list]:
-    """Summed and mean ending losses, one plain forward pass per ending, written without evaluate.py.
+    """Summed and mean ending losses, one plain forward pass per ending, written without hellaswag.py.
 
     A row longer than block_size keeps its last block_size tokens; the row's first token has no
     prediction, so at most len(row) - 1 ending tokens are scored.
@@ -148,7 +148,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np, tiktoken
     from flax import nnx
     from gpt2_jax import GPT, GPTConfig
-    from gpt2_jax.evaluate import evaluate_hellaswag, load_hellaswag
+    from gpt2_jax.hellaswag import evaluate_hellaswag, load_hellaswag
     from gpt2_jax.sharding import make_mesh, state_shardings
 
     assert jax.device_count() == 8, jax.devices()
@@ -175,7 +175,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_matches_unsharded(hellaswag_file, gpt2_bpe):
-    # This pytest process may already run JAX on 1 CPU device, so 8 fake devices need a fresh process.
+    # A fresh process with 8 fake devices: the result must not depend on the device count the root
+    # conftest.py gives this pytest process (JAX fixes it when its backend starts).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(hellaswag_file)], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -36,7 +36,8 @@ from gpt2_jax import data as data_lib
 from gpt2_jax import trainer
 from gpt2_jax.config import TrainConfig
 from gpt2_jax.metrics import read_metrics
-from gpt2_jax.trainer import load_run, run
+from gpt2_jax.runs import load_run
+from gpt2_jax.trainer import run
 
 # A damaged checkpoint makes tensorstore call back into orbax's closed event loop after the failed
 # read: Python reports an ignored "Event loop is closed". Harmless (see tests/test_checkpoint.py).

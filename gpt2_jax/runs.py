@@ -1,0 +1,148 @@
+"""Model sources and training runs: the one way from `--init_from` to `(model, tokenizer, meta)`.
+
+`--init_from` (train.py, sample, evaluate, export) is one of:
+
+- a training run's out_dir, or its `checkpoints/` folder: the newest checkpoint that restores (or
+  `step`), its params only (not the AdamW moments, twice their size); the run's own tokenizer;
+- a Hugging Face GPT-2 folder (`config.json` + `model.safetensors` or `pytorch_model.bin`), such as
+  `python -m gpt2_jax.export` writes: the tokenizer it records, else GPT-2's BPE for a GPT-2 vocabulary;
+- a Hub name (`gpt2`, `gpt2-medium`, ...), downloaded once into the Hugging Face cache.
+
+A training run's out_dir holds `checkpoints/<step>/{state,meta}`, `config.json`, `metrics.jsonl`, `tb/`
+and `loss.png`; the names are defined here, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from gpt2_jax.checkpoint import Checkpointer
+from gpt2_jax.config import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2_jax.convert import load_hf, resolve_checkpoint
+from gpt2_jax.data import Tokenizer
+from gpt2_jax.model import GPT
+from gpt2_jax.sharding import with_shardings
+
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+TOKENIZER_FILE = "gpt2_jax_tokenizer.json"  # beside an exported HF folder's config.json
+
+
+def checkpoints_dir(path: str | os.PathLike) -> Path:
+    """The checkpoints/ folder of a run, given its out_dir or the folder itself."""
+    path = Path(path)
+    return path if path.name == CHECKPOINTS else path / CHECKPOINTS
+
+
+def is_training_run(path: str | os.PathLike) -> bool:
+    """Whether `path` is a training run's out_dir (it has checkpoints/) or its checkpoints/ folder."""
+    return checkpoints_dir(path).is_dir()
+
+
+def read_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer an exported HF folder records (TOKENIZER_FILE), or None if it records none."""
+    path = Path(folder) / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_meta(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def write_tokenizer(folder: str | os.PathLike, tokenizer: Tokenizer) -> None:
+    (Path(folder) / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_meta(), indent=1) + "\n")
+
+
+def _guess_tokenizer(cfg: GPTConfig) -> Tokenizer | None:
+    """GPT-2's BPE for a GPT-2-sized (or padded) vocabulary; None (unknown) otherwise."""
+    return Tokenizer.gpt2() if cfg.vocab_size >= GPT2_VOCAB_SIZE else None
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs a warning each time a folder is opened read-only; reading a run is not news."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def load_run(path: str | os.PathLike, step: int | None = None, *, shardings: Any = None,
+             **overrides: Any) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
+    """(model, tokenizer, meta) from a training run's out_dir (or its checkpoints/ folder): the newest
+    checkpoint that restores, or `step`. Only the params are read, not the optimizer state.
+
+    `shardings`: a tree of shardings like `nnx.state(model)` to restore onto (e.g. FSDP shards over a
+    mesh); default one device. `overrides` set runtime GPTConfig fields (dtype, attention, remat); a
+    shape field (vocab_size, ...) must equal the run's. Checkpoints written before tokenizers were
+    recorded get GPT-2's BPE if GPT-2-sized, else None.
+    """
+    folder = checkpoints_dir(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path} is not a training run: no {CHECKPOINTS}/ folder in it")
+    with _quiet_orbax(), Checkpointer(folder, read_only=True) as ckpt:
+        steps = ckpt.all_steps()
+        if not steps or (step is not None and step not in steps):
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in {folder} "
+                                    f"(complete steps: {steps or 'none'})")
+        meta = ckpt.read_meta(step)
+        if meta is None:
+            raise FileNotFoundError(f"no readable checkpoint in {folder}")
+        saved = GPTConfig.from_dict(meta["model_config"])
+        cfg = saved.replace(**overrides)
+        if diff := saved.arch_diff(cfg):
+            detail = ", ".join(f"{f} {getattr(saved, f)} (asked: {getattr(cfg, f)})" for f in diff)
+            raise ValueError(f"the run in {path} has {detail}; a checkpoint loads only with its own shapes")
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+        if shardings is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree.map(lambda _: one, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        target = with_shardings(abstract, shardings)
+        # The saved TrainState is {"model", "opt"}: read only the model, not the AdamW moments.
+        state, meta, _ = ckpt.restore({"model": target}, step=step, partial=True)
+    model = nnx.merge(graphdef, state["model"])
+    tokenizer = Tokenizer.from_meta(meta["tokenizer"]) if "tokenizer" in meta else _guess_tokenizer(cfg)
+    return model, tokenizer, meta
+
+
+def load_model(init_from: str, *, step: int | None = None, shardings: Any = None, vocab_size: int | None = None,
+               **overrides: Any) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
+    """(model, tokenizer, meta) from `init_from`: a training run, an HF folder or an HF Hub name (see the
+    module docstring). `meta` is the checkpoint's for a run, else {"source": the HF folder}.
+
+    `vocab_size` pads an HF model's vocabulary with zero rows (e.g. 50304); a run keeps its own.
+    `overrides` set runtime GPTConfig fields (dtype, attention, remat). Missing paths raise FileNotFoundError.
+    """
+    path = Path(init_from).expanduser()
+    if is_training_run(path):
+        if vocab_size is not None:
+            overrides["vocab_size"] = vocab_size
+        return load_run(path, step, shardings=shardings, **overrides)
+    if step is not None:
+        raise ValueError(f"--step={step} applies to training runs only; {init_from} is not one "
+                         f"(no {CHECKPOINTS}/ folder)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is neither a training run's out_dir (no {CHECKPOINTS}/ folder) nor an "
+                                "HF checkpoint folder (no config.json)")
+    if not path.exists() and (path.is_absolute() or init_from.startswith((".", "~"))):
+        raise FileNotFoundError(f"{path} does not exist; --init_from takes a training run's out_dir, an HF "
+                                "checkpoint folder or an HF GPT-2 name (gpt2, gpt2-medium, ...)")
+    folder = resolve_checkpoint(init_from)  # a Hub name is downloaded (or found in the HF cache) once
+    model = load_hf(folder, vocab_size=vocab_size, **overrides)
+    if shardings is not None:
+        nnx.update(model, jax.device_put(nnx.state(model), shardings))
+    return model, read_tokenizer(folder) or _guess_tokenizer(model.config), {"source": str(folder)}
