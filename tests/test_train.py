@@ -200,8 +200,8 @@ def _train(*args, cwd=ROOT, timeout=600):
 def test_cli_unknown_flag_and_preset(tmp_path):
     r = _train("--bogus=1")
     assert r.returncode == 2 and "unrecognized arguments: --bogus=1" in r.stderr
-    r = _train("--preset=gpt5", f"--out_dir={tmp_path}", "--max_steps=1")
-    assert r.returncode == 1 and "--preset='gpt5' is unknown" in r.stderr
+    r = _train("--preset=gpt5", f"--out_dir={tmp_path}", "--max_steps=1")  # a bad value: a usage error too
+    assert r.returncode == 2 and "--preset='gpt5' is unknown" in r.stderr
 
 
 def test_cli_help_lists_flags_with_defaults():
