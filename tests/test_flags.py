@@ -150,8 +150,8 @@ def test_process_id_must_be_below_num_processes():
 
 def test_every_problem_is_reported_at_once(capsys):
     err = parse_error(["--max_steps=-5", "--beta2=1", "--dtype=fp8"], capsys)
-    lines = err.split("train.py: error: ")[1].splitlines()
-    assert [line.split(" ")[0] for line in lines] == ["--dtype='fp8'", "--max_steps=-5", "--beta2=1.0"]  # in field order
+    lines = err.split("train.py: error: ")[1].splitlines()  # in TrainConfig's field order
+    assert [line.split(" ")[0] for line in lines] == ["--dtype='fp8'", "--max_steps=-5", "--beta2=1.0"]
 
 
 # The edge values that mean "auto", "off" or "never" stay valid, as do ones just inside each bound.
