@@ -4,7 +4,9 @@
     python train.py --platform=gpu --preset=gpt2 --data=DIR   # the GPT-2 124M reproduction (FineWeb-Edu 10B)
     python train.py --help                           # every setting, with its default
 
-Every field of gpt2_jax.config.TrainConfig is a --key=value flag. The backend is chosen before JAX starts.
+Every field of gpt2_jax.config.TrainConfig is a --key=value flag; true/false flags also work bare
+(--resume). The backend is chosen before JAX starts, and values that make no sense (--max_steps=-5) stop
+the run before that, with exit status 2.
 
 Stopping and resuming: SIGTERM or Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and
 exits; a second signal exits at once, leaving the checkpoints already on disk intact. Run the same
@@ -25,7 +27,7 @@ import sys
 
 from gpt2_jax.config import TrainConfig  # imports nothing heavy: JAX is not loaded yet
 
-PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform -> JAX_PLATFORMS
+JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform (config.PLATFORMS) -> JAX_PLATFORMS
 INSTALL_HINT = {"gpu": 'pip install "gpt2-jax[gpu]"  (JAX with CUDA)', "tpu": 'pip install "gpt2-jax[tpu]"'}
 
 
@@ -38,23 +40,30 @@ def _bool(text: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    """Flags -> TrainConfig. A bool flag works bare (`--resume`) or with a value (`--tensorboard=false`).
+    Bad values exit with status 2 and the flag's name: argparse checks the types, TrainConfig the values."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        kind = _bool if f.type in (bool, "bool") else type(f.default)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=type(f.default).__name__.upper(),
-                            help=f"{f.metadata['help']} (default: {f.default!r})".replace('%', '%%'))
+        text = f"{f.metadata['help']} (default: {f.default!r})".replace('%', '%%')
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=f.default,
+                                metavar="BOOL", help=text)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                                metavar=type(f.default).__name__.upper(), help=text)
     args = parser.parse_args(argv)
-    if args.platform and args.platform not in PLATFORMS:
-        parser.error(f"--platform={args.platform!r}: choose one of {', '.join(PLATFORMS)}")
-    return TrainConfig(**vars(args))
+    try:
+        return TrainConfig(**vars(args))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def start_jax(config: TrainConfig) -> None:
     """Pin JAX to one backend and join the other processes, before any backend initialises; exit with
     what to install if the backend is missing."""
     if config.platform:
-        os.environ["JAX_PLATFORMS"] = PLATFORMS[config.platform]
+        os.environ["JAX_PLATFORMS"] = JAX_PLATFORMS[config.platform]
     import jax  # noqa: PLC0415
 
     from gpt2_jax.trainer import init_distributed  # noqa: PLC0415
@@ -66,7 +75,7 @@ def start_jax(config: TrainConfig) -> None:
         if not config.platform:
             raise
         hint = INSTALL_HINT.get(config.platform)
-        sys.exit(f"--platform={config.platform}: this JAX has no {PLATFORMS[config.platform]} backend "
+        sys.exit(f"--platform={config.platform}: this JAX has no {JAX_PLATFORMS[config.platform]} backend "
                  f"({type(e).__name__}: {e}).\n" + (f"Install it: {hint}" if hint else ""))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 GPT2_VOCAB_SIZE = 50257  # BPE merges + 256 bytes + <|endoftext|>
@@ -15,6 +16,9 @@ PADDED_VOCAB_SIZE = 50304  # next multiple of 128: faster matmuls, the extra row
 # Fields that define the network's shapes. Two configs that differ here cannot share weights.
 ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
 ATTENTION = ("xla", "cudnn", "blocked", "einsum")  # model.attention's implementations
+DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
+REMAT = ("none", "full", "dots")  # activation checkpointing policies
+PLATFORMS = ("cpu", "gpu", "tpu")  # train.py --platform (train.py maps them to JAX_PLATFORMS names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +38,12 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r}: use float32, bfloat16 or float16")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention={self.attention!r}: use one of {', '.join(ATTENTION)}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat={self.remat!r}: use none, full or dots")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat={self.remat!r}: use one of {', '.join(REMAT)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -87,8 +91,49 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     return PRESETS[name].replace(**overrides)
 
 
-def _flag(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _flag(default: Any, help: str, *, low: float | None = None, below: float | None = None,
+          high: float | None = None, above: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+    """A TrainConfig field: its default, its --help text, and the values that make sense, which
+    TrainConfig.__post_init__ enforces: `low <= value`, `value < below`, `value <= high`, `above < value`,
+    `value in choices`. The default always passes: it is the "auto" value ("", -1) where the rules
+    would reject it."""
+    rules = dict(low=low, below=below, high=high, above=above, choices=choices)
+    return dataclasses.field(default=default, metadata={"help": help, **rules})
+
+
+_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}  # annotation -> accepted types
+
+
+def _flag_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """What is wrong with `value` for the TrainConfig field `f`, as a sentence that names the flag as it
+    is typed (--max_steps=-5) and ends with the flag's help; None if nothing is."""
+    name, rule = f.name, f.metadata
+    flag = f"--{name}={value!r}" if isinstance(value, str) else f"--{name}={value}"
+    types = _TYPES[f.type]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        problem = f"is a {type(value).__name__}, not {f.type}"
+    elif isinstance(value, float) and not math.isfinite(value):
+        problem = "is not a finite number"
+    elif value == f.default:
+        return None
+    elif rule["choices"]:
+        if value in rule["choices"]:
+            return None
+        empty = " or empty" if f.default == "" else ""
+        problem = f"is unknown; choose one of {', '.join(rule['choices'])}{empty}"
+    else:
+        low, below, high, above = rule["low"], rule["below"], rule["high"], rule["above"]
+        if ((low is None or low <= value) and (below is None or value < below) and (high is None or value <= high)
+                and (above is None or above < value)):
+            return None
+        if below is not None or high is not None:
+            allowed = f"in [{low}, {below})" if below is not None else f"in [{low}, {high}]"
+        else:
+            allowed = f">= {low}" if low is not None else f"> {above}"
+        problem = "is negative" if low == 0 and allowed.startswith(">=") else f"must be {allowed}"
+        if f.default != 0 and not (low is None or low <= f.default):  # a sentinel below the range
+            problem += f" or {f.default}"
+    return f"{flag} {problem}; --{name}: {rule['help']}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,60 +141,80 @@ class TrainConfig:
     """Every setting of a training run; `python train.py --key=value` sets any field.
 
     Zero / empty values mean "auto": resolved from the preset and the platform by trainer.resolve().
+    Values that make no sense (a negative step count, beta2 = 1, an unknown dtype) raise ValueError at
+    construction, naming the flag, so that train.py rejects them before JAX starts.
     """
 
-    platform: str = _flag("", "JAX backend: cpu | gpu | tpu (empty: JAX's default)")
-    preset: str = _flag("char", "model size: " + ", ".join(PRESETS))
+    platform: str = _flag("", "JAX backend: cpu | gpu | tpu (empty: JAX's default)", choices=PLATFORMS)
+    preset: str = _flag("char", "model size: " + ", ".join(PRESETS), choices=tuple(PRESETS))
     init_from: str = _flag("scratch", "scratch | an HF name (gpt2, gpt2-medium, ...) or folder | a training out_dir")
     data: str = _flag("", "token shard folder (python -m gpt2_jax.data ...); empty: Python's bundled docs, char-level")
     out_dir: str = _flag("out", "checkpoints, metrics.jsonl, TensorBoard events and plots go here")
     resume: bool = _flag(False, "require a checkpoint in out_dir to resume from (resuming is automatic anyway)")
     # Batch: total_batch_size tokens per optimizer step = micro_batch_size * block_size * grad_accum.
-    total_batch_size: int = _flag(0, "tokens per optimizer step (0: 2**19 for GPT-2 sizes, one micro-batch for char)")
-    micro_batch_size: int = _flag(0, "sequences per micro-step over all devices (0: auto)")
-    block_size: int = _flag(0, "sequence length (0: the preset's)")
-    n_layer: int = _flag(0, "override the preset's number of blocks (0: the preset's)")
-    n_head: int = _flag(0, "override the preset's attention heads (0: the preset's)")
-    n_embd: int = _flag(0, "override the preset's width (0: the preset's)")
-    vocab_size: int = _flag(0, "model vocabulary (0: the data's; GPT-2 BPE is padded to 50304)")
-    dropout: float = _flag(-1.0, "dropout rate (-1: the preset's)")
-    dtype: str = _flag("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on gpu/tpu, float32 on cpu)")
+    total_batch_size: int = _flag(0, "tokens per optimizer step (0: 2**19 for GPT-2 sizes, one micro-batch for char)",
+                                  low=0)
+    micro_batch_size: int = _flag(0, "sequences per micro-step over all devices (0: auto)", low=0)
+    block_size: int = _flag(0, "sequence length (0: the preset's)", low=0)
+    n_layer: int = _flag(0, "override the preset's number of blocks (0: the preset's)", low=0)
+    n_head: int = _flag(0, "override the preset's attention heads (0: the preset's)", low=0)
+    n_embd: int = _flag(0, "override the preset's width (0: the preset's)", low=0)
+    vocab_size: int = _flag(0, "model vocabulary (0: the data's; GPT-2 BPE is padded to 50304)", low=0)
+    dropout: float = _flag(-1.0, "dropout rate (-1: the preset's)", low=0.0, below=1.0)
+    dtype: str = _flag("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on gpu/tpu, float32 on cpu)",
+                       choices=DTYPES)
     attention: str = _flag("", "xla | cudnn | blocked | einsum (empty: cudnn on gpu with bfloat16, blocked on "
-                                "cpu, else xla)")
-    remat: str = _flag("none", "activation checkpointing per block: none | full | dots")
+                                "cpu, else xla)", choices=ATTENTION)
+    remat: str = _flag("none", "activation checkpointing per block: none | full | dots", choices=REMAT)
     mesh: str = _flag("", "device mesh, e.g. data:8 or data:2,fsdp:4 (empty: every device on data; "
                       "single-process runs may use fewer devices than they have)")
     # Optimizer and schedule (optim.py).
-    max_steps: int = _flag(0, "optimizer steps (0: 19073 for GPT-2 sizes = 10B tokens; a few minutes for char)")
-    warmup_steps: int = _flag(-1, "linear warmup steps (-1: 715 for GPT-2 sizes, 10% of max_steps otherwise)")
-    max_lr: float = _flag(0.0, "peak learning rate (0: 6e-4 for GPT-2 sizes, 1e-3 for char)")
-    min_lr_ratio: float = _flag(0.1, "final learning rate as a fraction of max_lr")
-    weight_decay: float = _flag(0.1, "AdamW weight decay on >=2-D params")
-    beta1: float = _flag(0.9, "AdamW beta1")
-    beta2: float = _flag(0.95, "AdamW beta2")
-    eps: float = _flag(1e-8, "AdamW epsilon")
-    grad_clip: float = _flag(1.0, "max global gradient norm (0: off)")
+    max_steps: int = _flag(0, "optimizer steps (0: 19073 for GPT-2 sizes = 10B tokens; a few minutes for char)",
+                           low=0)
+    warmup_steps: int = _flag(-1, "linear warmup steps (-1: 715 for GPT-2 sizes, 10% of max_steps otherwise)", low=-1)
+    # No upper bound on max_lr: where training diverges depends on the model, batch and warmup (3e-3 trains
+    # the small char model, 124M needs ~6e-4), a diverged run stops with a message naming --max_lr
+    # (--on_nan), and the reliability tests set --max_lr=1e10 to make a real run diverge.
+    max_lr: float = _flag(0.0, "peak learning rate (0: 6e-4 for GPT-2 sizes, 1e-3 for char)", low=0.0)
+    min_lr_ratio: float = _flag(0.1, "final learning rate as a fraction of max_lr", low=0.0, high=1.0)
+    weight_decay: float = _flag(0.1, "AdamW weight decay on >=2-D params", low=0.0)
+    beta1: float = _flag(0.9, "AdamW beta1", low=0.0, below=1.0)
+    beta2: float = _flag(0.95, "AdamW beta2", low=0.0, below=1.0)
+    eps: float = _flag(1e-8, "AdamW epsilon", above=0.0)
+    grad_clip: float = _flag(1.0, "max global gradient norm (0: off)", low=0.0)
     # Evaluation, samples, checkpoints, logs.
-    eval_every: int = _flag(250, "validation loss every N steps (and at the end); 0: never")
-    eval_steps: int = _flag(20, "validation micro-batches per evaluation")
-    sample_every: int = _flag(250, "print samples every N steps (and at the end); 0: never")
-    sample_tokens: int = _flag(64, "tokens per sample")
-    num_samples: int = _flag(2, "samples per sampling round")
+    eval_every: int = _flag(250, "validation loss every N steps (and at the end); 0: never", low=0)
+    eval_steps: int = _flag(20, "validation micro-batches per evaluation", low=1)
+    sample_every: int = _flag(250, "print samples every N steps (and at the end); 0: never", low=0)
+    sample_tokens: int = _flag(64, "tokens per sample", low=1)
+    num_samples: int = _flag(2, "samples per sampling round", low=1)
     sample_prompt: str = _flag("", "sample prompt (empty: \"Hello, I'm a language model,\" for BPE, newline for char)")
-    hellaswag_every: int = _flag(0, "HellaSwag acc_norm every N steps (BPE models); 0: never")
+    hellaswag_every: int = _flag(0, "HellaSwag acc_norm every N steps (BPE models); 0: never", low=0)
     hellaswag_data: str = _flag("", "HellaSwag jsonl (empty: download the official validation file)")
-    hellaswag_limit: int = _flag(0, "evaluate only the first N HellaSwag examples (0: all 10,042)")
-    checkpoint_every: int = _flag(1000, "checkpoint every N steps (and at the end); 0: only at the end")
-    keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep")
-    log_every: int = _flag(1, "console and metrics.jsonl line every N steps")
+    hellaswag_limit: int = _flag(0, "evaluate only the first N HellaSwag examples (0: all 10,042)", low=0)
+    checkpoint_every: int = _flag(1000, "checkpoint every N steps (and at the end); 0: only at the end", low=0)
+    keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep", low=1)
+    log_every: int = _flag(1, "console and metrics.jsonl line every N steps", low=1)
     tensorboard: bool = _flag(True, "also write TensorBoard event files to out_dir/tb")
     seed: int = _flag(1337, "seed for init, dropout and sampling")
-    on_nan: str = _flag("stop", "non-finite loss or grad norm: stop (keep the last good checkpoint) | skip the update")
+    on_nan: str = _flag("stop", "non-finite loss or grad norm: stop (keep the last good checkpoint) | skip the update",
+                        choices=("stop", "skip"))
     max_skips: int = _flag(10, "--on_nan=skip stops the run as --on_nan=stop does after more than this many "
-                           "CONSECUTIVE skipped updates (a diverged run); a finite step resets the count. 0: no limit")
+                           "CONSECUTIVE skipped updates (a diverged run); a finite step resets the count (0: no limit)",
+                           low=0)
     # Multi-process (multi-host GPU, or several CPU processes in tests); Cloud TPU VMs need none of these.
     distributed: bool = _flag(False, "call jax.distributed.initialize() (automatic on TPU pods)")
     coordinator_address: str = _flag("", "host:port of process 0, for --distributed off TPU")
-    num_processes: int = _flag(0, "process count, for --distributed off TPU")
-    process_id: int = _flag(-1, "this process's index, for --distributed off TPU")
-    local_device_count: int = _flag(0, "CPU only: fake devices per process (testing multi-device code)")
+    num_processes: int = _flag(0, "process count, for --distributed off TPU", low=0)
+    process_id: int = _flag(-1, "this process's index, for --distributed off TPU", low=-1)
+    local_device_count: int = _flag(0, "CPU only: fake devices per process (testing multi-device code)", low=0)
+
+    def __post_init__(self):
+        """Reject values that make no sense, each problem on its own line. The one place these flags are
+        checked: train.py turns the ValueError into a usage error (exit status 2) before JAX starts."""
+        problems = [p for f in dataclasses.fields(self) if (p := _flag_problem(f, getattr(self, f.name)))]
+        if 0 < self.num_processes <= self.process_id:
+            problems.append(f"--process_id={self.process_id} must be < --num_processes={self.num_processes} "
+                            "(processes count from 0)")
+        if problems:
+            raise ValueError("\n".join(problems))
