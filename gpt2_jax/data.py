@@ -492,7 +492,9 @@ class TokenLoader:
     def reset(self) -> None:
         """Back to the start: the first token of the first shard, or epoch 0's first window."""
         self.shard_index, self.position = 0, 0  # sequential
-        self.epoch, self.shard_pos, self.index = self._settle(0, 0, 0)  # shuffle
+        self.epoch, self.shard_pos, self.index = None, None, None  # shuffle: (0, 0, 0) settled
+        if self.order == "shuffle":
+            self.epoch, self.shard_pos, self.index = self._settle(0, 0, 0)
 
     # --- shuffle: the stream of windows, and a cursor (epoch, shard_pos, index) into it
 
@@ -504,8 +506,6 @@ class TokenLoader:
     def _settle(self, epoch: int, shard_pos: int, index: int) -> tuple[int, int, int]:
         """The cursor `index` windows on from the start of (epoch, shard_pos): past the shards
         (and epochs) that `index` runs beyond. So it also skips n windows: `_settle(e, p, i + n)`."""
-        if self.order != "shuffle":
-            return 0, 0, 0
         while index >= (count := len(self._plan(epoch, shard_pos)[2])):
             index -= count
             shard_pos += 1
@@ -619,8 +619,8 @@ def eval_windows(sizes: Sequence[int], seq_len: int, batch_size: int,
     a sample of all of it, the same at every evaluation.
     """
     counts = [max(0, (n - 1) // seq_len) for n in sizes]  # windows that fit in each shard
-    every = np.array([(k, i * seq_len) for k, c in enumerate(counts) for i in range(c)],
-                     dtype=np.int64).reshape(-1, 2)  # (W, 2)
+    every = np.concatenate([np.stack([np.full(c, k), np.arange(c) * seq_len], axis=1)
+                            for k, c in enumerate(counts)]).astype(np.int64)  # (W, 2)
     W = len(every)
     afford = max_tokens // seq_len if max_tokens else W
     if W < batch_size or afford < batch_size:
