@@ -166,6 +166,9 @@ class TrainConfig:
     attention: str = _flag("", "xla | cudnn | blocked | einsum (empty: cudnn on gpu with bfloat16, blocked on "
                                 "cpu, else xla)", choices=ATTENTION)
     remat: str = _flag("none", "activation checkpointing per block: none | full | dots", choices=REMAT)
+    data_order: str = _flag("shuffle", "order of the train windows: shuffle (a seeded permutation per epoch, from "
+                            "--seed) | sequential (contiguous stretches, build-nanogpt's order)",
+                            choices=("shuffle", "sequential"))
     mesh: str = _flag("", "device mesh, e.g. data:8 or data:2,fsdp:4 (empty: every device on data; "
                       "single-process runs may use fewer devices than they have)")
     # Optimizer and schedule (optim.py).
@@ -184,7 +187,8 @@ class TrainConfig:
     grad_clip: float = _flag(1.0, "max global gradient norm (0: off)", low=0.0)
     # Evaluation, samples, checkpoints, logs.
     eval_every: int = _flag(250, "validation loss every N steps (and at the end); 0: never", low=0)
-    eval_steps: int = _flag(20, "validation micro-batches per evaluation", low=1)
+    eval_tokens: int = _flag(20 * 64 * 1024 * 8, "validation tokens per evaluation: windows spread evenly over "
+                             "the whole val split, the same ones every time (0: the whole split)", low=0)
     sample_every: int = _flag(250, "print samples every N steps (and at the end); 0: never", low=0)
     sample_tokens: int = _flag(64, "tokens per sample", low=1)
     num_samples: int = _flag(2, "samples per sampling round", low=1)

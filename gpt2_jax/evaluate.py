@@ -6,8 +6,8 @@
 `--init_from` is an HF GPT-2 name (`gpt2`, ...), an HF checkpoint folder, or a training run's out_dir
 (its newest checkpoint, or `--step N`); the model's tokenizer comes with it (`runs.load_model`).
 
-Loss: the mean next-token cross-entropy over the val split of a token-shard folder (batches laid out
-as `data.TokenLoader` reads them: B rows of T consecutive tokens, one pass over the split) or over a
+Loss: the mean next-token cross-entropy over the val split of a token-shard folder (every whole batch of
+windows of T + 1 tokens at stride T, as the trainer's in-loop val loss reads them: `data.EvalWindows`) or over a
 UTF-8 text file tokenised with the model's tokenizer (<|endoftext|> first, as `gpt2_jax.data` writes a
 document). The softmax runs over the tokenizer's vocabulary only, as in the trainer's in-loop val loss
 and HellaSwag: the extra rows of a padded 50304 vocabulary are never text. Perplexity is exp(loss).
@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from gpt2_jax import hellaswag
-from gpt2_jax.data import Tokenizer, TokenLoader
+from gpt2_jax.data import EvalWindows, Tokenizer
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
 from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
@@ -64,10 +64,11 @@ def text_batches(tokens: np.ndarray, batch_size: int, block_size: int) -> Iterat
 
 def shard_batches(data_dir: str | os.PathLike, batch_size: int, block_size: int,
                   vocab_size: int | None = None) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]]:
-    """(number of batches, the batches) of one pass over the val split of a token-shard folder."""
-    loader = TokenLoader(data_dir, "val", batch_size, block_size, vocab_size=vocab_size)
-    n = sum(_batches_in(size, batch_size, block_size) for size in loader.sizes)
-    return n, (loader.next_batch() for _ in range(n))
+    """(number of batches, the batches) of one pass over the val split of a token-shard folder: every
+    whole batch of windows, laid out as the trainer's in-loop val loss reads them (data.EvalWindows with
+    no token limit), so the two agree on the same checkpoint."""
+    windows = EvalWindows(data_dir, block_size, batch_size, max_tokens=None, vocab_size=vocab_size)
+    return len(windows), iter(windows)
 
 
 def evaluate_loss(model: GPT, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, vocab_limit: int | None = None,

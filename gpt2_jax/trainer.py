@@ -10,7 +10,6 @@ Python.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -55,8 +54,6 @@ class TrainState(nnx.Module):
 
 def resolve(tc: TrainConfig, backend: str, num_devices: int) -> TrainConfig:
     """Fill the "auto" (zero / empty) settings from the preset and the platform."""
-    if tc.preset not in PRESETS:
-        raise ValueError(f"--preset={tc.preset!r} is unknown; choose one of {sorted(PRESETS)}")
     big = tc.preset in GPT2_SIZES
     cpu = backend == "cpu"
     block = tc.block_size or (PRESETS[tc.preset].block_size if not (cpu and not big) else 128)
@@ -210,7 +207,7 @@ class Run:
     out_dir: Path
     tokenizer: data_lib.Tokenizer
     train_loader: data_lib.TokenLoader
-    val_loader: data_lib.TokenLoader | None
+    val_windows: data_lib.EvalWindows | None  # the in-loop val loss's batches
     fingerprint: dict  # the data folder and its shards: a checkpoint resumes only on the same data
     graphdef: Any
     state: Any
@@ -240,11 +237,6 @@ def setup(tc: TrainConfig) -> Run:
     Multi-process runs call init_distributed(tc) first (train.py does), before JAX initialises.
     """
     tc = resolve(tc, jax.default_backend(), jax.device_count())
-    if tc.on_nan not in ("stop", "skip"):
-        raise ValueError(f"--on_nan={tc.on_nan!r}: use stop or skip")
-    if tc.max_skips < 0:
-        raise ValueError(f"--max_skips={tc.max_skips} is negative; use the most consecutive updates --on_nan=skip "
-                         f"may drop before the run stops (0: no limit)")
     mesh = sharding.make_mesh(tc.mesh)
     grad_accum = check_batch(tc, sharding.data_parallel_size(mesh), jax.process_count())
     out_dir = Path(tc.out_dir)
@@ -255,10 +247,9 @@ def setup(tc: TrainConfig) -> Run:
     tokenizer = data_lib.Tokenizer.load(data_dir)
     cfg = model_config(tc, tokenizer.vocab_size)
     data_lib.check_vocab(data_dir, cfg.vocab_size)
-    loader = functools.partial(data_lib.TokenLoader, data_dir, batch_size=tc.micro_batch_size, seq_len=tc.block_size,
-                               process_index=jax.process_index(), process_count=jax.process_count(),
-                               vocab_size=cfg.vocab_size)
-    train_loader = loader("train")
+    per_process = dict(process_index=jax.process_index(), process_count=jax.process_count(), vocab_size=cfg.vocab_size)
+    train_loader = data_lib.TokenLoader(data_dir, "train", tc.micro_batch_size, tc.block_size, order=tc.data_order,
+                                        seed=tc.seed, **per_process)
     fingerprint = {"dir": str(data_dir.resolve()), "shards": train_loader.state()["shards"]}
     sample_ids = sample_prompt(tc, cfg, tokenizer)
     hellaswag_examples = load_hellaswag_for(tc, tokenizer, data_dir)
@@ -283,7 +274,8 @@ def setup(tc: TrainConfig) -> Run:
     eval_sh = sharding.batch_sharding(mesh, ndim=2)
     run = Run(
         tc=tc, cfg=cfg, mesh=mesh, out_dir=out_dir, tokenizer=tokenizer, train_loader=train_loader,
-        val_loader=loader("val") if tc.eval_every else None, fingerprint=fingerprint, graphdef=graphdef,
+        val_windows=data_lib.EvalWindows(data_dir, tc.block_size, tc.micro_batch_size, tc.eval_tokens or None,
+                                         **per_process) if tc.eval_every else None, fingerprint=fingerprint, graphdef=graphdef,
         state=state, shardings=shardings, grad_accum=grad_accum, batch_sharding=batch_sh, eval_sharding=eval_sh,
         optim=oc,
         train_step=make_train_step(graphdef, shardings, batch_sh, grad_accum, dropout=cfg.dropout > 0,
@@ -463,10 +455,10 @@ def log_step(run: Run, step: int, metrics: dict, dt: float) -> float:
 
 
 def evaluate(run: Run, step: int) -> dict:
-    """Mean loss over --eval_steps val micro-batches, the same ones every time."""
-    run.val_loader.reset()
-    losses = [run.eval_step(run.state, *(_global(b, run.eval_sharding) for b in run.val_loader.next_batch()))
-              for _ in range(run.tc.eval_steps)]
+    """Mean loss over --eval_tokens of the val split (data.EvalWindows: spread evenly, the same every time).
+    All batches have the same size, so the mean of the batch means is the mean over the tokens."""
+    losses = [run.eval_step(run.state, _global(x, run.eval_sharding), _global(y, run.eval_sharding))
+              for x, y in run.val_windows]
     val = float(np.mean(jax.device_get(losses)))
     run.logger.log(step, val_loss=val)
     _log(f"step {step}: val loss {val:.4f}")

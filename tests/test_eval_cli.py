@@ -95,12 +95,15 @@ def test_shard_batches_make_one_pass_over_every_val_shard(tmp_path):
     data_lib.prepare_text_string(text, tmp_path / "d", tokenizer="char", val_fraction=0.2, shard_size=47)
     meta = data_lib.read_meta(tmp_path / "d")
     shards = [np.load(tmp_path / "d" / n) for n in sorted(meta["shards"]) if n.startswith("val_")]
-    assert [len(s) for s in shards] == [47, 47, 47, 47, 12]  # the last one has room for one batch
+    assert [len(s) for s in shards] == [47, 47, 47, 47, 12]
     n, batches = shard_batches(tmp_path / "d", batch_size=2, block_size=5)
-    want = [(s[k * 10:k * 10 + 10].reshape(2, 5), s[k * 10 + 1:k * 10 + 11].reshape(2, 5))
-            for s in shards for k in range((len(s) - 1) // 10)]
+    # Every window of 5 + 1 tokens at stride 5 in each shard (9, 9, 9, 9 and 2 of them), in order, two
+    # to a batch: batches run across shard boundaries, so no window is left out.
+    windows = [s[k * 5:k * 5 + 6] for s in shards for k in range((len(s) - 1) // 5)]
+    want = [(np.stack([w[:-1] for w in pair]), np.stack([w[1:] for w in pair]))
+            for pair in zip(windows[0::2], windows[1::2])]
     got = list(batches)
-    assert n == len(got) == len(want) == 4 * 4 + 1
+    assert n == len(got) == len(want) == (4 * 9 + 2) // 2
     for (x, y), (wx, wy) in zip(got, want, strict=True):
         np.testing.assert_array_equal(x, wx)
         np.testing.assert_array_equal(y, wy)

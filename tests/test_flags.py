@@ -77,7 +77,7 @@ BAD_VALUES = [
     ("n_embd", -32, "is negative"),
     ("vocab_size", -1, "is negative"),
     ("eval_every", -1, "is negative"),
-    ("eval_steps", 0, "must be >= 1"),
+    ("eval_tokens", -1, "is negative"),
     ("sample_every", -250, "is negative"),
     ("sample_tokens", 0, "must be >= 1"),
     ("num_samples", 0, "must be >= 1"),
@@ -158,7 +158,7 @@ def test_every_problem_is_reported_at_once(capsys):
 GOOD_VALUES = dict(platform="cpu", dtype="bfloat16", attention="cudnn", remat="dots", max_steps=0, warmup_steps=0,
                    max_lr=0.0, min_lr_ratio=1.0, weight_decay=0.0, beta1=0.0, beta2=0.999, eps=1e-12, grad_clip=0.0,
                    dropout=0.0, eval_every=0, sample_every=0, checkpoint_every=0, hellaswag_every=0, max_skips=0,
-                   keep_checkpoints=1, log_every=1, eval_steps=1, sample_tokens=1, num_samples=1, process_id=0,
+                   keep_checkpoints=1, log_every=1, eval_tokens=0, sample_tokens=1, num_samples=1, process_id=0,
                    num_processes=1, on_nan="skip", preset="gpt2-xl")
 
 

@@ -120,7 +120,7 @@ def test_trajectory_matches_torch_reference(tmp_path, char_data):
 
     B, T, steps, warmup, max_lr = 8, 32, 5, 2, 3e-3
     tc = tiny(tmp_path / "jax", char_data, micro_batch_size=B, block_size=T, total_batch_size=B * T,
-              max_steps=steps, warmup_steps=warmup, max_lr=max_lr)
+              max_steps=steps, warmup_steps=warmup, max_lr=max_lr, data_order="sequential")
     cfg = model_config(resolve(tc, "cpu", 1), data_lib.Tokenizer.load(char_data).vocab_size)
     init = GPT(cfg, rngs=nnx.Rngs(7))
     summary = run(dataclasses.replace(tc, init_from=str(export_hf(init, tmp_path / "init")), mesh="data:1"))
@@ -250,7 +250,7 @@ def test_cli_help_lists_flags_with_defaults():
 
 def test_cli_default_run_shortened(tmp_path):
     """`python train.py` as the README runs it, shortened by flags: Python's docs, char-level."""
-    r = _train(f"--out_dir={tmp_path}", "--max_steps=4", "--n_layer=1", "--sample_tokens=16", "--eval_steps=2")
+    r = _train(f"--out_dir={tmp_path}", "--max_steps=4", "--n_layer=1", "--sample_tokens=16", "--eval_tokens=512")
     assert r.returncode == 0, r.stderr
     assert "step 4/4" in r.stdout and "val loss" in r.stdout and "sample 0:" in r.stdout
     assert (tmp_path / "checkpoints" / "4").is_dir() and (tmp_path / "loss.png").stat().st_size > 1000
@@ -262,7 +262,7 @@ def test_cli_tiny_shakespeare(tmp_path, tiny_shakespeare):
     assert r.returncode == 0, r.stderr
     r = _train("--platform=cpu", f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=40",
                "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=64", "--micro_batch_size=16",
-               "--dropout=0", "--eval_every=20", "--eval_steps=2", "--sample_every=0", "--max_lr=3e-3")
+               "--dropout=0", "--eval_every=20", "--eval_tokens=512", "--sample_every=0", "--max_lr=3e-3")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -305,8 +305,8 @@ def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
     model = GPT(model_config(tc, vocab), rngs=nnx.Rngs(3))
     nnx.update(model, jax.tree.map(lambda p: p * 4.0, nnx.state(model, nnx.Param)))  # logits far from 0
     init = export_hf(model, tmp_path / "init")
-    run(tiny(tmp_path / "plain", char_data, init_from=str(init), max_steps=1, eval_every=1, eval_steps=2))
-    run(tiny(tmp_path / "padded", char_data, init_from=str(init), max_steps=1, eval_every=1, eval_steps=2,
+    run(tiny(tmp_path / "plain", char_data, init_from=str(init), max_steps=1, eval_every=1, eval_tokens=512))
+    run(tiny(tmp_path / "padded", char_data, init_from=str(init), max_steps=1, eval_every=1, eval_tokens=512,
              vocab_size=vocab + 28))
     rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("plain", "padded")}
