@@ -154,3 +154,26 @@ def test_hellaswag_refuses_a_char_level_model(hellaswag_file, capsys, tmp_path):
     (folder / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_meta()))  # as gpt2_jax.export writes it
     code, _, err = cli(capsys, tmp_path, "hellaswag", f"--init_from={folder}", f"--data={hellaswag_file}", "--limit=2")
     assert code == 1 and f"{folder} is char-level" in err
+
+
+def test_in_loop_val_loss_equals_the_cli_on_tiny_shakespeare(tiny_shakespeare, capsys, tmp_path):
+    """The trainer's in-loop val loss covers the whole val split (111K characters, far below
+    --eval_tokens) with the windows `evaluate loss` reads, so on the same checkpoint the two agree: both
+    average the same per-token float32 losses, in batches of the same shape (measured difference ~1e-7)."""
+    from gpt2_jax.config import TrainConfig
+    from gpt2_jax.metrics import read_metrics
+    from gpt2_jax.trainer import run
+
+    data = tmp_path / "data"
+    assert data_lib.main(["text", str(tiny_shakespeare), "--out", str(data), "--tokenizer", "char"]) == 0
+    B, T = 16, 64
+    run(TrainConfig(preset="char", n_layer=1, n_head=2, n_embd=32, block_size=T, micro_batch_size=B, max_steps=3,
+                    data=str(data), out_dir=str(tmp_path / "run"), eval_every=3, sample_every=0,
+                    tensorboard=False, dtype="float32", attention="xla", mesh="data:1"))
+    in_loop = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    code, result, err = cli(capsys, tmp_path, "loss", f"--init_from={tmp_path / 'run'}", f"--data={data}",
+                            f"--batch_size={B}", f"--block_size={T}")
+    assert code == 0, err
+    val_tokens = data_lib.read_meta(data)["shards"]["val_000000.npy"]
+    assert result["tokens"] == (val_tokens - 1) // T // B * B * T  # every whole batch of windows
+    assert abs(in_loop[-1] - result["loss"]) <= LOSS_ATOL
