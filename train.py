@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 
-from gpt2_jax.config import TrainConfig  # imports nothing heavy: JAX is not loaded yet
+from gpt2_jax.config import AUTO_BOOL, TrainConfig  # imports nothing heavy: JAX is not loaded yet
 
 JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform (config.PLATFORMS) -> JAX_PLATFORMS
 INSTALL_HINT = {"gpu": 'pip install "gpt2-jax[gpu]"  (JAX with CUDA)', "tpu": 'pip install "gpt2-jax[tpu]"'}
@@ -39,6 +39,10 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _auto_bool(text: str) -> str:
+    return "auto" if text.lower() == "auto" else str(_bool(text)).lower()
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Flags -> TrainConfig. A bool flag works bare (`--resume`) or with a value (`--tensorboard=false`).
     Bad values exit with status 2 and the flag's name: argparse checks the types, TrainConfig the values."""
@@ -49,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if f.type in (bool, "bool"):
             parser.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=f.default,
                                 metavar="BOOL", help=text)
+        elif f.metadata["choices"] == AUTO_BOOL:  # --distributed, --distributed=false, --distributed=auto
+            parser.add_argument(f"--{f.name}", type=_auto_bool, nargs="?", const="true", default=f.default,
+                                metavar="auto|BOOL", help=text)
         else:
             parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
                                 metavar=type(f.default).__name__.upper(), help=text)

@@ -97,7 +97,14 @@ class Checkpointer:
         return self.directory / self._name_format.build_name(step)
 
     def all_steps(self) -> list[int]:
-        """Steps with a complete checkpoint on disk, oldest first (saves still in flight excluded)."""
+        """Steps with a complete checkpoint on disk, oldest first (saves still in flight excluded).
+
+        As process 0 lists them: on an object store listings are eventually consistent, and processes
+        that saw different steps would restore different ones (or one would start fresh) and hang."""
+        return agree(self._list_steps())
+
+    def _list_steps(self) -> list[int]:
+        """The complete steps this process sees."""
         return sorted(m.step for m in self._name_format.find_all(self.directory))
 
     def latest_step(self) -> int | None:
@@ -202,9 +209,10 @@ class Checkpointer:
         if step is None:
             return None
         try:
-            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception:  # a damaged step: restore() falls back and reports it
-            return None
+            meta = None
+        return agree(meta)  # every process decides on process 0's reading
 
     def _restore_step(self, step: int, abstract_state: PyTree, partial: bool) -> tuple[PyTree, dict[str, Any]]:
         state_args = {} if partial else {"state": ocp.args.StandardRestore(abstract_state)}
@@ -220,7 +228,7 @@ class Checkpointer:
         # agree, or they would go on from different steps.
         if not _on_all_processes(error is None):
             raise error or RuntimeError(f"another process failed to restore step {step}")
-        return state, meta
+        return state, agree(meta)
 
     def _restore_part(self, step: int, abstract_part: PyTree) -> PyTree:
         """The arrays of `abstract_part`, a part of the saved state tree, and no others.
@@ -258,6 +266,20 @@ def _check_has_shardings(abstract_state: PyTree) -> None:
             f"{' ...' if len(missing) > 3 else ''}. Build it with abstract_like(state) or "
             f"jax.ShapeDtypeStruct(shape, dtype, sharding=...)."
         )
+
+
+def agree(value: Any) -> Any:
+    """Process 0's `value` (anything JSON can hold) on every process; `value` itself in a single-process
+    run. A collective: every process must call it. Decisions taken from a listing, a file or a clock go
+    through it, so that the processes of one run never go different ways."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
+    data = multihost_utils.broadcast_one_to_all(data if jax.process_index() == 0 else np.zeros(size, np.uint8))
+    return json.loads(np.asarray(data, np.uint8).tobytes())
 
 
 def _on_all_processes(ok: bool) -> bool:

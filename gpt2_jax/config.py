@@ -101,6 +101,8 @@ def _flag(default: Any, help: str, *, low: float | None = None, below: float | N
     return dataclasses.field(default=default, metadata={"help": help, **rules})
 
 
+AUTO_BOOL = ("auto", "true", "false")  # a bool flag whose default is decided at run time
+
 _TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}  # annotation -> accepted types
 
 
@@ -207,7 +209,8 @@ class TrainConfig:
                            "CONSECUTIVE skipped updates (a diverged run); a finite step resets the count (0: no limit)",
                            low=0)
     # Multi-process (multi-host GPU, or several CPU processes in tests); Cloud TPU VMs need none of these.
-    distributed: bool = _flag(False, "call jax.distributed.initialize() (automatic on TPU pods)")
+    distributed: str = _flag("auto", "call jax.distributed.initialize(): auto (with --platform=tpu, or where "
+                             "TPU_WORKER_HOSTNAMES lists several hosts) | true | false", choices=AUTO_BOOL)
     coordinator_address: str = _flag("", "host:port of process 0, for --distributed off TPU")
     num_processes: int = _flag(0, "process count, for --distributed off TPU", low=0)
     process_id: int = _flag(-1, "this process's index, for --distributed off TPU", low=-1)

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding
 
 from gpt2_jax import data as data_lib
 from gpt2_jax import hellaswag, runs, sharding
-from gpt2_jax.checkpoint import Checkpointer
+from gpt2_jax.checkpoint import Checkpointer, agree
 from gpt2_jax.config import PADDED_VOCAB_SIZE, PRESETS, GPTConfig, TrainConfig, preset
 from gpt2_jax.generate import generate
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, format_step_line, mfu, mfu_banner, peak_flops
@@ -38,6 +38,7 @@ from gpt2_jax.optim import OptimConfig, lr_at, make_optimizer
 from gpt2_jax.plot import plot_run
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+STOP_CHECK_EVERY = 10  # steps between the stop-signal exchanges of a multi-process run
 
 
 class TrainState(nnx.Module):
@@ -156,17 +157,23 @@ def make_eval_step(graphdef, state_shardings, batch_sharding, vocab_limit: int |
 
 
 def init_distributed(tc: TrainConfig) -> None:
-    """Fake CPU devices and jax.distributed: must run before any JAX backend initialises."""
+    """Fake CPU devices and jax.distributed: must run before any JAX backend initialises.
+
+    --distributed=auto joins the other processes on TPU (a Cloud TPU VM finds its pod's hosts itself,
+    through the metadata server; on one host it is a no-op JAX recommends anyway) and where
+    TPU_WORKER_HOSTNAMES lists several hosts (GKE). --distributed=true: SLURM and Open MPI clusters
+    describe themselves; elsewhere pass --coordinator_address, --num_processes and --process_id.
+    """
     if tc.local_device_count:
         jax.config.update("jax_num_cpu_devices", tc.local_device_count)
-    on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-    if not (tc.distributed or on_tpu_pod):
+    tpu_hosts = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if tc.distributed == "false" or (tc.distributed == "auto" and not (tc.platform == "tpu" or tpu_hosts)):
         return
     if tc.coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(tc.coordinator_address, num_processes=tc.num_processes, process_id=tc.process_id)
     else:
-        jax.distributed.initialize()  # Cloud TPU VMs and SLURM/Open MPI clusters describe themselves
+        jax.distributed.initialize()
 
 
 def prepare_data(tc: TrainConfig) -> Path:
@@ -174,7 +181,7 @@ def prepare_data(tc: TrainConfig) -> Path:
     if tc.data:
         return Path(tc.data)
     folder = Path(tc.out_dir) / "data"
-    if not (folder / "meta.json").exists():
+    if not agree((folder / data_lib.META_FILE).exists()):  # process 0 decides: all must reach _sync or none
         if jax.process_index() == 0:
             data_lib.prepare_text_string(data_lib.default_corpus(), folder, tokenizer="char")
         _sync("prepare_data")
@@ -224,6 +231,7 @@ class Run:
     start_step: int
     hellaswag: list | None  # examples, when --hellaswag_every
     sample_ids: list[int]  # the sample prompt
+    loader_position: dict  # the train loader's state after the newest dispatched step's batches
 
     @property
     def model(self) -> GPT:
@@ -282,7 +290,8 @@ def setup(tc: TrainConfig) -> Run:
                                    vocab_limit=tokenizer.vocab_size),
         eval_step=make_eval_step(graphdef, shardings, eval_sh, vocab_limit=tokenizer.vocab_size),
         ckpt=ckpt, logger=MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=jax.process_index() == 0),
-        nan=nan, start_step=start_step, hellaswag=hellaswag_examples, sample_ids=sample_ids)
+        nan=nan, start_step=start_step, hellaswag=hellaswag_examples, sample_ids=sample_ids,
+        loader_position=train_loader.state())
     announce(run, abstract)
     return run
 
@@ -373,27 +382,39 @@ def announce(run: Run, abstract) -> None:
 def train(run: Run) -> dict:
     """Train from `run.start_step` to --max_steps; returns a summary (final step, last train/val loss,
     out_dir, params, and "interrupted": the signal's name if SIGTERM/SIGINT stopped the run early,
-    after saving a checkpoint)."""
+    after saving a checkpoint).
+
+    The host never waits for the device without need: step N+1 is dispatched before step N's metrics
+    are read (they are logged and checked one step behind, which is safe: a non-finite step leaves the
+    state unchanged), and batch N+2 is read and placed while step N+1 runs. Where a periodic task or a
+    stop is due, the loop catches up first, so tasks see the state and counts of their own step.
+    """
     tc = run.tc
     tasks = periodic_tasks(run)
     stop = StopSignal()
     summary = {"out_dir": str(run.out_dir), "start_step": run.start_step, "loss": None, "val_loss": None}
     step, rng = run.start_step, jax.random.key(tc.seed)
+    batch = next_batch(run) if step < tc.max_steps else None
+    pending = None  # (step, its metrics, still on the device)
     try:
-        t0 = time.perf_counter()
+        clock = StepClock()
         while step < tc.max_steps:
-            x, y = next_batch(run)
-            run.state, metrics = run.train_step(run.state, x, y, jax.random.fold_in(rng, step))
-            metrics = jax.device_get(metrics)
+            run.state, metrics = run.train_step(run.state, *batch, jax.random.fold_in(rng, step))
             step += 1
-            dt = time.perf_counter() - t0
-            run.nan.check(step, metrics, run.ckpt)  # raises to stop; else counts a skipped update
-            summary["loss"] = log_step(run, step, metrics, dt)
+            if pending is not None:  # the previous step's metrics, while this one runs
+                summary["loss"] = finish_step(run, *pending, clock)
+            run.loader_position = run.train_loader.state()  # where a resume after `step` goes on
+            batch = next_batch(run) if step < tc.max_steps else None
+            pending = (step, metrics)
             last = step == tc.max_steps
             due = [task for every, task in tasks if every and (step % every == 0 or last)]
+            stopping = stop.agreed(step)
+            if not (due or stopping):
+                continue
+            summary["loss"], pending = finish_step(run, *pending, clock), None
             for task in due:
                 summary.update(task(run, step))
-            if (stopping := stop.agreed()) and not last:
+            if stopping and not last:
                 if save not in due:
                     save(run, step)
                 run.ckpt.wait()
@@ -401,7 +422,7 @@ def train(run: Run) -> dict:
                      f"Resume with the same command (python train.py ... --out_dir={tc.out_dir})")
                 summary["interrupted"] = stopping
                 break
-            t0 = time.perf_counter()  # evals, samples and saves are not part of the step time
+            clock.restart()  # evals, samples and saves are not part of the step time
     finally:
         try:
             run.ckpt.wait()
@@ -437,9 +458,28 @@ def next_batch(run: Run) -> tuple[jax.Array, jax.Array]:
     return _global(np.stack(xs), run.batch_sharding), _global(np.stack(ys), run.batch_sharding)
 
 
-def log_step(run: Run, step: int, metrics: dict, dt: float) -> float:
-    """Log one step's loss, lr, grad norm, time, tokens/s and MFU every --log_every steps; returns the loss."""
+class StepClock:
+    """Seconds per step, measured between the moments two consecutive steps' results are read."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.mark = now - self.mark, now
+        return dt
+
+
+def finish_step(run: Run, step: int, metrics: dict, clock: StepClock) -> float:
+    """Read a step's metrics (waiting for the device), apply --on_nan, log every --log_every steps;
+    returns the loss."""
     tc = run.tc
+    metrics = jax.device_get(metrics)
+    dt = clock.lap()
+    run.nan.check(step, metrics, run.ckpt)  # raises to stop; else counts a skipped update
     tps = tc.total_batch_size / dt
     # Skipped updates did not advance the optimizer's step count, nor its schedule.
     row = {"loss": float(metrics["loss"]), "lr": lr_at(step - 1 - run.nan.skipped, run.optim),
@@ -487,7 +527,7 @@ def sample(run: Run, step: int) -> dict:
 def save(run: Run, step: int) -> dict:
     """A checkpoint of the state and everything an exact resume needs (async: the loop goes on)."""
     meta = {"step": step, "model_config": run.cfg.to_dict(), "train_config": dataclasses.asdict(run.tc),
-            "tokenizer": run.tokenizer.to_meta(), "loader": run.train_loader.state(), "data": run.fingerprint,
+            "tokenizer": run.tokenizer.to_meta(), "loader": run.loader_position, "data": run.fingerprint,
             "skipped_steps": run.nan.skipped, "consecutive_skips": run.nan.in_a_row}
     run.ckpt.save(step, run.state, meta)
     return {}
@@ -573,10 +613,14 @@ class StopSignal:
                     os._exit(128 + signum)
         os.close(self._read)
 
-    def agreed(self) -> str | None:
-        """The name of the signal to stop for (None: go on), the same on every process."""
+    def agreed(self, step: int) -> str | None:
+        """The name of the signal to stop for (None: go on), the same on every process. Several processes
+        exchange it (a collective) only every STOP_CHECK_EVERY steps, so a stop comes at most that many
+        steps late; one process checks at every step."""
         if jax.process_count() == 1:
             return self.received
+        if step % STOP_CHECK_EVERY:
+            return None
         from jax.experimental import multihost_utils  # noqa: PLC0415
 
         mine = signal.Signals[self.received].value if self.received else 0

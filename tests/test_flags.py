@@ -26,8 +26,38 @@ def parse_error(argv, capsys) -> str:
 # --- bool flags ------------------------------------------------------------------------------------
 
 
-def test_bool_flags_are_the_three_expected():
-    assert BOOL_FLAGS == ["resume", "tensorboard", "distributed"]
+def test_bool_flags_are_the_ones_expected():
+    assert BOOL_FLAGS == ["resume", "tensorboard"]
+
+
+@pytest.mark.parametrize("argv, value", [([], "auto"), (["--distributed"], "true"), (["--distributed=true"], "true"),
+                                         (["--distributed=false"], "false"), (["--distributed", "no"], "false"),
+                                         (["--distributed=auto"], "auto")])
+def test_distributed_is_auto_or_a_bool(argv, value):
+    assert train.parse_args(argv).distributed == value
+
+
+def test_distributed_bad_value(capsys):
+    assert "argument --distributed: expected true or false, got 'maybe'" in parse_error(["--distributed=maybe"], capsys)
+
+
+@pytest.mark.parametrize("flags, tpu_hosts, joins", [
+    ({"platform": "tpu"}, "", True),  # a Cloud TPU VM: peers from the metadata server, no env variable
+    ({"platform": "tpu", "distributed": "false"}, "", False),
+    ({"platform": "cpu"}, "", False),
+    ({}, "10.0.0.1,10.0.0.2", True),  # GKE lists the pod's hosts
+    ({"platform": "gpu", "distributed": "true"}, "", True),  # SLURM / Open MPI describe themselves
+])
+def test_init_distributed_joins_the_pod_on_tpu_unless_told_not_to(monkeypatch, flags, tpu_hosts, joins):
+    import jax
+
+    from gpt2_jax.trainer import init_distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", tpu_hosts)
+    init_distributed(TrainConfig(**flags))
+    assert calls == ([((), {})] if joins else [])
 
 
 @pytest.mark.parametrize("name", BOOL_FLAGS)
@@ -144,8 +174,8 @@ def test_config_rejects_wrong_types():
 
 def test_process_id_must_be_below_num_processes():
     with pytest.raises(ValueError, match=r"^--process_id=2 must be < --num_processes=2 \(processes count from 0\)"):
-        TrainConfig(distributed=True, num_processes=2, process_id=2)
-    TrainConfig(distributed=True, num_processes=2, process_id=1)
+        TrainConfig(distributed="true", num_processes=2, process_id=2)
+    TrainConfig(distributed="true", num_processes=2, process_id=1)
 
 
 def test_every_problem_is_reported_at_once(capsys):

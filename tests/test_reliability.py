@@ -82,10 +82,12 @@ class TrainProcess:
     for a line (with a timeout) and then signal the process; stderr goes to a file. As a context
     manager it kills the process on the way out, whatever happened."""
 
-    def __init__(self, args, *, env, stderr_path):
+    def __init__(self, args, *, env, stderr_path, script: str | None = None):
+        """script: Python code to run instead of train.py (it gets `args` as sys.argv[1:])."""
         self.stderr_path = Path(stderr_path)
+        program = ["-c", script] if script else [str(ROOT / "train.py")]
         with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+            self.proc = subprocess.Popen([sys.executable, "-u", *program, *map(str, args)], cwd=ROOT,
                                          env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -543,3 +545,45 @@ def test_two_processes_train_like_one(tmp_path, data_dir, reference):
     params, meta = final_state(out)
     assert meta["loader"] == final_state(reference)[1]["loader"]
     assert max_rel_err(params, final_state(reference)[0]) <= PARAM_RTOL
+
+
+# Process 1 of a run that resumes sees no checkpoint (a stale listing of an eventually consistent store),
+# process 0 sees them all; then it runs train.py.
+STALE_LISTING = """
+import runpy, sys
+from gpt2_jax.checkpoint import Checkpointer
+if "--process_id=1" in sys.argv:
+    Checkpointer._list_steps = lambda self: []
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_processes_follow_process_0_when_their_listings_differ(tmp_path, data_dir, reference):
+    """Resume, start fresh and which step to restore are decided by process 0 and broadcast: with a
+    process that sees no checkpoint, both resume from step 8 and end equal to the uninterrupted run."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "metrics.jsonl").unlink()
+    for step in (12, 16):
+        shutil.rmtree(out / "checkpoints" / str(step))
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    procs = []
+    try:
+        for i in range(2):
+            args = flags(data_dir, out, local_device_count=4, distributed=True, num_processes=2, process_id=i,
+                         coordinator_address=f"127.0.0.1:{port}")
+            procs.append(TrainProcess(args, env=env, stderr_path=tmp_path / f"{i}.txt", script=STALE_LISTING))
+        codes = [p.finish(2 * TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.__exit__()
+    assert codes == [0, 0], [p.stderr[-2000:] for p in procs]
+    assert "resumed from" in procs[0].stdout and "at step 8" in procs[0].stdout
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(9, STEPS + 1))
+    ref = timeline(reference)
+    np.testing.assert_allclose([r["loss"] for r in rows], [ref[s] for s in range(9, STEPS + 1)], atol=LOSS_ATOL,
+                               rtol=0)
+    assert max_rel_err(final_state(out)[0], final_state(reference)[0]) <= PARAM_RTOL
