@@ -107,6 +107,31 @@ class Target:
         return self.devices[0].device_kind
 
 
+def missing_extra(spec: TargetSpec) -> str:
+    """Why `spec` cannot be compiled for in this environment ("" if it can)."""
+    import importlib.util  # noqa: PLC0415
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            return False
+
+    if spec.platform == "gpu" and not installed("jax_plugins.xla_cuda13"):
+        what = "JAX's CUDA plugin (jax[cuda13], ~4.4 GB)"
+    elif spec.platform == "tpu" and not installed("libtpu"):
+        what = "libtpu (jax[tpu])"
+    else:
+        return ""
+    return (f"--target={spec.name} needs {what}, which is not installed; install the plan extra: "
+            f"pip install -e '.[plan]'")
+
+
+def require_extra(spec: TargetSpec) -> None:
+    if why := missing_extra(spec):
+        raise MissingExtra(why)
+
+
 def load_target(spec: TargetSpec) -> Target:
     """The devices of `spec` (compile-only for GPU/TPU targets) and their memory."""
     import jax  # noqa: PLC0415
@@ -114,12 +139,9 @@ def load_target(spec: TargetSpec) -> Target:
     if spec.platform == "gpu":
         from jax.experimental import topologies  # noqa: PLC0415
 
+        require_extra(spec)
         text = (TARGETS_DIR / spec.gpu_file).read_text()
-        try:
-            topo = topologies.get_topology_desc(platform="cuda", target_config=text, topology="1x1x1")
-        except Exception as e:  # noqa: BLE001 -- the plugin's errors vary; say what is missing
-            raise MissingExtra(f"--target={spec.name} needs JAX's CUDA plugin ({type(e).__name__}: {e}); install "
-                               f"the plan extra: pip install -e '.[plan]' (jax[cuda13], ~4.4 GB)") from e
+        topo = topologies.get_topology_desc(platform="cuda", target_config=text, topology="1x1x1")
         memory = int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
         fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
         note = f"{fraction:.0%} of {_gib(memory)}: JAX's GPU pool (XLA_PYTHON_CLIENT_MEM_FRACTION={fraction:g})"
@@ -127,11 +149,7 @@ def load_target(spec: TargetSpec) -> Target:
     if spec.platform == "tpu":
         from jax.experimental import topologies  # noqa: PLC0415
 
-        try:
-            import libtpu  # noqa: F401, PLC0415
-        except ImportError as e:
-            raise MissingExtra(f"--target={spec.name} needs libtpu; install the plan extra: pip install -e "
-                               f"'.[plan]' (jax[tpu])") from e
+        require_extra(spec)
         # v4 and v5p chips have two TensorCores that JAX uses as one device ("megacore"), as on a TPU VM.
         extra = {"chip_config_name": "megacore"} if spec.generation == "v4" else {}
         topo = topologies.get_topology_desc(spec.topology, platform="tpu", **extra)
@@ -186,9 +204,9 @@ def target_mesh(spec: str, devices):
 
     from gpt2_jax import sharding  # noqa: PLC0415
 
-    sizes = sharding.parse_mesh(spec, len(devices))
+    sizes = sharding.parse_mesh(spec, len(devices), allow_fewer=True)  # e.g. data:1 on a 4-chip slice
     shape = tuple(sizes[a] for a in sharding.MESH_AXES)
-    return Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES,
+    return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), sharding.MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(shape))
 
 
@@ -224,7 +242,7 @@ def _resolved(args, target: Target, remat: str, micro: int):
     tc = TrainConfig(preset=args.preset, micro_batch_size=micro, block_size=args.block_size, dtype=args.dtype,
                      attention=args.attention, remat=remat, mesh=args.mesh, vocab_size=args.vocab_size,
                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    tc = resolve(tc, target.platform, len(target.devices))
+    tc = resolve(tc, target.platform, target_mesh(args.mesh, target.devices).size)
     tc = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size * args.grad_accum)
     data_vocab = GPT2_VOCAB_SIZE if args.preset in GPT2_SIZES else PRESETS[args.preset].vocab_size
     cfg = model_config(tc, data_vocab)
@@ -261,18 +279,18 @@ def plan_one(args, target: Target, remat: str, micro: int, count_flops: bool = T
         p.fits = p.need_bytes <= target.budget_bytes
         hlo = compiled.as_text()
         p.custom_calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
-        p.attention = attention_kernel(p.custom_calls)
+        p.attention = attention_kernel(p.custom_calls, cfg.attention)
         p.collectives = collectives(hlo)
         cost = compiled.cost_analysis()  # None for GPU targets
         p.compiled_flops = float(cost["flops"]) if cost and cost.get("flops") else None
         if count_flops:
-            p.flops_per_step, p.flops_source = count_step_flops(compiled, tc, cfg, vocab_limit, len(target.devices))
+            p.flops_per_step, p.flops_source = count_step_flops(tc, cfg, vocab_limit)
     if not p.fits:
         p.suggestions = suggestions(tc, mesh, p)
     return p
 
 
-def count_step_flops(compiled, tc, cfg, vocab_limit, num_devices: int) -> tuple[float | None, str]:
+def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
     """FLOPs of one optimizer step, all devices together.
 
     XLA's cost analysis counts a loop body once, whatever its trip count: the layer scan and the
@@ -300,12 +318,13 @@ def count_step_flops(compiled, tc, cfg, vocab_limit, num_devices: int) -> tuple[
     return float(flops) * grad_accum, "XLA cost analysis of a CPU lowering (layers unrolled)"
 
 
-def attention_kernel(custom_calls: list[str]) -> str:
+def attention_kernel(custom_calls: list[str], implementation: str) -> str:
     """The attention kernel in a compiled program, from its custom calls."""
     fmha = [c for c in custom_calls if c.startswith("__cudnn$fmha")]
     if fmha:
         return f"cuDNN flash attention ({', '.join(fmha)})"
-    return "XLA (softmax(QK^T)V as matmuls and fusions, no flash kernel)"
+    missing = " -- no cuDNN attention in the program!" if implementation == "cudnn" else ""
+    return f"XLA ({implementation} attention as matmuls and fusions, no flash kernel){missing}"
 
 
 _SIZES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -396,13 +415,25 @@ def suggestions(tc, mesh, p: Plan) -> list[str]:
         out.append(f"--mesh=fsdp:{n} (split params and AdamW state over the {n} devices"
                    + (f": {_gib(args)} of arguments per device now)" if args else ")"))
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if tc.micro_batch_size > dp:
-        half = tc.micro_batch_size // 2
-        out.append(f"--micro_batch_size={half} (halve it; keep the tokens per step with "
-                   f"--grad_accum={2 * tc.total_batch_size // (tc.micro_batch_size * tc.block_size)})")
+    if (micro := _micro_estimate(tc, p, dp)) is not None:
+        accum = tc.total_batch_size // (micro * tc.block_size)
+        out.append(f"--micro_batch_size={micro} --grad_accum={accum} (same tokens per step; an estimate from "
+                   f"temporaries growing in proportion to the micro-batch: --search compiles to check)")
     if n == 1:
         out.append("more devices: a target with more chips and --mesh=fsdp:N")
     return out
+
+
+def _micro_estimate(tc, p: Plan, dp: int) -> int | None:
+    """The largest power-of-two micro-batch below this one whose temporaries would fit, if they scale
+    in proportion to it (activations do; params and optimizer state do not)."""
+    temp = p.memory.get("temp", p.need_bytes)
+    room = p.budget_bytes - (p.need_bytes - temp)  # what params, AdamW state and code leave
+    if temp <= 0 or room <= 0:
+        return None
+    micro = 2 ** math.floor(math.log2(max(1.0, tc.micro_batch_size * room / temp)))
+    micro = min(micro, tc.micro_batch_size // 2)
+    return micro if micro >= dp and micro % dp == 0 else None
 
 
 def _gib(b) -> str:
@@ -417,7 +448,7 @@ def report(args, target: Target, p: Plan) -> str:
     tc, cfg, _ = _resolved(args, target, p.remat, p.micro_batch_size)
     from gpt2_jax.model import count_params  # noqa: PLC0415
 
-    n = len(target.devices)
+    n = target_mesh(tc.mesh, target.devices).size
     grad_accum = tc.total_batch_size // (tc.micro_batch_size * tc.block_size)
     lines = [
         f"target   {target.spec.name}: {n} x {target.kind} ({target.platform}), mesh "
@@ -456,7 +487,7 @@ def report(args, target: Target, p: Plan) -> str:
         lines.append(f"FLOPs/step 6N+12LHQT: {p.flops_6n:.4g}")
     if p.compiled_flops:
         lines.append(f"           the compiled program's own count: {p.compiled_flops:.4g} per device (each loop "
-                     f"body once: a lower bound)")
+                     f"body once)")
     if p.memory:
         coll = ", ".join(f"{k} x{v['count']} ({_gib(v['bytes'])})" for k, v in sorted(p.collectives.items()))
         lines.append(f"collectives per step per device: {coll or 'none'}")
@@ -528,6 +559,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def sandbox_command(argv: list[str]) -> tuple[list[str], dict]:
     """The command and environment that re-run this CLI for a deviceless compile."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", **{CHILD_ENV: "1"})
+    # A compile touches no chip: skip libtpu's one-process-per-host lockfile (/tmp/libtpu_lockfile), which
+    # another JAX process with libtpu installed (a test session, a notebook) may hold.
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
     # libtpu otherwise looks for these in the metadata server and warns when they are missing.
     env.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -550,6 +584,9 @@ def can_unshare_net() -> bool:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if why := missing_extra(args.spec):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     if args.spec.deviceless and not args.no_sandbox and not os.environ.get(CHILD_ENV):
         cmd, env = sandbox_command(argv)
         if cmd[0] != "unshare":
@@ -560,6 +597,14 @@ def main(argv=None) -> int:
     except MissingExtra as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return run(args, target)
+    except ValueError as e:  # bad flags: micro-batch vs devices, mesh, preset sizes
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args, target: Target) -> int:
     if args.search:
         print(f"searching micro-batch sizes on {args.spec.name} ({target.kind}), preset {args.preset}:")
         best = search(args, target)
@@ -573,7 +618,7 @@ def main(argv=None) -> int:
         tc, _, _ = _resolved(args, target, args.remat, args.micro_batch_size)
         p = plan_one(args, target, args.remat, tc.micro_batch_size)
         print(report(args, target, p))
-        result = {"target": args.spec.name, "device_kind": target.kind, "num_devices": len(target.devices),
+        result = {"target": args.spec.name, "device_kind": target.kind, "num_devices": target_mesh(args.mesh, target.devices).size,
                   **dataclasses.asdict(p)}
         fits = p.fits
     if args.json:
