@@ -495,13 +495,16 @@ def report(args, target: Target, p: Plan) -> str:
 
 
 def search(args, target: Target) -> list[Plan]:
-    """For each remat policy, the largest power-of-two micro-batch that fits (None-like when none does)."""
+    """For each remat policy, the largest micro-batch of (data-parallel devices) x 2^k that fits; a Plan with
+    micro_batch_size 0 when none does. Starts from --micro_batch_size (default 16 per device), doubling
+    while it fits and halving while it does not: a handful of compiles per policy."""
     from gpt2_jax import sharding  # noqa: PLC0415
 
     dp = sharding.data_parallel_size(target_mesh(args.mesh, target.devices))
     best = []
     for remat in REMATS:
-        micro, fitting = max(dp, 2 ** round(math.log2(max(args.micro_batch_size or 16, dp)))), None
+        start = (args.micro_batch_size or 16 * dp) / dp
+        micro, fitting = dp * 2 ** max(0, round(math.log2(max(start, 1)))), None
         tried: dict[int, bool] = {}
         while micro not in tried and dp <= micro <= 2**14:
             p = plan_one(args, target, remat, micro, count_flops=False)
