@@ -12,6 +12,8 @@ maps them to the device mesh.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -26,6 +28,30 @@ INIT_STD = 0.02  # GPT-2 / nanoGPT init for weights and embeddings
 # KV cache: (keys, values), each (n_layer, B, n_head, max_len, head_dim) in the compute dtype; heads come
 # before positions so that attention reads a layer's keys and values without transposing them.
 KVCache = tuple[jax.Array, jax.Array]
+
+# Platform-dependent tracing choices, normally from jax.default_backend(); see `compiling_for`.
+_TARGET: contextvars.ContextVar[tuple[str, bool | None] | None] = contextvars.ContextVar("target", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str, unroll_layers: bool | None = None):
+    """Trace the model for `platform` ("cpu", "gpu", "tpu") instead of the backend this process runs.
+
+    A deviceless compile (gpt2_jax.plan) runs on the CPU backend but compiles for a GPU or TPU: the
+    choices that depend on the platform (whether the layer scan is unrolled) must follow the target.
+    `unroll_layers` forces the choice: XLA's cost analysis counts a loop body once, so FLOPs are
+    counted on an unrolled program.
+    """
+    token = _TARGET.set((platform, unroll_layers))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def _unroll_layers(cfg: GPTConfig) -> bool:
+    platform, forced = _TARGET.get() or (jax.default_backend(), None)
+    return forced if forced is not None else platform == "cpu" and cfg.remat == "none"
 
 
 # Parameters only carry logical axis names; they are placed on devices by sharding.py through
@@ -278,7 +304,7 @@ class GPT(nnx.Module):
         # stacked buffers that it zero-fills, writes and slices again. Decoding stays rolled (unrolled,
         # XLA:CPU copies every layer's weights out of the stacked arrays on every token), and so does
         # remat: unrolled, XLA schedules the recomputation early and saves no memory at all.
-        unroll = jax.default_backend() == "cpu" and cache is None and cfg.remat == "none"
+        unroll = cache is None and _unroll_layers(cfg)
         if cfg.remat != "none":  # inside a scan, remat needs no CSE barrier (which would block fusions)
             block_step = jax.checkpoint(block_step, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layer_rngs = None if keys[1] is None else jax.random.split(keys[1], cfg.n_layer)

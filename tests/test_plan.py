@@ -1,0 +1,154 @@
+"""The deviceless compile planner (python -m gpt2_jax.plan).
+
+GPU and TPU targets need the `plan` extra (jax[cuda13], jax[tpu]); those tests skip without it. They run
+the CLI as a user would, so the compile happens in the planner's sandboxed child (JAX_PLATFORMS=cpu,
+TPU_SKIP_MDS_QUERY=1, `unshare -n` where allowed): nothing is contacted, not even loopback.
+
+Compile times on the 2-core dev machine: the 124M step for H100 ~15 s, gpt2-xl for H100 ~11 s; any TPU
+compile costs ~20 s even for a tiny model (a 124M one ~70 s), so the TPU test uses a 2-layer, 64-wide model.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpt2_jax import plan
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2"]
+
+
+def needs(target: str):
+    why = plan.missing_extra(plan.parse_target(target))
+    return pytest.mark.skipif(bool(why), reason=f"{why} (the plan extra is not installed)")
+
+
+def run_plan(tmp_path, *flags) -> tuple[int, str, dict]:
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, "-m", "gpt2_jax.plan", *flags, f"--json={out}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 1) and out.is_file(), r.stdout + r.stderr
+    return r.returncode, r.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name, platform, topology", [
+    ("h100", "gpu", ""), ("A100", "gpu", ""), ("v5e-8", "tpu", "v5e:2x4"), ("v5p-16", "tpu", "v5p:2x2x2"),
+    ("v4-8", "tpu", "v4:2x2x1"), ("v6e-8", "tpu", "v6e:2x4"), ("v5e:4x4", "tpu", "v5e:4x4"), ("local", "local", ""),
+])
+def test_target_names(name, platform, topology):
+    spec = plan.parse_target(name)
+    assert (spec.platform, spec.topology) == (platform, topology)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v5e-7", "no v5e slice of 7; known sizes: v5e-1, v5e-4, v5e-8"),
+    ("v5p-12", "no v5p slice of 12; known sizes: v5p-8, v5p-16"),
+    ("b200", "--target='b200' is unknown; use one of h100, h200, a100"),
+])
+def test_bad_target_names(name, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        plan.parse_target(name)
+
+
+def test_resource_exhausted_figures():
+    # The TPU compiler's refusal, as libtpu 0.0.42 words it.
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(70.76G) exceeds available HBM (15.75G).")
+    need, avail = plan._parse_exhausted(msg)
+    assert need == int(70.76 * 2**30) and avail == int(15.75 * 2**30)
+
+
+def test_collectives_count_loop_trips():
+    hlo = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  ROOT %s = f32[] add(f32[] %a, f32[] %b)
+}
+
+%body.1 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag = bf16[16,4]{1,0} all-gather(bf16[8,4]{1,0} %x), dimensions={0}
+  %ars = f32[8]{0} all-reduce-start(f32[8]{0} %y), to_apply=%add
+  %ard = f32[8]{0} all-reduce-done(f32[8]{0} %ars)
+}
+
+%cond.1 (p: (s32[], f32[8])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main.2 (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]{0}) while((s32[], f32[8]{0}) %t), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"12"}}
+  %rs = (f32[4]{0}, bf16[2]{0}) reduce-scatter(f32[8]{0} %z, bf16[4]{0} %z2), dimensions={0}
+}
+"""
+    assert plan.collectives(hlo) == {
+        "all-gather": {"count": 12, "bytes": 12 * 16 * 4 * 2},
+        "all-reduce": {"count": 12, "bytes": 12 * 8 * 4},  # the async pair once, at its -done
+        "reduce-scatter": {"count": 1, "bytes": 4 * 4 + 2 * 2},
+    }
+
+
+def test_missing_extra_is_named(monkeypatch, capsys):
+    monkeypatch.setattr(plan, "missing_extra", lambda spec: "--target=h100 needs X; install the plan extra")
+    assert plan.main(["--target=h100"]) == 2
+    assert "install the plan extra" in capsys.readouterr().err
+
+
+def test_local_cpu(tmp_path):
+    """`local` compiles for the attached devices, here the CPU, in this process."""
+    out = tmp_path / "plan.json"
+    rc = plan.main(["--target=local", "--preset=char", "--micro_batch_size=4", "--block_size=64", "--mesh=data:1",
+                    *TINY, f"--json={out}"])
+    p = json.loads(out.read_text())
+    assert rc == 0 and p["fits"] and p["memory"]["temp"] > 0
+    # XLA's count includes layer norms, softmax, loss and AdamW beyond the matmuls of 6N + 12LHQT.
+    assert 1.0 <= p["flops_per_step"] / p["flops_6n"] < 1.1
+
+
+@needs("h100")
+def test_gpt2_124m_fits_h100_with_cudnn(tmp_path):
+    rc, out, p = run_plan(tmp_path, "--target=h100", "--preset=gpt2", "--micro_batch_size=16")
+    assert rc == 0 and p["fits"] and "FITS" in out
+    assert p["device_kind"] == "NVIDIA H100 80GB HBM3"
+    assert "__cudnn$fmhaSoftmax" in p["custom_calls"] and p["attention"].startswith("cuDNN flash")
+    # Params + AdamW moments in float32 (3 x 4 bytes x 124.5M) + the batch, all donated.
+    assert 1.35 * 2**30 < p["memory"]["argument"] < 1.45 * 2**30
+    assert 0 <= p["memory"]["output"] - p["memory"]["alias"] < 4096  # the new state is written in place; metrics
+    assert 1.0 <= p["flops_per_step"] / p["flops_6n"] < 1.02  # matmuls dominate at 124M
+    assert p["collectives"] == {}  # one device
+
+
+@needs("h100")
+def test_gpt2_xl_micro_batch_64_does_not_fit_h100(tmp_path):
+    rc, out, p = run_plan(tmp_path, "--target=h100", "--preset=gpt2-xl", "--micro_batch_size=64")
+    assert rc == 1 and not p["fits"]
+    assert "DOES NOT FIT" in out and "try: --remat=full" in out
+    assert p["need_bytes"] > 80 * 2**30
+    assert any(s.startswith("--micro_batch_size=") for s in p["suggestions"])
+
+
+@needs("v5e-8")
+def test_small_model_fits_v5e_8_data_parallel(tmp_path):
+    rc, out, p = run_plan(tmp_path, "--target=v5e-8", "--mesh=data:8", "--preset=gpt2", "--micro_batch_size=16",
+                          "--block_size=256", *TINY)
+    assert rc == 0 and p["fits"]
+    assert (p["num_devices"], p["device_kind"]) == (8, "TPU v5 lite")
+    # Data parallel: every float32 gradient is summed over the 8 chips (XLA sums some partial results of
+    # the tied embedding's gradient separately: 1.46x the gradient bytes here).
+    from gpt2_jax.config import preset
+    from gpt2_jax.model import count_params
+
+    n_params = count_params(preset("gpt2", n_layer=2, n_embd=64, n_head=2, vocab_size=50304, block_size=256))
+    assert 4 * n_params <= p["collectives"]["all-reduce"]["bytes"] < 2 * 4 * n_params
+
+
+@needs("v5e-8")
+def test_tpu_refusal_becomes_does_not_fit(tmp_path):
+    rc, out, p = run_plan(tmp_path, "--target=v5e-8", "--mesh=data:8", "--preset=gpt2", "--micro_batch_size=1024",
+                          *TINY)
+    assert rc == 1 and not p["fits"] and "RESOURCE_EXHAUSTED" in p["error"]
+    assert p["budget_bytes"] == int(15.75 * 2**30) and p["need_bytes"] > p["budget_bytes"]
+    assert "DOES NOT FIT" in out and "try: --remat=full" in out
