@@ -169,32 +169,12 @@ def load_target(spec: TargetSpec) -> Target:
 
 
 def build_train_step(tc, cfg, mesh, vocab_limit: int | None = None):
-    """The trainer's jitted train step for `mesh`, and abstract arguments to lower it with.
+    """The trainer's jitted train step for `mesh` (trainer.build_step, as the trainer builds it), and the
+    abstract arguments to lower it with: (step, (state, x, y, rng))."""
+    from gpt2_jax.trainer import build_step  # noqa: PLC0415
 
-    tc: a resolved TrainConfig (trainer.resolve); cfg: the GPTConfig (trainer.model_config). Returns
-    (step, (state, x, y, rng)): `state` is the TrainState's nnx.State of ShapeDtypeStructs carrying their
-    shardings, x and y (grad_accum, micro_batch, T) int32 split on the batch dim, rng a replicated key.
-    """
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-
-    from gpt2_jax import sharding  # noqa: PLC0415
-    from gpt2_jax.model import GPT  # noqa: PLC0415
-    from gpt2_jax.optim import make_optimizer  # noqa: PLC0415
-    from gpt2_jax.trainer import TrainState, _with_shardings, check_batch, make_train_step, optim_config  # noqa: PLC0415
-
-    grad_accum = check_batch(tc, sharding.data_parallel_size(mesh), jax.process_count())
-    tx = make_optimizer(optim_config(tc))
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx)))
-    state_sh = sharding.state_shardings(abstract_state, mesh)
-    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)  # (grad_accum, micro_batch, T)
-    step = make_train_step(graphdef, state_sh, batch_sh, grad_accum, dropout=cfg.dropout > 0,
-                           vocab_limit=vocab_limit)
-    batch = jax.ShapeDtypeStruct((grad_accum, tc.micro_batch_size, tc.block_size), jnp.int32, sharding=batch_sh)
-    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                               sharding=sharding.replicated(mesh))
-    return step, (_with_shardings(abstract_state, state_sh), batch, batch, rng)
+    step = build_step(tc, cfg, mesh, vocab_limit)
+    return step.fn, step.abstract_args()
 
 
 def target_mesh(spec: str, devices):

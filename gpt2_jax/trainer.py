@@ -152,6 +152,42 @@ def make_eval_step(graphdef, state_shardings, batch_sharding, vocab_limit: int |
                    out_shardings=sharding.replicated(batch_sharding.mesh))
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted train step of a config on a mesh, and what it is built from: one code path for the
+    trainer and for plan.py's ahead-of-time compiles (for a target that need not be attached)."""
+
+    graphdef: Any
+    abstract: Any  # the TrainState as an nnx.State of ShapeDtypeStructs: shapes, no arrays
+    shardings: Any  # of `abstract`
+    tx: optax.GradientTransformation
+    optim: OptimConfig
+    grad_accum: int  # micro-batches per optimizer step
+    batch_sharding: NamedSharding  # of a train batch (grad_accum, micro_batch, T)
+    fn: Callable  # (state, x, y, rng) -> (state, metrics)
+    batch_shape: tuple[int, int, int]  # (grad_accum, micro_batch, T)
+
+    def abstract_args(self) -> tuple:
+        """`fn`'s arguments as ShapeDtypeStructs with their shardings: `step.fn.lower(*step.abstract_args())`."""
+        batch = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32, sharding=self.batch_sharding)
+        rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                   sharding=sharding.replicated(self.batch_sharding.mesh))
+        return sharding.with_shardings(self.abstract, self.shardings), batch, batch, rng
+
+
+def build_step(tc: TrainConfig, cfg: GPTConfig, mesh, vocab_limit: int | None = None) -> TrainStep:
+    """The train step for a resolved `tc` and its model `cfg` on `mesh` (any devices, attached or not)."""
+    grad_accum = check_batch(tc, sharding.data_parallel_size(mesh), jax.process_count())
+    oc = optim_config(tc)
+    tx = make_optimizer(oc)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx)))
+    shardings = sharding.state_shardings(abstract, mesh)
+    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+    fn = make_train_step(graphdef, shardings, batch_sh, grad_accum, dropout=cfg.dropout > 0, vocab_limit=vocab_limit)
+    return TrainStep(graphdef, abstract, shardings, tx, oc, grad_accum, batch_sh, fn,
+                     batch_shape=(grad_accum, tc.micro_batch_size, tc.block_size))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Setup helpers
 
@@ -246,7 +282,7 @@ def setup(tc: TrainConfig) -> Run:
     """
     tc = resolve(tc, jax.default_backend(), jax.device_count())
     mesh = sharding.make_mesh(tc.mesh)
-    grad_accum = check_batch(tc, sharding.data_parallel_size(mesh), jax.process_count())
+    check_batch(tc, sharding.data_parallel_size(mesh), jax.process_count())
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -263,10 +299,9 @@ def setup(tc: TrainConfig) -> Run:
     hellaswag_examples = load_hellaswag_for(tc, tokenizer, data_dir)
 
     # Shapes first, then shardings, then the arrays, created directly where they belong.
-    oc = optim_config(tc)
-    tx = make_optimizer(oc)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx)))
-    shardings = sharding.state_shardings(abstract, mesh)
+    # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
+    step = build_step(tc, cfg, mesh, vocab_limit=tokenizer.vocab_size)
+    graphdef, abstract, shardings, tx = step.graphdef, step.abstract, step.shardings, step.tx
     ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
     nan = NanPolicy(tc.on_nan, tc.max_skips)
     resumed = resume(ckpt, sharding.with_shardings(abstract, shardings), cfg, fingerprint, train_loader, nan, tc)
@@ -277,17 +312,13 @@ def setup(tc: TrainConfig) -> Run:
     else:
         state, start_step = resumed
 
-    # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
-    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
     eval_sh = sharding.batch_sharding(mesh, ndim=2)
     run = Run(
         tc=tc, cfg=cfg, mesh=mesh, out_dir=out_dir, tokenizer=tokenizer, train_loader=train_loader,
         val_windows=data_lib.EvalWindows(data_dir, tc.block_size, tc.micro_batch_size, tc.eval_tokens or None,
                                          **per_process) if tc.eval_every else None, fingerprint=fingerprint, graphdef=graphdef,
-        state=state, shardings=shardings, grad_accum=grad_accum, batch_sharding=batch_sh, eval_sharding=eval_sh,
-        optim=oc,
-        train_step=make_train_step(graphdef, shardings, batch_sh, grad_accum, dropout=cfg.dropout > 0,
-                                   vocab_limit=tokenizer.vocab_size),
+        state=state, shardings=shardings, grad_accum=step.grad_accum, batch_sharding=step.batch_sharding,
+        eval_sharding=eval_sh, optim=step.optim, train_step=step.fn,
         eval_step=make_eval_step(graphdef, shardings, eval_sh, vocab_limit=tokenizer.vocab_size),
         ckpt=ckpt, logger=MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=jax.process_index() == 0),
         nan=nan, start_step=start_step, hellaswag=hellaswag_examples, sample_ids=sample_ids,
