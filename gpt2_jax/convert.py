@@ -3,7 +3,9 @@
 The common currency is a flat dict of numpy arrays with HF's GPT2LMHeadModel names and layouts
 (`transformer.h.0.attn.c_attn.weight`, ...). HF's Conv1D stores weights as (in, out), which is also
 `nnx.Linear`'s kernel layout, so no tensor is transposed here; the per-layer `h.{i}` tensors are stacked
-on the model's leading `layers` axis. Every tensor's shape is checked against the model's.
+on the model's leading `layers` axis. One tensor is reshaped: the model keeps c_attn's fused q/k/v axis
+(3C) unfolded as (3, n_head, head_dim), HF's own order, so that tensor parallelism can split it by heads
+(see sharding.py). Every tensor's shape is checked against the model's, in HF's layout.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ PER_BLOCK = {
     "mlp.c_proj.weight": ("mlp", "c_proj", "kernel"),
     "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
 }
+# Stored by the model with their last HF axis (3C) unfolded to (3, n_head, head_dim): a plain reshape.
+UNFOLDED = ("attn.c_attn.weight", "attn.c_attn.bias")
 PREFIX = "transformer."  # GPT2LMHeadModel's prefix; the original `gpt2` files have none
 # Tensors in HF files that are not parameters: causal-mask buffers, and the LM head tied to wte.
 IGNORED = re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
@@ -118,8 +122,9 @@ def model_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: GPTConfig, *,
         want = _get(expected, ("h", *path)).shape  # (n_layer, ...)
         layers = [_take(tensors, f"h.{i}.{name}", used) for i in range(cfg.n_layer)]
         for i, value in enumerate(layers):  # per layer, so the message names the one bad tensor
-            check(f"h.{i}.{name}", value, want[1:])
-        _set(pure, ("h", *path), jnp.asarray(np.stack(layers), dtype=jnp.float32))
+            check(f"h.{i}.{name}", value, _hf_shape(name, want[1:]))
+        stacked = np.stack(layers).reshape(want)  # (n_layer, ...); c_attn's 3C -> (3, nh, hs)
+        _set(pure, ("h", *path), jnp.asarray(stacked, dtype=jnp.float32))
     extra = sorted(set(tensors) - used)
     if extra:
         more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
@@ -142,6 +147,7 @@ def model_to_hf_tensors(model: GPT, vocab_size: int | None = None) -> dict[str, 
     out[PREFIX + "wte.weight"] = out[PREFIX + "wte.weight"][: vocab_size or cfg.vocab_size]
     for name, path in PER_BLOCK.items():
         stacked = _get(pure, ("h", *path))
+        stacked = stacked.reshape(stacked.shape[:1] + _hf_shape(name, stacked.shape[1:]))  # (3, nh, hs) -> 3C
         for i in range(cfg.n_layer):
             out[f"{PREFIX}h.{i}.{name}"] = np.ascontiguousarray(stacked[i])
     return out
@@ -237,6 +243,12 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, *, vocab_size: int | None 
     tmp.write_text(json.dumps(config_to_hf(model.config, vocab_size), indent=2) + "\n")
     os.replace(tmp, out / "config.json")
     return out
+
+
+def _hf_shape(name: str, model_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One layer's tensor shape in HF's layout: (C, 3, nh, hs) -> (C, 3C) for c_attn, else unchanged."""
+    model_shape = tuple(model_shape)
+    return model_shape[:-3] + (int(np.prod(model_shape[-3:])),) if name in UNFOLDED else model_shape
 
 
 def _take(tensors: dict, name: str, used: set) -> np.ndarray:

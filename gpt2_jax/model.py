@@ -2,7 +2,8 @@
 
 Pre-LayerNorm blocks, a final LayerNorm, learned positions, tanh-GELU, and an LM head tied to the token
 embedding, as in OpenAI's GPT-2 and nanoGPT. Parameter names follow Hugging Face's GPT2LMHeadModel
-(`wte, wpe, h.ln_1, h.attn.c_attn, ...`), so conversion is a rename table (see convert.py).
+(`wte, wpe, h.ln_1, h.attn.c_attn, ...`), so conversion is a rename table (see convert.py) plus one
+reshape: c_attn keeps its fused q/k/v axis as (3, n_head, head_dim), for tensor parallelism by heads.
 
 The 12..48 blocks are stored stacked, one leading `layers` axis per parameter, and run with `lax.scan`:
 XLA compiles one block instead of n_layer copies (on CPU the scan is unrolled: it runs faster there).
@@ -145,7 +146,16 @@ def blocked_attention(q, k, v, dropout=None) -> jax.Array:
 class CausalSelfAttention(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         proj_std = INIT_STD * (2 * cfg.n_layer) ** -0.5  # GPT-2: scale residual projections
-        self.c_attn = _linear(cfg, cfg.n_embd, 3 * cfg.n_embd, ("embed", "heads"), INIT_STD, rngs)
+        # The fused q/k/v projection, its kernel stored as (C, 3, nh, hs) rather than HF's (C, 3C): the
+        # same numbers (convert.py reshapes), but with a dim of its own for the heads, so a tensor-parallel
+        # mesh splits q, k and v alike by whole heads (Megatron's layout, see sharding.py). Split as one
+        # 3C dim, shard 0 would hold all of q and half of k, and every step would reshuffle them.
+        C, nh = cfg.n_embd, cfg.n_head
+        self.c_attn = nnx.Einsum(
+            "...C,CKHD->...KHD", (C, 3, nh, C // nh), (3, nh, C // nh) if cfg.bias else None,
+            dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, rngs=rngs,
+            kernel_init=_normal(INIT_STD, ("embed", None, "heads", None)), bias_init=_zeros((None, "heads", None)),
+        )
         self.c_proj = _linear(cfg, cfg.n_embd, cfg.n_embd, ("heads", "embed"), proj_std, rngs)
         self.attn_dropout = nnx.Dropout(cfg.dropout)
         self.resid_dropout = nnx.Dropout(cfg.dropout)
@@ -153,8 +163,9 @@ class CausalSelfAttention(nnx.Module):
 
     def __call__(self, x, cache: KVCache | None, layer, pos, dropout_rng) -> tuple[jax.Array, KVCache | None]:
         B, T, C = x.shape
-        q, k, v = jnp.split(_dense(self.c_attn, x), 3, axis=-1)  # 3 x (B, T, C)
-        q, k, v = (a.reshape(B, T, self.n_head, C // self.n_head) for a in (q, k, v))  # (B, T, nh, hs)
+        qkv = self.c_attn(x.reshape(B * T, C))  # (B*T, 3, nh, hs); 2-D input as in _dense, see there
+        qkv = qkv.reshape(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, nh, hs)
         mask = None
         if cache is not None:  # write this step's keys/values at [pos, pos + T), attend to [0, pos + T)
             # `cache` holds every layer: updating it in place at `layer` writes only the new T positions,

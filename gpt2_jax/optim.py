@@ -1,8 +1,8 @@
 """The optimizer of the GPT-2 reproduction recipe (GPT-3 paper's settings, as in nanoGPT's build).
 
 AdamW (beta1 0.9, beta2 0.95, eps 1e-8), weight decay 0.1 on matrices and embeddings only (params with
-ndim >= 2; biases and LayerNorm gains are not decayed), global-norm gradient clipping at 1.0, and a
-learning rate that warms up linearly then follows a cosine down to min_lr_ratio * max_lr.
+ndim >= 2 in HF's layout; biases and LayerNorm gains are not decayed), global-norm gradient clipping at
+1.0, and a learning rate that warms up linearly then follows a cosine down to min_lr_ratio * max_lr.
 """
 
 from __future__ import annotations
@@ -51,13 +51,14 @@ def lr_schedule(c: OptimConfig) -> optax.Schedule:
     return schedule
 
 
-DECAYED = ("kernel", "embedding")  # matmul weights and embeddings: the params with ndim >= 2 per layer
+DECAYED = ("kernel", "embedding")  # matmul weights and embeddings: the params >= 2-D per layer in HF's layout
 
 
 def decay_mask(params):
     """True for params that get weight decay: matmul kernels and embeddings, i.e. every tensor that is
-    >= 2-D per layer. Decided by name because the blocks are stacked on a leading layers axis (a stacked
-    bias is (n_layer, C) but still a bias), and optax hands this function plain arrays."""
+    >= 2-D per layer in HF's layout. Decided by name because the blocks are stacked on a leading layers
+    axis (a stacked bias is (n_layer, C) but still a bias), c_attn's bias is stored as (3, n_head,
+    head_dim) (see model.py), and optax hands this function plain arrays."""
 
     def decayed(path, _):
         names = [getattr(k, "key", getattr(k, "name", None)) for k in path]

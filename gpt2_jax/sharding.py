@@ -4,8 +4,25 @@ Model code names logical axes (`embed`, `mlp`, `heads`, `vocab`, `layers`, `norm
 mesh axes. Mesh axes:
   data    pure data parallelism: params replicated, the batch split;
   fsdp    data parallelism with params and optimizer state split on their `embed` dim (ZeRO-3 style);
-  tensor  Megatron-style: the `mlp`/`heads`/`vocab` dims split, the batch replicated.
+  tensor  Megatron's layout (Shoeybi et al. 2019, "Megatron-LM", section 3): the `mlp`/`heads`/`vocab`
+          dims split, the batch replicated.
 Switching strategy changes the mesh flag only (`--mesh=data:8`, `--mesh=data:2,fsdp:4`).
+
+Tensor parallelism as in Megatron: c_fc and c_attn are split on their outputs (columns), mlp.c_proj and
+attn.c_proj on their inputs (rows), so each device runs whole attention heads and its part of the MLP
+with no communication inside a block, and the block's forward needs one all-reduce after each row-split
+projection (the backward one more before each column-split one). For attention this needs the split to
+fall on head boundaries of q, k and v alike. c_attn's fused q/k/v output is therefore stored unfolded as
+(3, n_head, head_dim) with `heads` on the n_head dim (model.py; convert.py reshapes from and to HF's 3C):
+split as one 3C dim, tensor:2 would give shard 0 all of q and half of k, and XLA reshuffles q/k/v every
+step to get heads (data:4,tensor:2, 2 layers, measured with benchmarks/collectives.py: 8 all-to-alls +
+4 collective-permutes per step before, none after; the all-reduces, 14, are the same). Storing the kernel
+so was chosen over keeping HF's shape and resharding inside the model: a logical axis names one stored
+dim, and no split of a (C, 3C) dim into contiguous blocks is a split by heads.
+
+Keep `tensor` a divisor of n_head. A dim that the mesh axis does not divide stays replicated (correct,
+only not split): for the vocabulary (50257) that costs memory only, but with n_head % tensor != 0 c_attn
+is replicated while attn.c_proj's input dim (C) may still split, off head boundaries, and XLA reshards.
 """
 
 from __future__ import annotations

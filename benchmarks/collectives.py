@@ -1,0 +1,126 @@
+"""The collectives in the trainer's compiled train step, per mesh: what a sharding strategy costs in
+communication, read from the program XLA actually runs (no timing, so a CPU with fake devices suffices).
+
+    python benchmarks/collectives.py --mesh=data:4,tensor:2 --mesh=data:2,tensor:4
+    python benchmarks/collectives.py --preset=gpt2 --n_layer=2 --mesh=data:8 --mesh=data:2,fsdp:4
+
+The step is `trainer.make_train_step` with the trainer's own state and batch shardings
+(`sharding.state_shardings`, `sharding.batch_sharding`), built exactly as `trainer.run` builds it, then
+lowered and compiled for `--devices` fake CPU devices. In the compiled HLO text each collective
+instruction (all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute; an async
+`*-start`/`*-done` pair counts once) is counted, with the bytes of its result (per device). Counts are
+static: an instruction inside a loop body counts once (on CPU the layer scan is unrolled, so per-layer
+collectives appear n_layer times). Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+               "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+# `%name = <result type> <opcode>(` -- the result type is an array type or a tuple of them.
+INSTRUCTION = re.compile(r"=\s*(?P<type>\(.*?\)|\S+)\s+(?P<op>" + "|".join(KINDS) + r")(?:-start)?\(")
+ARRAY_TYPE = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+
+
+def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {"count": n, "bytes": result bytes summed}} for every kind in KINDS (zeros included).
+
+    For an async start the result tuple holds the operands too: only its last element (the output)
+    is counted for all-gather, which grows its input; for the others input and output have one size."""
+    out = {k: {"count": 0, "bytes": 0} for k in KINDS}
+    for m in INSTRUCTION.finditer(hlo_text):
+        arrays = [a for a in ARRAY_TYPE.finditer(m.group("type")) if a.group("dtype") in DTYPE_BYTES]
+        if m.group(0).rstrip("(").endswith("-start"):  # ((operands), outputs...): keep the outputs
+            arrays = arrays[len(arrays) // 2:]
+        size = sum(DTYPE_BYTES[a.group("dtype")] * _prod(a.group("dims")) for a in arrays)
+        out[m.group("op")]["count"] += 1
+        out[m.group("op")]["bytes"] += size
+    return out
+
+
+def _prod(dims: str) -> int:
+    n = 1
+    for d in filter(None, dims.split(",")):
+        n *= int(d)
+    return n
+
+
+def compiled_train_step_hlo(cfg, mesh_spec: str, micro_batch_size: int, grad_accum: int = 1) -> str:
+    """The compiled HLO text of the trainer's train step for `cfg` on `--mesh=mesh_spec`."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from gpt2_jax import sharding  # noqa: PLC0415
+    from gpt2_jax.model import GPT  # noqa: PLC0415
+    from gpt2_jax.optim import OptimConfig, make_optimizer  # noqa: PLC0415
+    from gpt2_jax.trainer import TrainState, _with_shardings, make_train_step  # noqa: PLC0415
+
+    mesh = sharding.make_mesh(mesh_spec)
+    tx = make_optimizer(OptimConfig(warmup_steps=10, max_steps=100))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx)))
+    state_sh = sharding.state_shardings(abstract_state, mesh)
+    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)  # (grad_accum, micro_batch, T)
+    step = make_train_step(graphdef, state_sh, batch_sh, grad_accum, dropout=cfg.dropout > 0)
+    state = _with_shardings(abstract_state, state_sh)  # ShapeDtypeStructs: nothing is allocated
+    batch = jax.ShapeDtypeStruct((grad_accum, micro_batch_size, cfg.block_size), jnp.int32, sharding=batch_sh)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    return step.lower(state, batch, batch, rng).compile().as_text()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mesh", action="append", help="a --mesh value of train.py; repeat for several "
+                   "(default: data:4,tensor:2 and data:2,tensor:4)")
+    p.add_argument("--devices", type=int, default=8, help="fake CPU devices")
+    p.add_argument("--preset", default="char")
+    p.add_argument("--n_layer", type=int, default=2)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=64)
+    p.add_argument("--vocab_size", type=int, default=128, help="128: the char vocabulary (65) padded, so "
+                   "that wte splits over tensor")
+    p.add_argument("--block_size", type=int, default=64)
+    p.add_argument("--micro_batch_size", type=int, default=8)
+    p.add_argument("--attention", default="", help="empty: the trainer's default on CPU")
+    args = p.parse_args(argv)
+
+    import jax  # noqa: PLC0415
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    from gpt2_jax.config import preset  # noqa: PLC0415
+    from gpt2_jax.model import default_attention  # noqa: PLC0415
+
+    cfg = preset(args.preset, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                 vocab_size=args.vocab_size, block_size=args.block_size, dropout=0.0, dtype="float32",
+                 attention=args.attention or default_attention("cpu", "float32"))
+    meshes = args.mesh or ["data:4,tensor:2", "data:2,tensor:4"]
+    print(f"model: {args.preset} n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} "
+          f"vocab={cfg.vocab_size} T={cfg.block_size} attention={cfg.attention} | batch {args.micro_batch_size} | "
+          f"{args.devices} CPU devices | jax {jax.__version__}")
+    print(f"{'mesh':<20}" + "".join(f"{k:>24}" for k in KINDS))
+    results = {}
+    for spec in meshes:
+        counts = count_collectives(compiled_train_step_hlo(cfg, spec, args.micro_batch_size))
+        results[spec] = counts
+        print(f"{spec:<20}" + "".join(f"{c['count']:>8} ({c['bytes']:>9,} B)" for c in counts.values()))
+    print("(static counts in the compiled step; bytes: result size per device)")
+    out = {"bench": "collectives", "jax": jax.__version__, "config": cfg.to_dict(),
+           "micro_batch_size": args.micro_batch_size, "meshes": results,
+           "command": "python benchmarks/collectives.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
