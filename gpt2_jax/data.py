@@ -618,19 +618,18 @@ def eval_windows(sizes: Sequence[int], seq_len: int, batch_size: int,
     `max_tokens` (None or 0: no limit), the pass scores its first ``W - W % batch_size`` windows:
     the last partial batch is dropped, as `evaluate.shard_batches` drops it, so on a one-shard split
     the two give the same batches. Otherwise it scores K = ``max_tokens // seq_len`` windows rounded
-    down to whole batches, spread evenly over the split (window ``i*W // K``), not its first K:
+    down to whole batches (at least one batch), spread evenly over the split (window ``i*W // K``), not its first K:
     a sample of all of it, the same at every evaluation.
     """
     counts = [max(0, (n - 1) // seq_len) for n in sizes]  # windows that fit in each shard
     every = np.concatenate([np.stack([np.full(c, k), np.arange(c) * seq_len], axis=1)
                             for k, c in enumerate(counts)]).astype(np.int64)  # (W, 2)
     W = len(every)
-    afford = max_tokens // seq_len if max_tokens else W
-    if W < batch_size or afford < batch_size:
+    if W < batch_size:
         raise ValueError(f"validation needs one batch of batch_size={batch_size} windows of "
-                         f"seq_len+1 = {seq_len + 1} tokens, but the split has {W} and "
-                         f"max_tokens={max_tokens} allows {afford}; use a smaller batch_size or "
-                         "seq_len, or a larger max_tokens")
+                         f"seq_len+1 = {seq_len + 1} tokens, but the split has {W}; use a smaller "
+                         "batch_size or seq_len, or more validation data")
+    afford = max(batch_size, max_tokens // seq_len) if max_tokens else W  # at least one batch
     if afford >= W:
         return every[:W - W % batch_size]
     K = afford - afford % batch_size
