@@ -157,12 +157,12 @@ class TrainConfig:
     total_batch_size: int = _flag(0, "tokens per optimizer step (0: 2**19 for GPT-2 sizes, one micro-batch for char)",
                                   low=0)
     micro_batch_size: int = _flag(0, "sequences per micro-step over all devices (0: auto)", low=0)
-    block_size: int = _flag(0, "sequence length (0: the preset's)", low=0)
-    n_layer: int = _flag(0, "override the preset's number of blocks (0: the preset's)", low=0)
-    n_head: int = _flag(0, "override the preset's attention heads (0: the preset's)", low=0)
-    n_embd: int = _flag(0, "override the preset's width (0: the preset's)", low=0)
+    block_size: int = _flag(0, "sequence length (0: the preset's; 64 for char on CPU)", low=0)
+    n_layer: int = _flag(0, "override the preset's number of blocks (0: the preset's; 4 for char on CPU)", low=0)
+    n_head: int = _flag(0, "override the preset's attention heads (0: the preset's; 4 for char on CPU)", low=0)
+    n_embd: int = _flag(0, "override the preset's width (0: the preset's; 128 for char on CPU)", low=0)
     vocab_size: int = _flag(0, "model vocabulary (0: the data's; GPT-2 BPE is padded to 50304)", low=0)
-    dropout: float = _flag(-1.0, "dropout rate (-1: the preset's)", low=0.0, below=1.0)
+    dropout: float = _flag(-1.0, "dropout rate (-1: the preset's; 0 for char on CPU)", low=0.0, below=1.0)
     dtype: str = _flag("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on gpu/tpu, float32 on cpu)",
                        choices=DTYPES)
     attention: str = _flag("", "xla | cudnn | blocked | einsum (empty: cudnn on gpu with bfloat16, blocked on "
@@ -174,7 +174,7 @@ class TrainConfig:
     mesh: str = _flag("", "device mesh, e.g. data:8 or data:2,fsdp:4 (empty: every device on data; "
                       "single-process runs may use fewer devices than they have)")
     # Optimizer and schedule (optim.py).
-    max_steps: int = _flag(0, "optimizer steps (0: 19073 for GPT-2 sizes = 10B tokens; a few minutes for char)",
+    max_steps: int = _flag(0, "optimizer steps (0: 19073 for GPT-2 sizes = 10B tokens; 2000 for char on CPU, 5000 elsewhere)",
                            low=0)
     warmup_steps: int = _flag(-1, "linear warmup steps (-1: 715 for GPT-2 sizes, 10% of max_steps otherwise)", low=-1)
     # No upper bound on max_lr: where training diverges depends on the model, batch and warmup (3e-3 trains

@@ -53,19 +53,30 @@ class TrainState(nnx.Module):
 # Settings
 
 
+# The char preset on a CPU (the default `python train.py`): the settings that learned the most in about
+# 3 minutes on 2 cores (benchmarks/convergence.py --corpus bundled; benchmarks/NOTES.md). On GPU/TPU the
+# char preset keeps its full size (6 layers, 384 wide, T=256, dropout 0.2).
+CPU_CHAR = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, micro_batch_size=12, max_steps=2000,
+                warmup_steps=100, dropout=0.0)
+
+
 def resolve(tc: TrainConfig, backend: str, num_devices: int) -> TrainConfig:
-    """Fill the "auto" (zero / empty) settings from the preset and the platform."""
+    """Fill the "auto" (zero / empty / -1) settings from the preset and the platform."""
     big = tc.preset in GPT2_SIZES
     cpu = backend == "cpu"
-    block = tc.block_size or (PRESETS[tc.preset].block_size if not (cpu and not big) else 128)
+    if cpu and not big:
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        auto = {k: v for k, v in CPU_CHAR.items() if getattr(tc, k) == defaults[k]}  # flags left unset
+        if "micro_batch_size" in auto:  # a multiple of the devices, which split it
+            auto["micro_batch_size"] = -(-auto["micro_batch_size"] // num_devices) * num_devices
+        tc = dataclasses.replace(tc, **auto)
+    block = tc.block_size or PRESETS[tc.preset].block_size
     if tc.micro_batch_size:
         micro = tc.micro_batch_size
-    elif big:
-        micro = (4 if cpu else 16) * num_devices
     else:
-        micro = 8 if cpu else 64 * num_devices
+        micro = ((4 if cpu else 16) if big else 64) * num_devices
     total = tc.total_batch_size or (2**19 if big else micro * block)
-    steps = tc.max_steps or (19073 if big else (150 if cpu else 5000))
+    steps = tc.max_steps or (19073 if big else 5000)
     dtype = tc.dtype or ("float32" if cpu else "bfloat16")
     return dataclasses.replace(
         tc, block_size=block, micro_batch_size=micro, total_batch_size=total, max_steps=steps,

@@ -312,3 +312,17 @@ def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
             for name in ("plain", "padded")}
     assert rows["plain"][0]["loss"] == pytest.approx(rows["padded"][0]["loss"], rel=1e-6)
     assert rows["plain"][1]["val_loss"] == pytest.approx(rows["padded"][1]["val_loss"], rel=1e-6)
+
+
+def test_cpu_default_is_the_small_char_model():
+    """`python train.py` on a CPU trains the measured small config (trainer.CPU_CHAR); flags still win, the
+    micro-batch is a multiple of the devices, and GPU/TPU keep the char preset at full size."""
+    from gpt2_jax.trainer import CPU_CHAR, resolve
+
+    tc = resolve(TrainConfig(), "cpu", 1)
+    assert {k: getattr(tc, k) for k in CPU_CHAR} == CPU_CHAR
+    assert resolve(TrainConfig(), "cpu", 8).micro_batch_size == 16
+    mine = resolve(TrainConfig(n_layer=2, warmup_steps=0, dropout=0.1, micro_batch_size=5), "cpu", 8)
+    assert (mine.n_layer, mine.warmup_steps, mine.dropout, mine.micro_batch_size) == (2, 0, 0.1, 5)
+    gpu = resolve(TrainConfig(), "gpu", 1)
+    assert (gpu.n_layer, gpu.block_size, gpu.dropout, gpu.max_steps) == (0, 256, -1.0, 5000)  # preset's 6 x 384
