@@ -214,7 +214,7 @@ def init_distributed(tc: TrainConfig) -> None:
         jax.distributed.initialize()
 
 
-def prepare_data(tc: TrainConfig, out_dir) -> Path:
+def prepare_data(tc: TrainConfig, out_dir: epath.Path) -> Path:
     """The token shard folder: --data, or Python's bundled docs tokenised char-level into out_dir/data.
 
     Shards are memory-mapped, so they are always a local folder: for a bucket out_dir the bundled corpus
