@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         summary = run(config)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:  # OSError: missing files, unreachable bucket
         sys.exit(f"error: {e}")
     if summary.get("interrupted"):  # stopped by a signal, after writing a checkpoint
         sys.exit(128 + signal.Signals[summary["interrupted"]].value)

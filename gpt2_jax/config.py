@@ -149,9 +149,11 @@ class TrainConfig:
 
     platform: str = _flag("", "JAX backend: cpu | gpu | tpu (empty: JAX's default)", choices=PLATFORMS)
     preset: str = _flag("char", "model size: " + ", ".join(PRESETS), choices=tuple(PRESETS))
-    init_from: str = _flag("scratch", "scratch | an HF name (gpt2, gpt2-medium, ...) or folder | a training out_dir")
+    init_from: str = _flag("scratch", "scratch | an HF name (gpt2, gpt2-medium, ...) or folder | a training "
+                           "out_dir (local or gs://)")
     data: str = _flag("", "token shard folder (python -m gpt2_jax.data ...); empty: Python's bundled docs, char-level")
-    out_dir: str = _flag("out", "checkpoints, metrics.jsonl, TensorBoard events and plots go here")
+    out_dir: str = _flag("out", "checkpoints, metrics.jsonl, TensorBoard events and plots go here: a local "
+                         "folder or gs://bucket/path (pip install 'gpt2-jax[gcs]')")
     resume: bool = _flag(False, "require a checkpoint in out_dir to resume from (resuming is automatic anyway)")
     # Batch: total_batch_size tokens per optimizer step = micro_batch_size * block_size * grad_accum.
     total_batch_size: int = _flag(0, "tokens per optimizer step (0: 2**19 for GPT-2 sizes, one micro-batch for char)",

@@ -37,6 +37,7 @@ from gpt2_jax.data import EvalWindows, Tokenizer
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
 from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
+from gpt2_jax.storage import is_remote, run_path
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _row_losses(graphdef, state, x, y, vocab_limit: int) -> jax.Array:
@@ -108,6 +109,9 @@ def _loss_command(args) -> dict[str, Any]:
     if args.batch_size < 1 or args.block_size < 0 or args.max_batches < 0:
         raise ValueError(f"--batch_size={args.batch_size} must be >= 1, --block_size={args.block_size} and "
                          f"--max_batches={args.max_batches} >= 0 (0: the model's context / every batch)")
+    if is_remote(args.data):
+        raise ValueError(f"--data {args.data}: token shards and text files are read from a local path; copy "
+                         "them here first (e.g. gcloud storage cp -r)")
     data = Path(args.data).expanduser()
     if not data.exists():
         raise FileNotFoundError(f"--data {data} does not exist; pass a token-shard folder (its val split is "
@@ -173,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        run_path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # local or gs://
         print(f"wrote {args.out}")
     return 0
 

@@ -18,17 +18,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
+
+from etils import epath
 
 from gpt2_jax.convert import export_hf, export_vocab_size
 from gpt2_jax.runs import CHECKPOINTS, TOKENIZER_FILE, load_run, write_tokenizer
+from gpt2_jax.storage import is_remote, run_path
 
-def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | None = None) -> tuple[Path, dict]:
-    """Write the checkpoint of training run `out_dir` (newest, or `step`) as an HF folder `to`.
+def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, dict]:
+    """Write the checkpoint of training run `out_dir` (newest, or `step`) as an HF folder `to`. Either may
+    be in a bucket (gs://): the folder is then written locally first and its files copied up.
 
     Returns (the folder, a summary: step, tokenizer name, vocab sizes, n_layer/n_head/n_embd/block_size).
     """
-    run, to = Path(out_dir).resolve(), Path(to).resolve()
+    run, to = (p if is_remote(p) else p.resolve() for p in (run_path(out_dir), run_path(to)))
     root = run.parent if run.name == CHECKPOINTS else run
     if to == root or root / CHECKPOINTS in (to, *to.parents):
         raise ValueError(f"--to {to} would write into the run's own folder (and overwrite its config.json); "
@@ -40,9 +45,14 @@ def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | No
     vocab = export_vocab_size(cfg)
     if tokenizer is not None and tokenizer.vocab_size > vocab:
         raise ValueError(f"the run's tokenizer has {tokenizer.vocab_size} ids but the model only {vocab}")
-    export_hf(model, to, vocab_size=vocab)
-    if tokenizer is not None:
-        write_tokenizer(to, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="gpt2_jax-export-") as tmp:
+        local = Path(tmp) if is_remote(to) else to  # safetensors writes local files only
+        export_hf(model, local, vocab_size=vocab)
+        if tokenizer is not None:
+            write_tokenizer(local, tokenizer)
+        if is_remote(to):
+            for f in sorted(Path(tmp).iterdir()):  # an object appears whole once uploaded: no temp names
+                (to / f.name).write_bytes(f.read_bytes())
     summary = {"step": meta["step"], "tokenizer": tokenizer.name if tokenizer else None, "vocab_size": vocab,
                "model_vocab_size": cfg.vocab_size,
                **{k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")}}

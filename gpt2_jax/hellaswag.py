@@ -46,6 +46,7 @@ from gpt2_jax.config import GPT2_VOCAB_SIZE
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
 from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
+from gpt2_jax.storage import cache_dir, run_path
 
 HELLASWAG_VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_ENDINGS = 4
@@ -59,9 +60,7 @@ Encode = Callable[[str], Sequence[int]]
 
 def default_cache_dir() -> Path:
     """Where downloads go: $GPT2_JAX_CACHE, else $XDG_CACHE_HOME/gpt2_jax, else ~/.cache/gpt2_jax."""
-    if "GPT2_JAX_CACHE" in os.environ:
-        return Path(os.environ["GPT2_JAX_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gpt2_jax"
+    return cache_dir()
 
 
 def download_hellaswag(cache_dir: str | os.PathLike | None = None, url: str = HELLASWAG_VAL_URL) -> Path:
@@ -112,13 +111,13 @@ def load_hellaswag(path: str | os.PathLike | None = None, limit: int | None = No
     `path=None` downloads the official validation file once (see `download_hellaswag`). `limit` keeps the
     first N examples. A line that breaks the schema raises ValueError naming the file, line and field.
     """
-    path = Path(path) if path is not None else download_hellaswag()
+    path = run_path(path) if path is not None else download_hellaswag()  # local or gs://
     if not path.is_file():
         raise FileNotFoundError(f"HellaSwag file {path} does not exist")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (or None for all examples)")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(examples) >= limit:
                 break

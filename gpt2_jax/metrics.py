@@ -9,6 +9,10 @@ Logs go to `out_dir/metrics.jsonl`, one JSON object per line, each with a "step"
     {"step": 250, "val_loss": 3.1}
 and, unless switched off, to TensorBoard event files in `out_dir/tb`.
 
+A bucket (gs://) cannot be appended to: there the logger writes both to a local staging folder and
+`sync()` uploads them as whole files (the trainer calls it at each checkpoint and at the end), so a run
+killed with -9 loses in the bucket only the rows since its last checkpoint, which a resumed run logs again.
+
 Non-finite floats (NaN, +-inf) are written as JSON `null`, so every line is valid JSON for any parser
 (`json.dumps` would otherwise write the bare `NaN`, which is not JSON). The key stays present, so
 "the loss was not a number" differs from "the loss was not logged"; `read_metrics` reads `null` back
@@ -21,11 +25,14 @@ import json
 import math
 import numbers
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from gpt2_jax.config import GPTConfig
+from gpt2_jax.storage import is_remote, run_path
 
 FLOPS_CONVENTION = "6N + 12*L*H*Q*T (PaLM/nanoGPT), N excludes wpe"
 
@@ -134,23 +141,37 @@ def _to_json_value(value: Any) -> Any:
 class MetricsLogger:
     """Appends scalars to `out_dir/metrics.jsonl` (and TensorBoard); a no-op on non-primary processes.
 
-    Each line is flushed as it is written, so a crash loses nothing already logged. A partial last line
-    left by a killed run is cut off when the file is reopened, so appended lines stay parseable.
+    Local out_dir: each line is flushed as it is written, so a crash loses nothing already logged. A
+    partial last line left by a killed run is cut off when the file is reopened, so appended lines stay
+    parseable.
+
+    Bucket out_dir (gs://): metrics.jsonl is downloaded into a local staging folder (a resumed run appends to
+    it), TensorBoard writes there too, and `sync()` / `close()` copy both to the bucket, whole files.
     """
 
     def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, is_primary: bool = True):
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.out_dir = run_path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
         self._file = None
         self._tb = None
+        self._staging: Path | None = None  # the local copies of a bucket out_dir
+        self._uploaded: dict[Path, int] = {}  # staged file -> its size at its last upload
         if not is_primary:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_partial_last_line(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        if is_remote(self.out_dir):
+            self._staging = Path(tempfile.mkdtemp(prefix="gpt2_jax-metrics-"))
+            local, tb_dir = self._staging / "metrics.jsonl", self._staging / "tb"
+            if self.path.exists():
+                local.write_bytes(self.path.read_bytes())
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            local, tb_dir = Path(self.path), self.out_dir / "tb"
+        _drop_partial_last_line(local)
+        self._file = open(local, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter  # lazy: protobuf import is not free
 
-            self._tb = SummaryWriter(str(Path(out_dir) / "tb"))
+            self._tb = SummaryWriter(str(tb_dir))
 
     def log(self, step: int, **scalars: Any) -> None:
         if self._file is None:
@@ -166,13 +187,46 @@ class MetricsLogger:
                     continue  # TensorBoard scalars are numbers only
                 self._tb.add_scalar(key, math.nan if v is None else v, row["step"])
 
+    def sync(self) -> None:
+        """Flush; for a bucket out_dir also upload metrics.jsonl and the TensorBoard files that changed.
+        An upload that fails is a warning (the next sync copies the whole file again), not a stopped run."""
+        if self._file is None:
+            return
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        if self._staging is None:
+            return
+        for f in sorted(p for p in self._staging.rglob("*") if p.is_file()):
+            size = f.stat().st_size
+            if self._uploaded.get(f) == size:
+                continue
+            target = self.out_dir / f.relative_to(self._staging).as_posix()
+            try:
+                target.write_bytes(f.read_bytes())
+                self._uploaded[f] = size
+            except Exception as e:  # gcsfs raises OSError, aiohttp errors, ...
+                warnings.warn(f"could not upload {f} to {target} ({type(e).__name__}: {e}); the next sync "
+                              "tries again", stacklevel=2)
+
     def close(self) -> None:
+        """Close the files; for a bucket out_dir upload them a last time and delete the local copies (kept,
+        with a warning naming them, if an upload failed)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
         if self._file is not None:
+            self.sync()
             self._file.close()
             self._file = None
+        if self._staging is not None:
+            staged = [p for p in self._staging.rglob("*") if p.is_file()]
+            if all(self._uploaded.get(p) == p.stat().st_size for p in staged):
+                shutil.rmtree(self._staging, ignore_errors=True)
+            else:
+                warnings.warn(f"the metrics of {self.out_dir} are not all uploaded; local copies in "
+                              f"{self._staging}", stacklevel=2)
+            self._staging = None
 
     def __enter__(self) -> "MetricsLogger":
         return self
@@ -197,8 +251,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     A truncated last line (the writer was killed mid-line) is skipped silently; an unparseable line
     elsewhere is skipped with a warning.
     """
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    path = run_path(path)
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():

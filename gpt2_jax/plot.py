@@ -9,6 +9,7 @@ line in each panel. The trainer calls `plot_run(out_dir)` at the end of a run.
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gpt2_jax.metrics import read_metrics
+from gpt2_jax.storage import is_remote, run_path
 
 # OpenAI's GPT-2 124M, evaluated as in the lecture: loss on the FineWeb-Edu validation split (10M tokens)
 # and HellaSwag acc_norm on the 10,042 validation examples.
@@ -61,11 +63,11 @@ def _ylim(series: list[tuple[list[int], list[float]]], refs: list[float], skip_f
 
 def plot_run(out_dir: str | Path, png_path: str | Path | None = None) -> Path:
     """Write the loss / HellaSwag figure for `out_dir/metrics.jsonl`; returns the PNG's path."""
-    out_dir = Path(out_dir)
+    out_dir = run_path(out_dir)  # local or gs://
     metrics_path = out_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"no metrics file at {metrics_path} (is {out_dir} a run's --out_dir?)")
-    png_path = Path(png_path) if png_path is not None else out_dir / "loss.png"
+    png_path = run_path(png_path) if png_path is not None else out_dir / "loss.png"
     rows = read_metrics(metrics_path)
 
     fig = Figure(figsize=(13, 4.8), layout="constrained")
@@ -106,8 +108,13 @@ def plot_run(out_dir: str | Path, png_path: str | Path | None = None) -> Path:
         ax.legend(loc="upper right" if ax is ax_loss else "lower right", fontsize=9)
         if train_steps or hs_steps or val_steps:
             ax.set_xlim(0, max(train_steps + val_steps + hs_steps + [1]))
-    fig.suptitle(f"{out_dir.resolve().name}: step {last_step}")
+    fig.suptitle(f"{(out_dir if is_remote(out_dir) else out_dir.resolve()).name}: step {last_step}")
 
+    if is_remote(png_path):  # an object appears whole once its upload ends: no temporary name needed
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+        png_path.write_bytes(png.getvalue())
+        return png_path
     # Write to a temporary name and rename, so a viewer never sees a half-written PNG.
     png_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = png_path.with_name(png_path.name + ".tmp")

@@ -10,6 +10,9 @@
 
 A training run's out_dir holds `checkpoints/<step>/{state,meta}`, `config.json`, `metrics.jsonl`, `tb/`
 and `loss.png`; the names are defined here, once.
+
+Any of these may be in a bucket (`gs://bucket/run`): paths go through `storage.run_path` (etils.epath). An HF
+folder in a bucket is copied to a local temporary folder and loaded from there.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
 
 from gpt2_jax.checkpoint import Checkpointer
@@ -30,6 +35,7 @@ from gpt2_jax.convert import load_hf, resolve_checkpoint
 from gpt2_jax.data import Tokenizer
 from gpt2_jax.model import GPT
 from gpt2_jax.sharding import with_shardings
+from gpt2_jax.storage import is_remote, run_path
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
@@ -38,9 +44,9 @@ PLOT_FILE = "loss.png"
 TOKENIZER_FILE = "gpt2_jax_tokenizer.json"  # beside an exported HF folder's config.json
 
 
-def checkpoints_dir(path: str | os.PathLike) -> Path:
-    """The checkpoints/ folder of a run, given its out_dir or the folder itself."""
-    path = Path(path)
+def checkpoints_dir(path: str | os.PathLike) -> epath.Path:
+    """The checkpoints/ folder of a run, given its out_dir or the folder itself (local or gs://)."""
+    path = run_path(path)
     return path if path.name == CHECKPOINTS else path / CHECKPOINTS
 
 
@@ -51,7 +57,7 @@ def is_training_run(path: str | os.PathLike) -> bool:
 
 def read_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
     """The tokenizer an exported HF folder records (TOKENIZER_FILE), or None if it records none."""
-    path = Path(folder) / TOKENIZER_FILE
+    path = run_path(folder) / TOKENIZER_FILE
     if not path.is_file():
         return None
     try:
@@ -61,7 +67,7 @@ def read_tokenizer(folder: str | os.PathLike) -> Tokenizer | None:
 
 
 def write_tokenizer(folder: str | os.PathLike, tokenizer: Tokenizer) -> None:
-    (Path(folder) / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_meta(), indent=1) + "\n")
+    (run_path(folder) / TOKENIZER_FILE).write_text(json.dumps(tokenizer.to_meta(), indent=1) + "\n")
 
 
 def _guess_tokenizer(cfg: GPTConfig) -> Tokenizer | None:
@@ -127,7 +133,7 @@ def load_model(init_from: str, *, step: int | None = None, shardings: Any = None
     `vocab_size` pads an HF model's vocabulary with zero rows (e.g. 50304); a run keeps its own.
     `overrides` set runtime GPTConfig fields (dtype, attention, remat). Missing paths raise FileNotFoundError.
     """
-    path = Path(init_from).expanduser()
+    path = run_path(init_from)
     if is_training_run(path):
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
@@ -138,10 +144,21 @@ def load_model(init_from: str, *, step: int | None = None, shardings: Any = None
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is neither a training run's out_dir (no {CHECKPOINTS}/ folder) nor an "
                                 "HF checkpoint folder (no config.json)")
-    if not path.exists() and (path.is_absolute() or init_from.startswith((".", "~"))):
+    if not path.exists() and (is_remote(path) or path.is_absolute() or init_from.startswith((".", "~"))):
         raise FileNotFoundError(f"{path} does not exist; --init_from takes a training run's out_dir, an HF "
                                 "checkpoint folder or an HF GPT-2 name (gpt2, gpt2-medium, ...)")
+    if is_remote(path):  # an HF folder in a bucket: safetensors and transformers read local files
+        with tempfile.TemporaryDirectory(prefix="gpt2_jax-hf-") as tmp:
+            for f in path.iterdir():
+                if f.is_file():
+                    (Path(tmp) / f.name).write_bytes(f.read_bytes())
+            model, tokenizer, _ = _load_hf_folder(Path(tmp), vocab_size, shardings, overrides)
+        return model, tokenizer, {"source": str(path)}
     folder = resolve_checkpoint(init_from)  # a Hub name is downloaded (or found in the HF cache) once
+    return _load_hf_folder(folder, vocab_size, shardings, overrides)
+
+
+def _load_hf_folder(folder: Path, vocab_size: int | None, shardings: Any, overrides: dict):
     model = load_hf(folder, vocab_size=vocab_size, **overrides)
     if shardings is not None:
         nnx.update(model, jax.device_put(nnx.state(model), shardings))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -24,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from gpt2_jax import data as data_lib
-from gpt2_jax import hellaswag, runs, sharding
+from gpt2_jax import hellaswag, runs, sharding, storage
 from gpt2_jax.checkpoint import Checkpointer, agree
 from gpt2_jax.config import PADDED_VOCAB_SIZE, PRESETS, GPTConfig, TrainConfig, preset
 from gpt2_jax.generate import generate
@@ -223,16 +225,39 @@ def init_distributed(tc: TrainConfig) -> None:
         jax.distributed.initialize()
 
 
-def prepare_data(tc: TrainConfig) -> Path:
-    """The token shard folder: --data, or Python's bundled docs tokenised char-level into out_dir/data."""
+def prepare_data(tc: TrainConfig, out_dir: epath.Path) -> Path:
+    """The token shard folder: --data, or Python's bundled docs tokenised char-level into out_dir/data.
+
+    Shards are memory-mapped, so they are always a local folder: for a bucket out_dir the bundled corpus
+    goes to a cache folder of this machine, keyed by the out_dir (each host of a pod makes its own)."""
     if tc.data:
+        if storage.is_remote(tc.data):
+            raise ValueError(f"--data={tc.data}: the token shards must be a local folder (they are memory-mapped) "
+                             "on every host; copy them there first, e.g. gcloud storage cp -r")
         return Path(tc.data)
-    folder = Path(tc.out_dir) / "data"
+    if storage.is_remote(out_dir):
+        folder = storage.local_folder_for(out_dir, "char-data")
+        if not (folder / data_lib.META_FILE).exists():
+            _prepare_bundled_corpus(folder)
+        _sync("prepare_data")
+        return folder
+    folder = Path(out_dir) / "data"
     if not agree((folder / data_lib.META_FILE).exists()):  # process 0 decides: all must reach _sync or none
         if jax.process_index() == 0:
             data_lib.prepare_text_string(data_lib.default_corpus(), folder, tokenizer="char")
         _sync("prepare_data")
     return folder
+
+
+def _prepare_bundled_corpus(folder: Path) -> None:
+    """Tokenise the bundled corpus into a temporary folder, then rename it to `folder`: processes that
+    share this machine may race here, and the first rename wins (their folders are identical)."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    data_lib.prepare_text_string(data_lib.default_corpus(), tmp, tokenizer="char")
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _sync(name: str) -> None:
@@ -258,7 +283,7 @@ class Run:
     tc: TrainConfig  # resolved: no "auto" values left
     cfg: GPTConfig
     mesh: jax.sharding.Mesh
-    out_dir: Path
+    out_dir: epath.Path  # local or gs:// (storage.run_path)
     tokenizer: data_lib.Tokenizer
     train_loader: data_lib.TokenLoader
     val_windows: data_lib.EvalWindows | None  # the in-loop val loss's batches
@@ -291,14 +316,16 @@ def setup(tc: TrainConfig) -> Run:
 
     Multi-process runs call init_distributed(tc) first (train.py does), before JAX initialises.
     """
+    out_dir = storage.run_path(tc.out_dir)
+    storage.check_writable(out_dir, "--out_dir")  # a bucket: fail now, not at the first checkpoint
     tc = resolve(tc, jax.default_backend(), jax.device_count())
     mesh = sharding.make_mesh(tc.mesh)
     check_batch(tc, sharding.data_parallel_size(mesh), jax.process_count())
-    out_dir = Path(tc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(out_dir):  # (a bucket has no folders to make)
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     # Data first: every bad-input error is raised before anything compiles.
-    data_dir = prepare_data(tc)
+    data_dir = prepare_data(tc, out_dir)
     tokenizer = data_lib.Tokenizer.load(data_dir)
     cfg = model_config(tc, tokenizer.vocab_size)
     data_lib.check_vocab(data_dir, cfg.vocab_size)
@@ -572,6 +599,7 @@ def save(run: Run, step: int) -> dict:
             "tokenizer": run.tokenizer.to_meta(), "loader": run.loader_position, "data": run.fingerprint,
             "skipped_steps": run.nan.skipped, "consecutive_skips": run.nan.in_a_row}
     run.ckpt.save(step, run.state, meta)
+    run.logger.sync()  # a bucket out_dir: metrics.jsonl and TensorBoard files, uploaded whole
     return {}
 
 

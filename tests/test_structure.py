@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gpt2_jax"
 # Lower layers never import higher ones; a module may import the ones at its own layer or below only
 # where listed in SAME_LAYER (e.g. the evaluate CLI serves HellaSwag's subcommand).
 LAYERS = [
-    ["config"],
+    ["config", "storage"],
     ["model"],
     ["convert", "checkpoint", "data", "sharding", "optim", "metrics"],
     ["runs"],

@@ -1,0 +1,129 @@
+"""Where a run's files live: a local folder or a Cloud Storage bucket (`gs://bucket/...`), behind one path
+type, `etils.epath.Path` (orbax's too). Every path a user may point at a bucket (--out_dir, a run given to
+--init_from, sample / evaluate / export / plot, export's --to, --hellaswag_data) goes through `run_path`.
+
+Not here: `--data`. Token shards are memory-mapped, so they stay a local folder (on every host of a pod).
+
+Object stores have no append and no rename: files that grow (metrics.jsonl, TensorBoard events) are written
+locally and copied whole (metrics.MetricsLogger); an object appears complete when its upload finishes, so
+no temporary name is needed there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+
+from etils import epath
+
+GCS_EXTRA = 'pip install "gpt2-jax[gcs]"'
+# Seconds the start-up probe of a bucket may take (gcsfs retries a refused connection 6 times, ~33 s; see
+# `check_writable`). Raise it with GPT2_JAX_STORAGE_TIMEOUT on a slow link.
+PROBE_TIMEOUT_S = 15.0
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URL (gs://...) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def run_path(text: str | os.PathLike) -> epath.Path:
+    """`text` as an epath.Path: gs://bucket/... through gcsfs, anything else a local path (`~` expanded).
+
+    (`pathlib.Path("gs://b/x")` is the local `gs:/b/x`: a run would quietly write to a folder named `gs:`.)
+    Raises ImportError naming the extra to install when gcsfs is missing; epath itself would only say
+    "Please install gcsfs to access Google Storage", at the first file operation."""
+    text = os.fspath(text)
+    if text.startswith("gs://"):
+        try:
+            import gcsfs  # noqa: F401, PLC0415
+        except ImportError as e:
+            raise ImportError(f"{text} is in Cloud Storage, which needs gcsfs: {GCS_EXTRA}") from e
+        return epath.Path(text)
+    if is_remote(text):
+        raise ValueError(f"{text}: only local paths and gs:// buckets are supported")
+    return epath.Path(os.path.expanduser(text))
+
+
+def bucket_of(path: str | os.PathLike) -> str:
+    """`gs://bucket/a/b` -> `bucket`."""
+    return os.fspath(path).split("://", 1)[1].split("/", 1)[0]
+
+
+def cache_dir() -> Path:
+    """This machine's cache folder: $GPT2_JAX_CACHE, else $XDG_CACHE_HOME/gpt2_jax (~/.cache/gpt2_jax)."""
+    if "GPT2_JAX_CACHE" in os.environ:
+        return Path(os.environ["GPT2_JAX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gpt2_jax"
+
+
+def local_folder_for(remote: str | os.PathLike, what: str) -> Path:
+    """A local folder for `what` that belongs to the remote folder `remote`: the same path every time (a
+    resumed run finds it again), a different one for each remote folder."""
+    key = hashlib.sha256(os.fspath(remote).encode()).hexdigest()[:16]
+    return cache_dir() / what / f"{bucket_of(remote)}-{key}"
+
+
+def check_writable(folder: epath.Path, flag: str, timeout: float | None = None) -> None:
+    """Fail fast, before anything compiles, if the remote `folder` can't be written: no network, no bucket,
+    no credentials. Writes and deletes a small probe object; raises OSError naming the bucket and the cause.
+
+    gcsfs retries a failed request 6 times with backoff 1, 2, 4, 8, 16 s (`GCSFileSystem.retries`, fixed when
+    the class is defined), so an unreachable endpoint takes ~33 s to fail inside gcsfs. The probe runs in a
+    thread and gives up after `timeout` seconds (PROBE_TIMEOUT_S, or $GPT2_JAX_STORAGE_TIMEOUT), reporting
+    the last error gcsfs retried on (it logs each one)."""
+    if not is_remote(folder):
+        return
+    timeout = timeout or float(os.environ.get("GPT2_JAX_STORAGE_TIMEOUT", PROBE_TIMEOUT_S))
+    where = f"{flag}={folder} (bucket {bucket_of(folder)!r})"
+    retried, logger = _LastError(), logging.getLogger("gcsfs")
+    saved = logger.level, logger.propagate
+    logger.addHandler(retried)  # gcsfs logs each retried error at DEBUG: keep the last, print none
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    outcome: list[BaseException | None] = []
+
+    def probe():
+        try:
+            # No mkdir: GCS folders are implicit, and gcsfs's makedirs would create a missing bucket.
+            probe_file = folder / f".gpt2_jax-probe-{uuid.uuid4().hex[:8]}"
+            probe_file.write_text("ok")
+            probe_file.unlink()
+            outcome.append(None)
+        except BaseException as e:  # reported by the caller's thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=probe, name="storage-probe", daemon=True)
+    try:
+        thread.start()
+        thread.join(timeout)
+    finally:
+        logger.removeHandler(retried)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+    if not outcome:
+        cause = f"; the last error was: {retried.message}" if retried.message else ""
+        raise TimeoutError(f"cannot reach {where}: writing a probe object took more than {timeout:.0f} s"
+                           f"{cause}. Check the network, the bucket name and the credentials "
+                           "(gcloud auth application-default login, or the VM's service account)")
+    if outcome[0] is not None:
+        e = outcome[0]
+        missing = " (no such bucket?)" if isinstance(e, FileNotFoundError) else ""
+        raise OSError(f"cannot write to {where}{missing}: {type(e).__name__}: {str(e)[:300]}. Check the bucket "
+                      "name, and that the credentials may write there") from e
+
+
+class _LastError(logging.Handler):
+    """Keeps the message of the last exception gcsfs logged (it logs each retry at DEBUG)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.message = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "exception" in record.getMessage():
+            self.message = record.getMessage()[-300:]
