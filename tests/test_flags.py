@@ -133,7 +133,7 @@ BAD_VALUES = [
     ("eps", 0.0, "must be > 0.0"),
     ("eps", -1e-8, "must be > 0.0"),
     ("grad_clip", -1.0, "is negative"),
-    ("dropout", 1.0, r"must be in \[0.0, 1.0\) or -1.0; --dropout: dropout rate \(-1: the preset's\)"),
+    ("dropout", 1.0, r"must be in \[0.0, 1.0\) or -1.0; --dropout: dropout rate \(-1: the preset's; 0 for char on CPU\)"),
     ("dropout", -0.5, r"must be in \[0.0, 1.0\) or -1.0"),
     ("platform", "cuda", "is unknown; choose one of cpu, gpu, tpu or empty"),
     ("preset", "gpt5", "is unknown; choose one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, char"),
