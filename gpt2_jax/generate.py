@@ -177,7 +177,7 @@ def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.
         raise ValueError(f"keep={keep} must be in [1, block_size={block_size}]: the tokens a full window keeps "
                          "when it slides")
     if padded.shape[1] > block_size:
-        raise ValueError(f"prompt length {padded.shape[1]} exceeds the model's context (block_size {block_size}); "
+        raise ValueError(f"prompt length {padded.shape[1]} exceeds block_size {block_size}, the model's context; "
                          f"crop the prompt to its last {block_size} tokens")
     graphdef, state = nnx.split(model)
     layers = _split_layers(graphdef, state)
