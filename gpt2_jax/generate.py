@@ -8,6 +8,21 @@ prefilled with the first `min(lengths)` tokens of every row, then the loop walks
 time, and a row whose prompt is not finished yet is fed its next prompt token instead of the sampled
 one (teacher forcing). Every row sits at the same position at every step, so one scalar position and
 one causal mask serve the whole batch.
+
+Past the context (block_size positions, learned absolute embeddings) the window slides: once the cache
+is full, the last `keep` tokens are prefilled again at positions [0, keep) into a fresh cache and
+decoding goes on. The rule, token by token (tests/test_generate.py checks it against a full forward
+pass per token): the window starts at w = 0; token n is predicted from tokens [w, n), and when n - w
+would exceed block_size the window first moves to w = n - keep. So every token past the context sees
+between `keep` and block_size tokens, always at positions from 0 as in training. keep = block_size is
+nanoGPT's sampler exactly (each token from the last block_size tokens), at a prefill of block_size
+tokens per token; the default keep = block_size // 2 re-prefills once per block_size // 2 + 1 tokens,
+which amortises to about one prefilled token per new token (a prefilled token is several times cheaper
+than a decode step: it runs as one batched matmul), and keeps at least half the context.
+
+Each window is one jitted call (a prefill, then a fori_loop over its decode steps, with traced bounds);
+a Python loop walks the windows. That compiles at most twice per batch shape: the first window (which
+prefills min(lengths) prompt tokens) and the later ones (which all prefill `keep`).
 """
 
 from __future__ import annotations
@@ -65,31 +80,46 @@ def _split_layers(graphdef, state) -> list:
     return nnx.merge(graphdef, state).split_layers()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prefill_len", "max_new_tokens", "temperature", "top_k",
-                                             "top_p", "vocab_limit"))
-def _generate(graphdef, state, layers, prompts, lengths, rng, *, prefill_len, max_new_tokens, temperature, top_k,
-              top_p, vocab_limit):
-    """prompts (B, L) right-padded, lengths (B,), prefill_len = min(lengths). Returns (B, L + max_new_tokens):
-    row b is its prompt, then new tokens from position lengths[b] on (a shorter row gets more of them)."""
-    model: GPT = nnx.merge(graphdef, state)
-    B, L = prompts.shape
-    total = L + max_new_tokens
-    cache = model.init_cache(B, total)
-    logits, cache = model.decode(prompts[:, :prefill_len], cache, 0, layers)  # prefill: (B, prefill_len, V)
-    logits = logits[:, -1]  # (B, V): the distribution at position prefill_len
-    tokens = jnp.zeros((B, total), jnp.int32).at[:, :L].set(prompts)
+@functools.partial(jax.jit, static_argnames=("graphdef", "prefill_len", "cache_len", "temperature", "top_k",
+                                             "top_p", "vocab_limit"), donate_argnames="tokens")
+def _window(graphdef, state, layers, tokens, lengths, rng, start, stop, *, prefill_len, cache_len, temperature,
+            top_k, top_p, vocab_limit):
+    """Decode one window into `tokens` (B, total), whose row b holds its prompt in [0, lengths[b]).
 
-    def step(pos, carry):
-        tokens, cache, logits, rng = carry
+    The window starts at w = start - prefill_len: tokens [w, start) are prefilled at cache positions
+    [0, prefill_len), then tokens [start, stop) are picked one at a time (sampled, or the prompt's own
+    token while a row is still in its prompt) and decoded at positions [prefill_len, stop - w). The last
+    decode step's logits predict token `stop`, which is picked too if stop < total (from a full window
+    when stop - w = block_size; the next window starts after it). Returns (tokens, rng).
+    """
+    model: GPT = nnx.merge(graphdef, state)
+    B, total = tokens.shape
+    w = start - prefill_len
+    cache = model.init_cache(B, cache_len)
+    window = jax.lax.dynamic_slice_in_dim(tokens, w, prefill_len, axis=1)  # (B, prefill_len)
+    logits, cache = model.decode(window, cache, 0, layers)  # prefill: (B, prefill_len, V)
+    logits = logits[:, -1]  # (B, V): the distribution of token `start`
+
+    def pick(pos, tokens, logits, rng):
+        """Token `pos` of every row, written into `tokens`: sampled from `logits` past the row's prompt."""
         rng, sub = jax.random.split(rng)
         sampled = next_token(logits, sub, temperature, top_k, top_p, vocab_limit).astype(jnp.int32)  # (B,)
         tok = jnp.where(pos < lengths, tokens[:, pos], sampled)  # rows still in their prompt: teacher forcing
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, pos))
-        logits, cache = model.decode(tok[:, None], cache, pos, layers)  # (B, 1, V)
+        return jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, pos)), tok, rng
+
+    def step(pos, carry):
+        tokens, cache, logits, rng = carry
+        tokens, tok, rng = pick(pos, tokens, logits, rng)
+        logits, cache = model.decode(tok[:, None], cache, pos - w, layers)  # (B, 1, V)
         return tokens, cache, logits[:, -1], rng
 
-    tokens, *_ = jax.lax.fori_loop(prefill_len, total, step, (tokens, cache, logits, rng))
-    return tokens
+    tokens, _, logits, rng = jax.lax.fori_loop(start, stop, step, (tokens, cache, logits, rng))
+
+    def pick_last():  # token `stop`: from the full window if stop - w = block_size
+        tokens_, _, rng_ = pick(stop, tokens, logits, rng)
+        return tokens_, rng_
+
+    return jax.lax.cond(stop < total, pick_last, lambda: (tokens, rng))  # stop == total: nothing left to pick
 
 
 def _right_pad(prompt) -> tuple[np.ndarray, np.ndarray]:
@@ -109,20 +139,24 @@ def _right_pad(prompt) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, vocab_limit: int | None = None,
-             seed: int = 0) -> np.ndarray | list[np.ndarray]:
+             top_p: float | None = None, vocab_limit: int | None = None, seed: int = 0,
+             keep: int | None = None) -> np.ndarray | list[np.ndarray]:
     """Continue each prompt by `max_new_tokens` tokens sampled from `model`.
 
-    prompt: a (B, T) int array, or a list of B token-id sequences whose lengths may differ.
-    Returns, for an array, a (B, T + max_new_tokens) int32 array; for a list, a list of B int32 arrays,
-    each its prompt followed by `max_new_tokens` new tokens.
+    prompt: a (B, T) int array, or a list of B token-id sequences whose lengths may differ; each at most
+    block_size tokens. Returns, for an array, a (B, T + max_new_tokens) int32 array; for a list, a list
+    of B int32 arrays, each its prompt followed by `max_new_tokens` new tokens.
 
     temperature 0 is greedy (top_k and top_p are then ignored). vocab_limit: ids >= it are never
-    produced (the padding rows of a 50304 vocabulary: pass the tokenizer's vocab_size). The longest
-    prompt plus max_new_tokens must fit in block_size. Same seed and inputs: same tokens.
+    produced (the padding rows of a 50304 vocabulary: pass the tokenizer's vocab_size). max_new_tokens
+    is not bounded by the context: past block_size the window slides, re-prefilling its last `keep`
+    tokens (1 <= keep <= block_size; default block_size // 2; the module docstring has the rule).
+    Same seed and inputs: same tokens.
     """
     ragged = not hasattr(prompt, "shape")  # a list (or tuple) of sequences, not an array
     padded, lengths = _right_pad(prompt)
+    block_size = model.config.block_size
+    keep = max(1, block_size // 2) if keep is None else keep
     if len(lengths) == 0 or lengths.min() == 0:
         raise ValueError(f"every prompt needs at least one token (lengths {lengths.tolist()}); start an empty "
                          "one with <|endoftext|> (GPT-2 BPE) or a newline")
@@ -139,17 +173,31 @@ def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if padded.shape[1] + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt length {padded.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-                         f"block_size {model.config.block_size}; crop the prompt to its last "
-                         f"{model.config.block_size - max_new_tokens} tokens")
+    if not 1 <= keep <= block_size:
+        raise ValueError(f"keep={keep} must be in [1, block_size={block_size}]: the tokens a full window keeps "
+                         "when it slides")
+    if padded.shape[1] > block_size:
+        raise ValueError(f"prompt length {padded.shape[1]} exceeds block_size {block_size}, the model's context; "
+                         f"crop the prompt to its last {block_size} tokens")
     graphdef, state = nnx.split(model)
-    out = _generate(graphdef, state, _split_layers(graphdef, state), jnp.asarray(padded, jnp.int32),
-                    jnp.asarray(lengths, jnp.int32), jax.random.key(seed),
-                    prefill_len=int(lengths.min()), max_new_tokens=max_new_tokens, temperature=float(temperature),
-                    top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
-    out = np.asarray(out)
+    layers = _split_layers(graphdef, state)
+    B, L = padded.shape
+    total = L + max_new_tokens
+    tokens = jnp.zeros((B, total), jnp.int32).at[:, :L].set(jnp.asarray(padded, jnp.int32))
+    lengths_ = jnp.asarray(lengths, jnp.int32)
+    rng = jax.random.key(seed)
+    kw = dict(temperature=float(temperature), top_k=top_k, top_p=top_p, vocab_limit=vocab_limit)
+    # The first window prefills the common part of the prompts at [0, min(lengths)); a cache no longer
+    # than needed when everything fits in it.
+    start, prefill_len, cache_len = int(lengths.min()), int(lengths.min()), min(total, block_size)
+    while True:
+        stop = min(total, start - prefill_len + block_size)  # the window's last decoded token is stop - 1
+        tokens, rng = _window(graphdef, state, layers, tokens, lengths_, rng, start, stop, prefill_len=prefill_len,
+                              cache_len=cache_len, **kw)
+        if stop + 1 >= total:  # token `stop` was the last one (or stop == total: nothing was left)
+            break
+        start, prefill_len, cache_len = stop + 1, keep, block_size  # slide: re-prefill tokens [stop + 1 - keep, stop]
+    out = np.asarray(tokens)
     if not ragged:
         return out
     return [out[i, :n + max_new_tokens] for i, n in enumerate(lengths)]
-

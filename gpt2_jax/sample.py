@@ -4,15 +4,18 @@
         --num_samples 4 --max_new_tokens 64 --temperature 1.0 --top_k 50 [--top_p 0.95] --seed 0
     python -m gpt2_jax.sample --init_from=out --temperature 0      # greedy, from a training run's checkpoint
 
-Every sample is drawn in one batch by generate.py's jitted KV-cache loop: one compilation, then one
-single-position forward pass per token.
+Every sample is drawn in one batch by generate.py's jitted KV-cache loop: one compilation (two past
+the context), then one single-position forward pass per token.
 
+- `--max_new_tokens` is not bounded by the model's context (block_size): past it the window slides as
+  in nanoGPT's sampler, each new token seeing at least the last block_size // 2 tokens (generate.py's
+  docstring has the exact rule), at the cost of a prefill of block_size // 2 tokens every
+  block_size // 2 + 1 tokens.
 - `--temperature 0` is greedy (argmax; top-k and top-p then do not apply). `--top_k none` turns
   top-k off; `--top_p` (nucleus) is off unless given.
 - `--prompt` may be repeated: each prompt gets `--num_samples` samples, all in one batch (prompts of
   different lengths share it, see generate.py).
-- A prompt too long to leave room for `--max_new_tokens` in the model's context keeps its LAST
-  tokens, with a warning.
+- A prompt longer than the model's context keeps its LAST block_size tokens, with a warning.
 - An empty prompt starts from <|endoftext|> (GPT-2 BPE). A char-level vocabulary has no such token: it
   starts from "\\n" if that is one of its characters, else from id 0 (its first character in sorted
   order). The start token is not printed.
@@ -39,14 +42,10 @@ def start_ids(tokenizer) -> list[int]:
     return [0]
 
 
-def crop_prompt(ids: Sequence[int], max_new_tokens: int, block_size: int) -> tuple[list[int], int]:
-    """(the last tokens of `ids` that leave room for max_new_tokens in block_size, how many were dropped)."""
-    if not 0 <= max_new_tokens < block_size:
-        raise ValueError(f"--max_new_tokens={max_new_tokens} does not fit the model's context of {block_size} "
-                         f"tokens with a prompt of at least one token; use at most {block_size - 1}")
-    keep = block_size - max_new_tokens
+def crop_prompt(ids: Sequence[int], block_size: int) -> tuple[list[int], int]:
+    """(the last block_size tokens of `ids`, how many were dropped): what the model's context holds."""
     ids = list(ids)
-    return ids[-keep:], max(0, len(ids) - keep)
+    return ids[-block_size:], max(0, len(ids) - block_size)
 
 
 def _top_k(text: str) -> int | None:
@@ -67,7 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", default=None,
                         help="text to continue; repeat for several prompts (default: one empty prompt)")
     parser.add_argument("--num_samples", type=int, default=4, help="samples per prompt (default: 4)")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to sample (default: 64)")
+    parser.add_argument("--max_new_tokens", type=int, default=64,
+                        help="tokens to sample; may exceed the model's context, whose window then slides "
+                        "(default: 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default: 1)")
     parser.add_argument("--top_k", type=_top_k, default=50,
                         help="keep the k most likely tokens; 'none': all (default: 50)")
@@ -104,11 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows, skips = [], []
         for p, prompt in enumerate(args.prompt):
             ids = tokenizer.encode(prompt) or start_ids(tokenizer)
-            ids, dropped = crop_prompt(ids, args.max_new_tokens, model.config.block_size)
+            ids, dropped = crop_prompt(ids, model.config.block_size)
             if dropped:
-                print(f"warning: prompt {p} is {len(ids) + dropped} tokens; keeping its last {len(ids)} so that "
-                      f"--max_new_tokens={args.max_new_tokens} fit the model's context of "
-                      f"{model.config.block_size}", file=sys.stderr)
+                print(f"warning: prompt {p} is {len(ids) + dropped} tokens; keeping its last {len(ids)}, the "
+                      "model's context (block_size)", file=sys.stderr)
             rows += [ids] * args.num_samples
             skips += [0 if prompt else len(ids)] * args.num_samples  # don't print the start token
         t0 = time.perf_counter()
