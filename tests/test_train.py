@@ -260,17 +260,19 @@ def test_cli_tiny_shakespeare(tmp_path, tiny_shakespeare):
     r = subprocess.run([sys.executable, "-m", "gpt2_jax.data", "text", str(tiny_shakespeare), "--out",
                         str(tmp_path / "data"), "--tokenizer", "char"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    r = _train("--platform=cpu", f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=40",
+    r = _train("--platform=cpu", f"--data={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}", "--max_steps=60",
                "--n_layer=2", "--n_embd=64", "--n_head=2", "--block_size=64", "--micro_batch_size=16",
-               "--dropout=0", "--eval_every=20", "--eval_tokens=512", "--sample_every=0", "--max_lr=3e-3")
+               "--dropout=0", "--eval_every=30", "--eval_tokens=512", "--sample_every=0", "--max_lr=3e-3")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in train_rows] == list(range(1, 41))
+    assert [r["step"] for r in train_rows] == list(range(1, 61))
     assert {"lr", "grad_norm", "tokens_per_sec", "ms_per_step"} <= set(train_rows[0])
-    assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]
+    assert [r["step"] for r in rows if "val_loss" in r] == [30, 60]
     first, last = train_rows[0]["loss"], np.mean([r["loss"] for r in train_rows[-5:]])
-    assert first > 4.0 and last < first - 1.0, (first, last)  # 65 chars: starts near ln(65) = 4.17
+    # 65 chars: starts near ln(65) = 4.17. 60 steps: shuffled batches (the default order) are fresh text
+    # every step, so the train loss falls a little slower than on sequential neighbours (3.20 at step 40).
+    assert first > 4.0 and last < first - 1.0, (first, last)
 
 
 def test_init_from_training_run_starts_from_its_params(tmp_path, char_data):
