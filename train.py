@@ -107,7 +107,8 @@ def jax_environment(config: TrainConfig, env) -> tuple[dict, list[str]]:
         elif env.get("JAX_COMPILATION_CACHE_DIR"):
             source = "JAX_COMPILATION_CACHE_DIR in the environment"
         else:
-            env["JAX_COMPILATION_CACHE_DIR"], source = default_cache_dir(env), "the default; --compile_cache=off disables it"
+            env["JAX_COMPILATION_CACHE_DIR"] = default_cache_dir(env)
+            source = "the default; --compile_cache=off disables it"
         env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", CACHE_MIN_COMPILE_SECS)
         if env.get("JAX_ENABLE_COMPILATION_CACHE", "true").lower() in ("0", "false"):
             notes.append("compile cache: off (JAX_ENABLE_COMPILATION_CACHE in the environment)")
@@ -171,10 +172,14 @@ def auto_micro_batch(config: TrainConfig) -> tuple[int, str]:
     dp = data_parallel_size(mesh)
     while micro > dp and fixed_total and fixed_total % (micro * tc.block_size):
         micro //= 2
-    if not micro or (fixed_total and fixed_total % (micro * tc.block_size)):
+    if not micro:
         return 0, (f"micro-batch: none of the sizes tried fits {target.budget_note} with --remat={config.remat}; "
                    f"using the default ({tc.micro_batch_size}); python -m gpt2_jax.plan --target=local --search "
                    f"shows each policy's")
+    if fixed_total and fixed_total % (micro * tc.block_size):
+        return 0, (f"micro-batch: no size that fits ({best.micro_batch_size} or less) divides --total_batch_size="
+                   f"{fixed_total} into micro-batches of {tc.block_size} tokens; using the default "
+                   f"({tc.micro_batch_size})")
     need = best.need_bytes if micro == best.micro_batch_size else None
     return micro, (f"micro-batch: {micro}, the largest power of two that fits ("
                    + (f"{need / 2**30:.2f} GiB of {target.budget_bytes / 2**30:.2f} GiB per device, " if need else "")

@@ -47,22 +47,36 @@ def test_second_run_reads_the_compile_cache(tmp_path):
 
 def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
     """The planner's `local` target on the CPU, with the memory budget cut to fall between what micro-batches
-    of 8 and 16 need: 8 is chosen."""
+    of 8 and 16 need: 8 is chosen. (Each size is compiled once: plan_one is memoised here.)"""
     config = TrainConfig(**TINY, total_batch_size=64 * 64)
     local = plan.load_target(plan.parse_target("local"))
+    compiled, plan_one = {}, plan.plan_one
+
+    def memo(args, target, remat, micro, count_flops=True):
+        if micro not in compiled:
+            compiled[micro] = plan_one(args, dataclasses.replace(target, budget_bytes=2**62), remat, micro, False)
+        p = dataclasses.replace(compiled[micro], budget_bytes=target.budget_bytes)
+        return dataclasses.replace(p, fits=p.need_bytes <= target.budget_bytes)
+
+    monkeypatch.setattr(plan, "plan_one", memo)
     args = plan.parse_args([f"--{k}={v}" for k, v in TINY.items()] + ["--grad_accum=2"])
-    need = {m: plan.plan_one(args, local, "none", m, count_flops=False).need_bytes for m in (8, 16)}
+    need = {m: plan.plan_one(args, local, "none", m).need_bytes for m in (8, 16)}
     assert need[8] < need[16]
     budget = (need[8] + need[16]) // 2
     monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=budget,
                                                                                  budget_note="a test's budget"))
     micro, note = train.auto_micro_batch(config)
     assert micro == 8, note
+    assert sorted(compiled) == [8, 16], "the search starts at 16 per device, halves once, and stops"
     assert note.startswith(f"micro-batch: 8, the largest power of two that fits ({need[8] / 2**30:.2f} GiB of ")
-    # A budget nothing fits: the trainer's default, said so.
-    monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=1024))
+    # The largest that fits does not divide --total_batch_size into whole micro-batches: halved until it does.
+    micro, _ = train.auto_micro_batch(dataclasses.replace(config, total_batch_size=4 * 64))
+    assert micro == 4
+    # A budget that even one sequence overflows: the trainer's default, said so (sizes 4, 2, 1 compiled as well).
+    monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=1024,
+                                                                                 budget_note="a test's budget"))
     micro, note = train.auto_micro_batch(config)
-    assert micro == 0 and "none of the sizes tried fits" in note and "using the default (8)" in note
+    assert micro == 0 and "none of the sizes tried fits a test's budget" in note and "using the default (8)" in note
 
 
 @pytest.mark.parametrize("backend, flag, calls, used", [
