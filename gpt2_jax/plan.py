@@ -15,7 +15,9 @@ the collectives.
 
 GPU and TPU compiles run in a child process with JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1, inside a
 private network namespace (`unshare -n`) where the machine allows: libtpu then cannot reach a cloud
-metadata server, or anything else. They need the `plan` extra (jax[cuda13] and jax[tpu]).
+metadata server, or anything else. They need the `plan` extra (jax[cuda13] and jax[tpu]). GPU compiles
+use the XLA flags that train.py --platform=gpu sets (config.GPU_XLA_FLAGS, unless XLA_FLAGS is set), and the
+report prints them. train.py --micro_batch_size=0 on a GPU or TPU runs largest_micro_batch for --target=local.
 """
 
 from __future__ import annotations
