@@ -217,6 +217,10 @@ class TrainConfig:
     num_processes: int = _flag(0, "process count, for --distributed off TPU", low=0)
     process_id: int = _flag(-1, "this process's index, for --distributed off TPU", low=-1)
     local_device_count: int = _flag(0, "CPU only: fake devices per process (testing multi-device code)", low=0)
+    # Compile once per machine: XLA programs are kept on disk and reused by the next run with the same program.
+    compile_cache: str = _flag("", "persistent XLA compilation cache folder; empty: $JAX_COMPILATION_CACHE_DIR if "
+                               "set, else $GPT2_JAX_CACHE/jax-compile ($XDG_CACHE_HOME/gpt2_jax or ~/.cache/gpt2_jax "
+                               "without it); off: no cache")
 
     def __post_init__(self):
         """Reject values that make no sense, each problem on its own line. The one place these flags are
@@ -227,3 +231,19 @@ class TrainConfig:
                             "(processes count from 0)")
         if problems:
             raise ValueError("\n".join(problems))
+
+
+# XLA flags for NVIDIA GPUs, set by train.py --platform=gpu (and by `python -m gpt2_jax.plan` for GPU targets, so
+# that the plan is the program that runs) unless XLA_FLAGS is already set. Each one was checked to exist in the
+# jaxlib 0.10.2 CUDA plugin: XLA stops at start with "Unknown flag in XLA_FLAGS" otherwise.
+GPU_XLA_FLAGS = (
+    # Schedule the program so that collectives (data-parallel all-reduce, FSDP all-gather / reduce-scatter) run
+    # while compute proceeds; JAX's GPU performance tips and NVIDIA's JAX containers set it.
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    # Matmuls on cuBLAS(Lt) instead of Triton-generated kernels: the plain GEMMs of a transformer are cuBLAS's
+    # home ground, and autotuning Triton configurations for each one lengthens every compile.
+    "--xla_gpu_enable_triton_gemm=false",
+    # Give the streams that carry those collectives the highest priority, so that they are not queued behind
+    # compute kernels (JAX's GPU performance tips).
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+)

@@ -15,7 +15,9 @@ the collectives.
 
 GPU and TPU compiles run in a child process with JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1, inside a
 private network namespace (`unshare -n`) where the machine allows: libtpu then cannot reach a cloud
-metadata server, or anything else. They need the `plan` extra (jax[cuda13] and jax[tpu]).
+metadata server, or anything else. They need the `plan` extra (jax[cuda13] and jax[tpu]). GPU compiles
+use the XLA flags that train.py --platform=gpu sets (config.GPU_XLA_FLAGS, unless XLA_FLAGS is set), and the
+report prints them. train.py --micro_batch_size=0 on a GPU or TPU runs largest_micro_batch for --target=local.
 """
 
 from __future__ import annotations
@@ -475,29 +477,33 @@ def report(args, target: Target, p: Plan) -> str:
 
 
 def search(args, target: Target) -> list[Plan]:
-    """For each remat policy, the largest micro-batch of (data-parallel devices) x 2^k that fits; a Plan with
-    micro_batch_size 0 when none does. Starts from --micro_batch_size (default 16 per device), doubling
-    while it fits and halving while it does not: a handful of compiles per policy."""
+    """For each remat policy (or --remat's alone), the largest micro-batch that fits (largest_micro_batch)."""
+    return [largest_micro_batch(args, target, remat) for remat in ((args.remat,) if args.remat else REMATS)]
+
+
+def largest_micro_batch(args, target: Target, remat: str, log=lambda line: print(line, flush=True)) -> Plan:
+    """The plan of the largest micro-batch of (data-parallel devices) x 2^k that fits with this remat policy; a
+    Plan with micro_batch_size 0 when none does. Starts from --micro_batch_size (default 16 per device),
+    doubling while it fits and halving while it does not: a handful of compiles. train.py
+    --micro_batch_size=0 on a GPU or TPU calls this for --target=local."""
     from gpt2_jax import sharding  # noqa: PLC0415
 
     dp = sharding.data_parallel_size(target_mesh(args.mesh, target.devices))
-    best = []
-    for remat in REMATS:
-        start = (args.micro_batch_size or 16 * dp) / dp
-        micro, fitting = dp * 2 ** max(0, round(math.log2(max(start, 1)))), None
-        tried: dict[int, bool] = {}
-        while micro not in tried and dp <= micro <= 2**14:
-            p = plan_one(args, target, remat, micro, count_flops=False)
-            tried[micro] = p.fits
-            print(f"  remat={remat:<4} micro_batch_size={micro:<5} {'fits' if p.fits else 'does not fit'} "
-                  f"({_gib(p.need_bytes)} of {_gib(p.budget_bytes)})", flush=True)
-            if p.fits:
-                fitting = p if fitting is None or p.micro_batch_size > fitting.micro_batch_size else fitting
-                micro *= 2
-            else:
-                micro //= 2
-        best.append(fitting or Plan(remat, 0, False, 0, target.budget_bytes))
-    return best
+    start = (args.micro_batch_size or 16 * dp) / dp
+    micro, fitting = dp * 2 ** max(0, round(math.log2(max(start, 1)))), None
+    tried: dict[int, bool] = {}
+    while micro not in tried and dp <= micro <= 2**14:
+        p = plan_one(args, target, remat, micro, count_flops=False)
+        tried[micro] = p.fits
+        if log:
+            log(f"  remat={remat:<4} micro_batch_size={micro:<5} {'fits' if p.fits else 'does not fit'} "
+                f"({_gib(p.need_bytes)} of {_gib(p.budget_bytes)})")
+        if p.fits:
+            fitting = p if fitting is None or p.micro_batch_size > fitting.micro_batch_size else fitting
+            micro *= 2
+        else:
+            micro //= 2
+    return fitting or Plan(remat, 0, False, 0, target.budget_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,7 +522,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro_batch_size", type=int, default=0, help="sequences per micro-step, all devices "
                    "(0: the trainer's default: 16 per device for GPT-2 sizes)")
     p.add_argument("--block_size", type=int, default=0, help="sequence length (0: the preset's)")
-    p.add_argument("--remat", default="none", choices=REMATS)
+    p.add_argument("--remat", default="", choices=("",) + REMATS,
+                   help="activation checkpointing (empty: none; with --search: each policy)")
     p.add_argument("--dtype", default="", help="float32 | bfloat16 (empty: the trainer's default)")
     p.add_argument("--attention", default="", help="xla | cudnn (empty: the trainer's default: cudnn on GPU)")
     p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -539,9 +546,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def sandbox_command(argv: list[str]) -> tuple[list[str], dict]:
+def sandbox_command(argv: list[str], spec: TargetSpec) -> tuple[list[str], dict]:
     """The command and environment that re-run this CLI for a deviceless compile."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", **{CHILD_ENV: "1"})
+    env.update(gpu_flags_env(spec, env))
     # A compile touches no chip: skip libtpu's one-process-per-host lockfile (/tmp/libtpu_lockfile), which
     # another JAX process with libtpu installed (a test session, a notebook) may hold.
     env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
@@ -552,6 +560,28 @@ def sandbox_command(argv: list[str]) -> tuple[list[str], dict]:
     if can_unshare_net():
         cmd = ["unshare", "-n", *cmd]
     return cmd, env
+
+
+def gpu_flags_env(spec: TargetSpec, env) -> dict:
+    """XLA_FLAGS for a GPU target's compile, as train.py --platform=gpu sets them: the recommended flags
+    (config.GPU_XLA_FLAGS) unless XLA_FLAGS is set already, so that the plan compiles the program the run will."""
+    from gpt2_jax.config import GPU_XLA_FLAGS  # noqa: PLC0415
+
+    if spec.platform != "gpu" or "XLA_FLAGS" in env:
+        return {}
+    return {"XLA_FLAGS": " ".join(GPU_XLA_FLAGS)}
+
+
+def xla_flags_line(spec: TargetSpec) -> str:
+    """The report's line on the XLA flags of a GPU compile ("" for other targets)."""
+    from gpt2_jax.config import GPU_XLA_FLAGS  # noqa: PLC0415
+
+    if spec.platform != "gpu":
+        return ""
+    flags = os.environ.get("XLA_FLAGS", "")
+    which = ("the recommended GPU flags (config.GPU_XLA_FLAGS), as train.py --platform=gpu sets them"
+             if flags == " ".join(GPU_XLA_FLAGS) else "from XLA_FLAGS in the environment, as train.py will use")
+    return f"XLA_FLAGS  {flags or '(empty: XLA defaults)'} ({which})"
 
 
 def can_unshare_net() -> bool:
@@ -571,10 +601,11 @@ def main(argv=None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     if args.spec.deviceless and not args.no_sandbox and not os.environ.get(CHILD_ENV):
-        cmd, env = sandbox_command(argv)
+        cmd, env = sandbox_command(argv, args.spec)
         if cmd[0] != "unshare":
             print("(no private network namespace here: compiling with TPU_SKIP_MDS_QUERY=1 only)", file=sys.stderr)
         return subprocess.run(cmd, env=env).returncode
+    os.environ.update(gpu_flags_env(args.spec, os.environ))  # --no_sandbox: before the GPU plugin starts
     try:
         target = load_target(args.spec)
     except MissingExtra as e:
@@ -588,6 +619,8 @@ def main(argv=None) -> int:
 
 
 def run(args, target: Target) -> int:
+    if line := xla_flags_line(args.spec):
+        print(line)
     if args.search:
         print(f"searching micro-batch sizes on {args.spec.name} ({target.kind}), preset {args.preset}:")
         best = search(args, target)
@@ -598,8 +631,8 @@ def run(args, target: Target) -> int:
         result = {"target": args.spec.name, "search": [dataclasses.asdict(b) for b in best]}
         fits = any(b.fits for b in best)
     else:
-        tc, _, _ = _resolved(args, target, args.remat, args.micro_batch_size)
-        p = plan_one(args, target, args.remat, tc.micro_batch_size)
+        tc, _, _ = _resolved(args, target, args.remat or "none", args.micro_batch_size)
+        p = plan_one(args, target, args.remat or "none", tc.micro_batch_size)
         print(report(args, target, p))
         result = {"target": args.spec.name, "device_kind": target.kind, "num_devices": target_mesh(args.mesh, target.devices).size,
                   **dataclasses.asdict(p)}

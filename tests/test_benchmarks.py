@@ -2,9 +2,13 @@
 hold (the timings themselves are not tested: speed targets live in the scripts' output, not in tests)."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from gpt2_jax import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +39,29 @@ def test_sample_benchmark_matches_hf_and_prints_the_memory_floor():
     C = 32
     assert floor["weight_bytes"] == 4 * (50257 * C + 12 * C * C + 9 * C + 3 * 2 * C)
     assert floor["bandwidth_gb_per_s"] > 0 and floor["floor_ms_per_token"] > 0
+
+
+def test_device_check_dry_run_prints_every_step():
+    """benchmarks/device_check.sh --dry_run (what a session lent a GPU runs first): prints each command, runs none,
+    exits 0. Without the plan extra it says why the planner cannot run and uses micro-batch 16."""
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--dry_run"], cwd=ROOT,
+                       env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for step, command in [("cudnn", "-m pytest -q -p no:cacheprovider tests/test_attention.py -k cudnn"),
+                          ("train_step", "benchmarks/train_step.py --preset=gpt2 --vocab_size=50304 --dtype=bfloat16"),
+                          ("sample", "benchmarks/sample.py --preset=gpt2")]:
+        assert f"[{step}, <= " in out and command in out, step
+    assert "[setup, <= " in out and "dry run: nothing was run" in out
+    if plan.missing_extra(plan.parse_target("h200")):
+        assert "plan: the planner cannot compile for h200 here" in out and "install the plan extra" in out
+        assert "--micro_batch_size=16 " in out
+    else:
+        micro = re.search(r"plan: micro-batch (\d+) ", out).group(1)
+        assert f"--micro_batch_size={micro} " in out
+
+
+def test_device_check_rejects_unknown_options():
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--dryrun"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown option --dryrun" in r.stderr

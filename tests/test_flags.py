@@ -208,3 +208,50 @@ def test_cli_bad_value_exits_2_before_jax_starts():
     imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
     assert "gpt2_jax.config" in imported
     assert not [m for m in imported if m.split(".")[0] in ("jax", "jaxlib", "numpy")], "imported before the check"
+
+
+# --- the environment JAX starts in: compile cache, GPU XLA flags (train.jax_environment, a pure function) ----
+
+HOME = {"HOME": "/home/u", "PATH": "/usr/bin"}
+
+
+@pytest.mark.parametrize("env, folder", [
+    (HOME, "/home/u/.cache/gpt2_jax/jax-compile"),
+    ({**HOME, "XDG_CACHE_HOME": "/xdg"}, "/xdg/gpt2_jax/jax-compile"),
+    ({**HOME, "XDG_CACHE_HOME": "/xdg", "GPT2_JAX_CACHE": "/mine"}, "/mine/jax-compile"),
+])
+def test_compile_cache_default_folder(env, folder):
+    out, notes = train.jax_environment(TrainConfig(), env)
+    assert out["JAX_COMPILATION_CACHE_DIR"] == folder and notes == [f"compile cache: {folder} (the default; "
+                                                                    "--compile_cache=off disables it)"]
+    assert out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == train.CACHE_MIN_COMPILE_SECS
+    assert env == {k: v for k, v in out.items() if k in env}, "the input environment's values are kept"
+
+
+def test_users_cache_variable_wins_over_the_default_not_over_the_flag():
+    env = {**HOME, "JAX_COMPILATION_CACHE_DIR": "/theirs", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    out, _ = train.jax_environment(TrainConfig(), env)
+    assert out["JAX_COMPILATION_CACHE_DIR"] == "/theirs"
+    assert out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    out, notes = train.jax_environment(TrainConfig(compile_cache="/flag"), env)
+    assert out["JAX_COMPILATION_CACHE_DIR"] == "/flag" and notes == ["compile cache: /flag (--compile_cache)"]
+    out, notes = train.jax_environment(TrainConfig(compile_cache="off"), env)
+    assert out["JAX_ENABLE_COMPILATION_CACHE"] == "false" and notes == ["compile cache: off (--compile_cache=off)"]
+
+
+def test_gpu_flags_are_set_only_for_gpu_and_only_without_users_xla_flags():
+    from gpt2_jax.config import GPU_XLA_FLAGS
+
+    out, notes = train.jax_environment(TrainConfig(platform="gpu"), HOME)
+    assert out["XLA_FLAGS"] == " ".join(GPU_XLA_FLAGS) and out["JAX_PLATFORMS"] == "cuda"
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in GPU_XLA_FLAGS
+    assert notes[-1].startswith("XLA_FLAGS='--xla_gpu_enable_latency_hiding_scheduler=true ") and \
+        notes[-1].endswith(": the recommended GPU flags (set XLA_FLAGS to replace them)")
+    for theirs in ("--xla_dump_to=/tmp/d", ""):  # set by the user, even empty (XLA's defaults): left alone
+        out, notes = train.jax_environment(TrainConfig(platform="gpu"), {**HOME, "XLA_FLAGS": theirs})
+        assert out["XLA_FLAGS"] == theirs
+        assert notes[-1] == (f"XLA_FLAGS={theirs!r} from the environment; the recommended GPU flags "
+                             "(gpt2_jax.config.GPU_XLA_FLAGS) are not added")
+    for platform in ("", "cpu", "tpu"):
+        out, _ = train.jax_environment(TrainConfig(platform=platform), HOME)
+        assert "XLA_FLAGS" not in out, platform

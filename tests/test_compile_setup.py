@@ -1,0 +1,115 @@
+"""What train.py does before the first step: the persistent compile cache, the auto micro-batch (the planner on
+the attached devices, GPU/TPU only) and the XLA flags of the planner's GPU compiles."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train
+from gpt2_jax import plan
+from gpt2_jax.config import GPU_XLA_FLAGS, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(preset="char", n_layer=2, n_embd=64, n_head=2, block_size=64, mesh="data:1")
+
+
+def test_second_run_reads_the_compile_cache(tmp_path):
+    """Two runs with --compile_cache=DIR: the first writes entries there, the second loads them (JAX logs each
+    persistent-cache hit as a warning under JAX_LOG_COMPILES). No timings asserted: the machine is shared."""
+    cache = tmp_path / "cache"
+    flags = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32", "--max_steps=1", "--eval_every=0",
+             "--sample_every=0", "--tensorboard=false", f"--compile_cache={cache}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"JAX_PLATFORMS": "cpu"}
+
+    def run(n):
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, f"--out_dir={tmp_path / f'run{n}'}"],
+                              cwd=ROOT, env=env | {"JAX_LOG_COMPILES": "1"}, capture_output=True, text=True,
+                              timeout=600)
+
+    first = run(1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"compile cache: {cache} (--compile_cache)" in first.stdout
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first run wrote no cache entry"
+    assert "Persistent compilation cache hit" not in first.stderr
+    second = run(2)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stderr.count("Persistent compilation cache hit") >= 1
+    assert "step 1/1" in second.stdout
+
+
+# --- --micro_batch_size=0 on GPU/TPU ---------------------------------------------------------------
+
+
+def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
+    """The planner's `local` target on the CPU, with the memory budget cut to fall between what micro-batches
+    of 8 and 16 need: 8 is chosen. (Each size is compiled once: plan_one is memoised here.)"""
+    config = TrainConfig(**TINY, total_batch_size=64 * 64)
+    local = plan.load_target(plan.parse_target("local"))
+    compiled, plan_one = {}, plan.plan_one
+
+    def memo(args, target, remat, micro, count_flops=True):
+        if micro not in compiled:
+            compiled[micro] = plan_one(args, dataclasses.replace(target, budget_bytes=2**62), remat, micro, False)
+        p = dataclasses.replace(compiled[micro], budget_bytes=target.budget_bytes)
+        return dataclasses.replace(p, fits=p.need_bytes <= target.budget_bytes)
+
+    monkeypatch.setattr(plan, "plan_one", memo)
+    args = plan.parse_args([f"--{k}={v}" for k, v in TINY.items()] + ["--grad_accum=2"])
+    need = {m: plan.plan_one(args, local, "none", m).need_bytes for m in (8, 16)}
+    assert need[8] < need[16]
+    budget = (need[8] + need[16]) // 2
+    monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=budget,
+                                                                                 budget_note="a test's budget"))
+    micro, note = train.auto_micro_batch(config)
+    assert micro == 8, note
+    assert sorted(compiled) == [8, 16], "the search starts at 16 per device, halves once, and stops"
+    assert note.startswith(f"micro-batch: 8, the largest power of two that fits ({need[8] / 2**30:.2f} GiB of ")
+    # The largest that fits does not divide --total_batch_size into whole micro-batches: halved until it does.
+    micro, _ = train.auto_micro_batch(dataclasses.replace(config, total_batch_size=4 * 64))
+    assert micro == 4
+    # A budget that even one sequence overflows: the trainer's default, said so (sizes 4, 2, 1 compiled as well).
+    monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=1024,
+                                                                                 budget_note="a test's budget"))
+    micro, note = train.auto_micro_batch(config)
+    assert micro == 0 and "none of the sizes tried fits a test's budget" in note and "using the default (8)" in note
+
+
+@pytest.mark.parametrize("backend, flag, calls, used", [
+    ("gpu", 0, 1, 32), ("tpu", 0, 1, 32), ("cpu", 0, 0, 0), ("gpu", 8, 0, 8),
+])
+def test_train_asks_the_planner_only_on_gpu_and_tpu(monkeypatch, capsys, backend, flag, calls, used):
+    import jax
+
+    from gpt2_jax import trainer
+
+    asked, ran = [], []
+    monkeypatch.setattr(train, "start_jax", lambda config: None)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(train, "auto_micro_batch", lambda config: asked.append(config) or (32, "micro-batch: 32"))
+    monkeypatch.setattr(trainer, "run", lambda config: ran.append(config) or {})
+    train.main([f"--micro_batch_size={flag}"])
+    assert len(asked) == calls and ran[0].micro_batch_size == used
+    assert ("micro-batch: 32" in capsys.readouterr().out) == bool(calls)
+
+
+# --- the planner compiles GPU targets with the flags train.py sets ------------------------------------
+
+
+def test_plan_sets_the_gpu_flags_in_its_gpu_compiles_unless_xla_flags_is_set(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    _, env = plan.sandbox_command(["--target=h100"], plan.parse_target("h100"))
+    assert env["XLA_FLAGS"] == " ".join(GPU_XLA_FLAGS)
+    _, env = plan.sandbox_command(["--target=v5e-8"], plan.parse_target("v5e-8"))
+    assert "XLA_FLAGS" not in env
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d")
+    _, env = plan.sandbox_command(["--target=h100"], plan.parse_target("h100"))
+    assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"
+    monkeypatch.setenv("XLA_FLAGS", " ".join(GPU_XLA_FLAGS))
+    assert plan.xla_flags_line(plan.parse_target("h100")).endswith("(the recommended GPU flags (config.GPU_XLA_FLAGS), "
+                                                                    "as train.py --platform=gpu sets them)")
+    assert plan.xla_flags_line(plan.parse_target("v5e-8")) == ""
