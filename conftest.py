@@ -7,6 +7,7 @@ HF checkpoint.
 Kept import-light: torch is imported only inside the fixtures that need it."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ SHARED = Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parent.
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
+# Caches (JAX's compilation cache of train.py, char data of bucket runs) in a folder of this session, not the
+# user's ~/.cache; shared by the session's train.py subprocesses, which then compile each program once.
+os.environ.setdefault("GPT2_JAX_CACHE", tempfile.mkdtemp(prefix="gpt2_jax-test-cache-"))
 
 import jax  # noqa: E402
 
