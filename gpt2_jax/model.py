@@ -370,15 +370,15 @@ def lm_head_loss(x: jax.Array, head: nnx.Embed, targets: jax.Array, vocab_limit:
     """`cross_entropy(x @ head.embedding.T, targets, vocab_limit)` for final hidden states x (B, T, C),
     computed `chunk_len` positions at a time when the logits are large.
 
-    The chunked path never holds more than one chunk's (B, chunk_len, vocab) logits, in the forward or
-    the backward pass: a custom VJP keeps only each row's logsumexp and recomputes the chunk's logits in
-    the backward (one extra LM-head matmul, ~2% of GPT-2 124M's step FLOPs). Its logits come out of the
-    matmul in float32 (the unchunked path rounds them to the compute dtype first), and the embedding's
-    gradient is summed over chunks in float32. Chunks run along T, so a batch sharded over devices stays
-    sharded in every chunk.
+    The chunked path never holds more than one chunk's (B, chunk_len, vocab) logits: a custom VJP computes
+    each chunk's loss and its gradients together in the forward pass and keeps only the gradients,
+    dx (B, T, C) and d embedding (V, C) float32, for the backward. Its logits come out of the matmul in
+    float32 (the unchunked path rounds them to the compute dtype first), and the embedding's gradient is
+    summed over chunks in float32. Chunks run along T, so a batch sharded over devices stays sharded in
+    every chunk.
 
-    Small logits (chunk_len >= T, the default for a character vocabulary) take the plain path: recomputing
-    them would cost more than storing them.
+    Small logits (chunk_len >= T, the default for a character vocabulary) take the plain path: a loop of
+    one chunk would only add the (V, C) float32 gradient buffer.
     """
     B, T, _ = x.shape
     V = head.embedding.shape[0]
@@ -413,48 +413,52 @@ def _chunk_mask(i, chunk_len: int, B: int, T: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _chunked_loss(x, embedding, targets, vocab_limit: int, chunk_len: int) -> jax.Array:
-    return _chunked_loss_fwd(x, embedding, targets, vocab_limit, chunk_len)[0]
+    return _chunk_loop(x, embedding, targets, vocab_limit, chunk_len, grads=False)[0]
 
 
-def _chunked_loss_fwd(x, embedding, targets, vocab_limit, chunk_len):
-    B, T, _ = x.shape
+def _chunk_loop(x, embedding, targets, vocab_limit: int, chunk_len: int, grads: bool):
+    """The mean loss over chunks of positions and, with `grads`, its gradients: dx (B, T, C) in the
+    compute dtype and d embedding (V, C) float32 (zero at ids >= vocab_limit)."""
+    B, T, C = x.shape
     w = embedding.astype(x.dtype)  # (V, C) in the compute dtype, cast once for all chunks
 
-    def chunk(total, xs):
+    def chunk(carry, xs):
+        total, dw = carry
         i, xc, tc = xs  # (), (B, t, C), (B, t)
         logits = _chunk_logits(xc, w, vocab_limit)  # (B*t, V)
         lse = jax.nn.logsumexp(logits, axis=-1)  # (B*t,)
         target = jnp.take_along_axis(logits, tc.reshape(-1, 1), axis=-1)[:, 0]
-        return total + jnp.sum((lse - target) * _chunk_mask(i, chunk_len, B, T)), lse
+        inside = _chunk_mask(i, chunk_len, B, T)  # (B*t,)
+        total = total + jnp.sum((lse - target) * inside)
+        if not grads:
+            return (total, dw), None
+        probs = jnp.exp(logits - lse[:, None])  # softmax; 0 at the masked ids
+        onehot = jnp.arange(w.shape[0]) == tc.reshape(-1, 1)
+        dlogits = ((probs - onehot) * (inside / (B * T))[:, None]).astype(x.dtype)  # d mean / d logits
+        dx = (dlogits @ w).reshape(xc.shape)  # (B, t, C)
+        dw = dw + jnp.einsum("RV,RC->VC", dlogits, xc.reshape(-1, C), preferred_element_type=jnp.float32)
+        return (total, dw), dx
 
     n = -(-T // chunk_len)
     xs = (jnp.arange(n), _to_chunks(x, chunk_len), _to_chunks(targets, chunk_len))
-    total, lse = jax.lax.scan(chunk, jnp.zeros((), jnp.float32), xs, unroll=_unroll_loss_chunks())  # lse (n, B*t)
-    return total / (B * T), (x, embedding, targets, lse)
+    dw = jnp.zeros(embedding.shape if grads else (), jnp.float32)
+    (total, dw), dx = jax.lax.scan(chunk, (jnp.zeros((), jnp.float32), dw), xs, unroll=_unroll_loss_chunks())
+    if grads:
+        dx = dx.swapaxes(0, 1).reshape(B, n * chunk_len, C)[:, :T]  # (n, B, t, C) -> (B, T, C)
+    return total / (B * T), dx, dw
+
+
+# The loss is the end of the computation, so its gradient is known up to the scalar cotangent g: the
+# forward pass computes it with each chunk's logits at hand (no recomputation, the same matmuls as the
+# plain path) and the backward pass only scales it. Without differentiation (eval) only the loss runs.
+def _chunked_loss_fwd(x, embedding, targets, vocab_limit, chunk_len):
+    loss, dx, dw = _chunk_loop(x, embedding, targets, vocab_limit, chunk_len, grads=True)
+    return loss, (dx, dw)
 
 
 def _chunked_loss_bwd(vocab_limit, chunk_len, residuals, g):
-    x, embedding, targets, lse = residuals
-    B, T, C = x.shape
-    w = embedding.astype(x.dtype)
-    scale = g / (B * T)  # d(mean)/d(each row's loss)
-
-    def chunk(dw, xs):
-        i, xc, tc, lse_c = xs  # (), (B, t, C), (B, t), (B*t,)
-        logits = _chunk_logits(xc, w, vocab_limit)  # recomputed, (B*t, V)
-        probs = jnp.exp(logits - lse_c[:, None])  # softmax; 0 at the masked ids
-        onehot = jnp.arange(w.shape[0]) == tc.reshape(-1, 1)
-        weight = scale * _chunk_mask(i, chunk_len, B, T)  # (B*t,)
-        dlogits = ((probs - onehot) * weight[:, None]).astype(x.dtype)  # (B*t, V)
-        dx = (dlogits @ w).reshape(xc.shape)  # (B, t, C)
-        dw = dw + jnp.einsum("RV,RC->VC", dlogits, xc.reshape(-1, C), preferred_element_type=jnp.float32)
-        return dw, dx
-
-    n = lse.shape[0]
-    xs = (jnp.arange(n), _to_chunks(x, chunk_len), _to_chunks(targets, chunk_len), lse)
-    dw, dx = jax.lax.scan(chunk, jnp.zeros(embedding.shape, jnp.float32), xs, unroll=_unroll_loss_chunks())
-    dx = dx.swapaxes(0, 1).reshape(B, n * chunk_len, C)[:, :T]  # (n, B, t, C) -> (B, T, C)
-    return dx, dw.astype(embedding.dtype), None
+    dx, dw = residuals
+    return (g * dx).astype(dx.dtype), g * dw, None
 
 
 _chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
