@@ -55,6 +55,12 @@ def _unroll_layers(cfg: GPTConfig) -> bool:
     return forced if forced is not None else platform == "cpu" and cfg.remat == "none"
 
 
+def _unroll_loss_chunks() -> bool:
+    """Unroll the chunk loop of `lm_head_loss` only where the layers are forced unrolled: for a FLOP count
+    (XLA's cost analysis counts a loop body once)."""
+    return (_TARGET.get() or (None, None))[1] is True
+
+
 # Parameters only carry logical axis names; they are placed on devices by sharding.py through
 # jit's out_shardings, never eagerly at creation, so model code needs no mesh.
 def _normal(std: float, axes: tuple[str | None, ...]):
@@ -266,6 +272,14 @@ class GPT(nnx.Module):
         logits, _ = self._forward(idx, None, 0, dropout_rng)
         return logits
 
+    def loss(self, idx: jax.Array, targets: jax.Array, vocab_limit: int | None = None, *,
+             dropout_rng: jax.Array | None = None, chunk_len: int | None = None) -> jax.Array:
+        """Mean next-token cross-entropy of `targets` (B, T) int: the training loss, equal to
+        `cross_entropy(self(idx), targets, vocab_limit)` but without the (B, T, vocab) float32 logits
+        when they are large (see `lm_head_loss`)."""
+        x, _ = self._hidden(idx, None, 0, dropout_rng)
+        return lm_head_loss(x, self.wte, targets, vocab_limit, chunk_len)
+
     def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         cfg = self.config
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim)
@@ -292,6 +306,12 @@ class GPT(nnx.Module):
         return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.config.n_layer)]
 
     def _forward(self, idx, cache, pos, dropout_rng, layers=None):
+        x, cache = self._hidden(idx, cache, pos, dropout_rng, layers)
+        logits = _dense(self.wte, x)  # tied LM head: x @ wte.T -> (B, T, vocab)
+        return logits.astype(jnp.float32), cache
+
+    def _hidden(self, idx, cache, pos, dropout_rng, layers=None):
+        """The final hidden states (B, T, C) after ln_f, in the compute dtype, and the updated cache."""
         cfg = self.config
         B, T = idx.shape
         max_len = cfg.block_size if cache is None else cache[0].shape[3]
@@ -325,9 +345,7 @@ class GPT(nnx.Module):
         else:
             layers_in = (stacked, layer_rngs, jnp.arange(cfg.n_layer))
             (x, cache), _ = jax.lax.scan(block_step, (x, cache), layers_in, unroll=unroll)
-        x = self.ln_f(x)  # (B, T, C) in the compute dtype
-        logits = _dense(self.wte, x)  # tied LM head: x @ wte.T -> (B, T, vocab)
-        return logits.astype(jnp.float32), cache
+        return self.ln_f(x), cache  # (B, T, C) in the compute dtype
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, vocab_limit: int | None = None) -> jax.Array:
@@ -343,6 +361,118 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, vocab_limit: int | None
     if vocab_limit is not None and vocab_limit < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, jnp.finfo(jnp.float32).min)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+# Logits per chunk of the chunked loss: 2**27 float32 = 512 MiB, against 3.3 GB for GPT-2's full
+# (16, 1024, 50304) micro-batch. Chunks of a few thousand rows keep the LM-head matmuls large enough to
+# run at full speed on a GPU or TPU.
+LOSS_CHUNK_LOGITS = 2**27
+
+
+def loss_chunk_len(batch: int, seq_len: int, vocab: int) -> int:
+    """Positions per chunk of `lm_head_loss`: the largest power of two whose (batch, chunk, vocab) logits
+    fit LOSS_CHUNK_LOGITS, or seq_len (no chunking) when all of them fit."""
+    rows = max(1, LOSS_CHUNK_LOGITS // (batch * vocab))
+    return min(seq_len, 1 << (rows.bit_length() - 1))
+
+
+def lm_head_loss(x: jax.Array, head: nnx.Embed, targets: jax.Array, vocab_limit: int | None = None,
+                 chunk_len: int | None = None) -> jax.Array:
+    """`cross_entropy(x @ head.embedding.T, targets, vocab_limit)` for final hidden states x (B, T, C),
+    computed `chunk_len` positions at a time when the logits are large.
+
+    The chunked path never holds more than one chunk's (B, chunk_len, vocab) logits: a custom VJP computes
+    each chunk's loss and its gradients together in the forward pass and keeps only the gradients,
+    dx (B, T, C) and d embedding (V, C) float32, for the backward. Its logits come out of the matmul in
+    float32 (the unchunked path rounds them to the compute dtype first), and the embedding's gradient is
+    summed over chunks in float32. Chunks run along T, so a batch sharded over devices stays sharded in
+    every chunk.
+
+    Small logits (chunk_len >= T, the default for a character vocabulary) take the plain path: a loop of
+    one chunk would only add the (V, C) float32 gradient buffer.
+    """
+    B, T, _ = x.shape
+    V = head.embedding.shape[0]
+    chunk_len = chunk_len or loss_chunk_len(B, T, V)
+    if chunk_len >= T:
+        return cross_entropy(_dense(head, x).astype(jnp.float32), targets, vocab_limit)
+    limit = V if vocab_limit is None else min(vocab_limit, V)
+    return _chunked_loss(x, head.embedding[...], targets, limit, chunk_len)
+
+
+def _to_chunks(a: jax.Array, chunk_len: int) -> jax.Array:
+    """(B, T, ...) -> (n, B, chunk_len, ...), T zero-padded up to n * chunk_len."""
+    B, T = a.shape[:2]
+    n = -(-T // chunk_len)
+    a = jnp.pad(a, [(0, 0), (0, n * chunk_len - T)] + [(0, 0)] * (a.ndim - 2))
+    return a.reshape(B, n, chunk_len, *a.shape[2:]).swapaxes(0, 1)
+
+
+def _chunk_logits(x: jax.Array, w: jax.Array, vocab_limit: int) -> jax.Array:
+    """Logits (rows, V) float32 of a chunk x (B, t, C) against w (V, C), ids >= vocab_limit masked out."""
+    logits = jnp.dot(x.reshape(-1, x.shape[-1]), w.T, preferred_element_type=jnp.float32)  # (B*t, V)
+    if vocab_limit < w.shape[0]:
+        logits = jnp.where(jnp.arange(w.shape[0]) < vocab_limit, logits, jnp.finfo(jnp.float32).min)
+    return logits
+
+
+def _chunk_mask(i, chunk_len: int, B: int, T: int) -> jax.Array:
+    """(B*t,) float32: 1 for the rows of chunk i inside the sequence, 0 for the padding past T."""
+    inside = i * chunk_len + jnp.arange(chunk_len) < T  # (t,)
+    return jnp.broadcast_to(inside, (B, chunk_len)).reshape(-1).astype(jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_loss(x, embedding, targets, vocab_limit: int, chunk_len: int) -> jax.Array:
+    return _chunk_loop(x, embedding, targets, vocab_limit, chunk_len, grads=False)[0]
+
+
+def _chunk_loop(x, embedding, targets, vocab_limit: int, chunk_len: int, grads: bool):
+    """The mean loss over chunks of positions and, with `grads`, its gradients: dx (B, T, C) in the
+    compute dtype and d embedding (V, C) float32 (zero at ids >= vocab_limit)."""
+    B, T, C = x.shape
+    w = embedding.astype(x.dtype)  # (V, C) in the compute dtype, cast once for all chunks
+
+    def chunk(carry, xs):
+        total, dw = carry
+        i, xc, tc = xs  # (), (B, t, C), (B, t)
+        logits = _chunk_logits(xc, w, vocab_limit)  # (B*t, V)
+        lse = jax.nn.logsumexp(logits, axis=-1)  # (B*t,)
+        target = jnp.take_along_axis(logits, tc.reshape(-1, 1), axis=-1)[:, 0]
+        inside = _chunk_mask(i, chunk_len, B, T)  # (B*t,)
+        total = total + jnp.sum((lse - target) * inside)
+        if not grads:
+            return (total, dw), None
+        probs = jnp.exp(logits - lse[:, None])  # softmax; 0 at the masked ids
+        onehot = jnp.arange(w.shape[0]) == tc.reshape(-1, 1)
+        dlogits = ((probs - onehot) * (inside / (B * T))[:, None]).astype(x.dtype)  # d mean / d logits
+        dx = (dlogits @ w).reshape(xc.shape)  # (B, t, C)
+        dw = dw + jnp.einsum("RV,RC->VC", dlogits, xc.reshape(-1, C), preferred_element_type=jnp.float32)
+        return (total, dw), dx
+
+    n = -(-T // chunk_len)
+    xs = (jnp.arange(n), _to_chunks(x, chunk_len), _to_chunks(targets, chunk_len))
+    dw = jnp.zeros(embedding.shape if grads else (), jnp.float32)
+    (total, dw), dx = jax.lax.scan(chunk, (jnp.zeros((), jnp.float32), dw), xs, unroll=_unroll_loss_chunks())
+    if grads:
+        dx = dx.swapaxes(0, 1).reshape(B, n * chunk_len, C)[:, :T]  # (n, B, t, C) -> (B, T, C)
+    return total / (B * T), dx, dw
+
+
+# The loss is the end of the computation, so its gradient is known up to the scalar cotangent g: the
+# forward pass computes it with each chunk's logits at hand (no recomputation, the same matmuls as the
+# plain path) and the backward pass only scales it. Without differentiation (eval) only the loss runs.
+def _chunked_loss_fwd(x, embedding, targets, vocab_limit, chunk_len):
+    loss, dx, dw = _chunk_loop(x, embedding, targets, vocab_limit, chunk_len, grads=True)
+    return loss, (dx, dw)
+
+
+def _chunked_loss_bwd(vocab_limit, chunk_len, residuals, g):
+    dx, dw = residuals
+    return (g * dx).astype(dx.dtype), g * dw, None
+
+
+_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
 
 
 def count_params(cfg: GPTConfig) -> int:

@@ -35,7 +35,7 @@ from gpt2_jax.checkpoint import Checkpointer, agree
 from gpt2_jax.config import PADDED_VOCAB_SIZE, PRESETS, GPTConfig, TrainConfig, preset
 from gpt2_jax.generate import generate
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, format_step_line, mfu, mfu_banner, peak_flops
-from gpt2_jax.model import GPT, cross_entropy, default_attention
+from gpt2_jax.model import GPT, default_attention
 from gpt2_jax.optim import OptimConfig, lr_at, make_optimizer
 from gpt2_jax.plot import plot_run
 
@@ -134,7 +134,7 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
         model_def, params = nnx.split(ts.model)
 
         def loss_fn(params, x, y, key):
-            return cross_entropy(nnx.merge(model_def, params)(x, dropout_rng=key), y, vocab_limit)
+            return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key)
 
         def micro_step(carry, batch):
             loss_sum, grad_sum = carry
@@ -159,7 +159,7 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
 
 def make_eval_step(graphdef, state_shardings, batch_sharding, vocab_limit: int | None = None):
     def eval_step(state, x, y):
-        return cross_entropy(nnx.merge(graphdef, state).model(x), y, vocab_limit)
+        return nnx.merge(graphdef, state).model.loss(x, y, vocab_limit)
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding, batch_sharding),
                    out_shardings=sharding.replicated(batch_sharding.mesh))

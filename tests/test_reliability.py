@@ -443,11 +443,11 @@ POISON = -1  # a label id that no batch holds
 def nan_at(monkeypatch, steps) -> None:
     """Make the loss NaN at `steps` (1-based) only, inside the jitted train step as a real overflow would
     be. (--max_lr=1e10 above cannot interleave finite steps: the blown-up weights stay.) Those steps'
-    labels are replaced by POISON, and the trainer's loss is NaN for a batch of POISON labels."""
-    real_loss, real_make = trainer.cross_entropy, trainer.make_train_step
+    labels are replaced by POISON, and the trainer's loss (GPT.loss) is NaN for a batch of POISON labels."""
+    real_loss, real_make = trainer.GPT.loss, trainer.make_train_step
 
-    def loss(logits, targets, vocab_limit=None):
-        return jnp.where(jnp.all(targets == POISON), jnp.nan, real_loss(logits, targets, vocab_limit))
+    def loss(model, idx, targets, vocab_limit=None, **kwargs):
+        return jnp.where(jnp.all(targets == POISON), jnp.nan, real_loss(model, idx, targets, vocab_limit, **kwargs))
 
     def make_train_step(*args, **kwargs):
         step_fn, calls = real_make(*args, **kwargs), itertools.count(1)
@@ -459,7 +459,7 @@ def nan_at(monkeypatch, steps) -> None:
 
         return poisoned
 
-    monkeypatch.setattr(trainer, "cross_entropy", loss)
+    monkeypatch.setattr(trainer.GPT, "loss", loss)
     monkeypatch.setattr(trainer, "make_train_step", make_train_step)
 
 
