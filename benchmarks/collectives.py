@@ -19,7 +19,6 @@ import argparse
 import json
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
@@ -56,26 +55,15 @@ def _prod(dims: str) -> int:
 
 
 def compiled_train_step_hlo(cfg, mesh_spec: str, micro_batch_size: int, grad_accum: int = 1) -> str:
-    """The compiled HLO text of the trainer's train step for `cfg` on `--mesh=mesh_spec`."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-
+    """The compiled HLO text of the trainer's train step (trainer.build_step) for `cfg` on `--mesh=mesh_spec`."""
     from gpt2_jax import sharding  # noqa: PLC0415
-    from gpt2_jax.model import GPT  # noqa: PLC0415
-    from gpt2_jax.optim import OptimConfig, make_optimizer  # noqa: PLC0415
-    from gpt2_jax.trainer import TrainState, _with_shardings, make_train_step  # noqa: PLC0415
+    from gpt2_jax.config import TrainConfig  # noqa: PLC0415
+    from gpt2_jax.trainer import build_step  # noqa: PLC0415
 
-    mesh = sharding.make_mesh(mesh_spec)
-    tx = make_optimizer(OptimConfig(warmup_steps=10, max_steps=100))
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx)))
-    state_sh = sharding.state_shardings(abstract_state, mesh)
-    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)  # (grad_accum, micro_batch, T)
-    step = make_train_step(graphdef, state_sh, batch_sh, grad_accum, dropout=cfg.dropout > 0)
-    state = _with_shardings(abstract_state, state_sh)  # ShapeDtypeStructs: nothing is allocated
-    batch = jax.ShapeDtypeStruct((grad_accum, micro_batch_size, cfg.block_size), jnp.int32, sharding=batch_sh)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    return step.lower(state, batch, batch, rng).compile().as_text()
+    tc = TrainConfig(micro_batch_size=micro_batch_size, block_size=cfg.block_size, max_steps=100, warmup_steps=10,
+                     max_lr=1e-3, total_batch_size=micro_batch_size * cfg.block_size * grad_accum)
+    step = build_step(tc, cfg, sharding.make_mesh(mesh_spec))
+    return step.fn.lower(*step.abstract_args()).compile().as_text()  # ShapeDtypeStructs: nothing is allocated
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
