@@ -19,6 +19,10 @@ SHARED = Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parent.
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken-cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
+# Tests run on the CPU. With the plan extra installed (the CUDA plugin, libtpu) JAX would otherwise try those
+# backends first, and libtpu would ask the cloud metadata server where it runs.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # Caches (JAX's compilation cache of train.py, char data of bucket runs) in a folder of this session, not the
 # user's ~/.cache; shared by the session's train.py subprocesses, which then compile each program once.
 os.environ.setdefault("GPT2_JAX_CACHE", tempfile.mkdtemp(prefix="gpt2_jax-test-cache-"))
