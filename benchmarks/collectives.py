@@ -4,8 +4,8 @@ communication, read from the program XLA actually runs (no timing, so a CPU with
     python benchmarks/collectives.py --mesh=data:4,tensor:2 --mesh=data:2,tensor:4
     python benchmarks/collectives.py --preset=gpt2 --n_layer=2 --mesh=data:8 --mesh=data:2,fsdp:4
 
-The step is `trainer.make_train_step` with the trainer's own state and batch shardings
-(`sharding.state_shardings`, `sharding.batch_sharding`), built exactly as `trainer.run` builds it, then
+The step is `training.step.make_train_step` with the trainer's own state and batch shardings
+(`sharding.state_shardings`, `sharding.batch_sharding`), built exactly as the trainer builds it, then
 lowered and compiled for `--devices` fake CPU devices. In the compiled HLO text each collective
 instruction (all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute; an async
 `*-start`/`*-done` pair counts once) is counted, with the bytes of its result (per device). Counts are
@@ -55,10 +55,10 @@ def _prod(dims: str) -> int:
 
 
 def compiled_train_step_hlo(cfg, mesh_spec: str, micro_batch_size: int, grad_accum: int = 1) -> str:
-    """The compiled HLO text of the trainer's train step (trainer.build_step) for `cfg` on `--mesh=mesh_spec`."""
+    """The compiled HLO text of the trainer's train step (training.step.build_step) for `cfg` on `--mesh=mesh_spec`."""
     from gpt2_jax import sharding  # noqa: PLC0415
-    from gpt2_jax.config import TrainConfig  # noqa: PLC0415
-    from gpt2_jax.trainer import build_step  # noqa: PLC0415
+    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
+    from gpt2_jax.training.step import build_step  # noqa: PLC0415
 
     tc = TrainConfig(micro_batch_size=micro_batch_size, block_size=cfg.block_size, max_steps=100, warmup_steps=10,
                      max_lr=1e-3, total_batch_size=micro_batch_size * cfg.block_size * grad_accum)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
     from gpt2_jax.config import preset  # noqa: PLC0415
-    from gpt2_jax.model import default_attention  # noqa: PLC0415
+    from gpt2_jax.config import default_attention  # noqa: PLC0415
 
     cfg = preset(args.preset, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                  vocab_size=args.vocab_size, block_size=args.block_size, dropout=0.0, dtype="float32",

@@ -6,7 +6,7 @@
 
 The config (issue #12): a 4-layer, 4-head, 128-wide char model, batch 12 x 64, --max_steps 2000, max lr
 1e-3, warmup 100, beta2 0.99, dropout 0, the other settings as in train.py, on one CPU device.
-Each (order, seed) is one training run through `trainer.run`, in this process, one after the other.
+Each (order, seed) is one training run through `training.run`, in this process, one after the other.
 Printed per order: the in-loop val loss at each eval step (whole val split: Tiny Shakespeare's 111K
 characters are far below --eval_tokens), the whole-split loss of the final checkpoint as
 `python -m gpt2_jax.evaluate loss` computes it (it must equal the in-loop figure), and wall time per
@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax  # noqa: PLC0415
 
     from gpt2_jax import data as data_lib  # noqa: PLC0415
-    from gpt2_jax.config import TrainConfig  # noqa: PLC0415
+    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
     from gpt2_jax.evaluate import evaluate_loss, shard_batches  # noqa: PLC0415
     from gpt2_jax.metrics import read_metrics  # noqa: PLC0415
     from gpt2_jax.runs import load_run  # noqa: PLC0415
-    from gpt2_jax.trainer import run  # noqa: PLC0415
+    from gpt2_jax.training import run  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="convergence-"))
     data = work / "data"

@@ -4,10 +4,10 @@
     python benchmarks/loop_efficiency.py --steps 500 --log_every 10
 
 A model this small makes the loop's own costs show: reading and placing each batch, reading the metrics
-back, logging, the NaN check, the stop signal. Both sides come from one `trainer.setup` (same jitted
+back, logging, the NaN check, the stop signal. Both sides come from one `training.setup.setup` (same jitted
 step, same shardings, same data):
   bare     the jitted train step called back to back on one pre-placed batch, then one block;
-  in loop  `trainer.train`: its own per-step times (the time between two steps' results, which covers
+  in loop  `training.loop.train`: its own per-step times (the time between two steps' results, which covers
            everything the loop does between them), steps 2..N (step 1 compiles).
 Efficiency = in-loop tokens/s / bare tokens/s. Printed: both, the ratio, and one JSON line.
 """
@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax  # noqa: PLC0415
 
     from gpt2_jax import data as data_lib  # noqa: PLC0415
-    from gpt2_jax.config import TrainConfig  # noqa: PLC0415
+    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
     from gpt2_jax.metrics import read_metrics  # noqa: PLC0415
-    from gpt2_jax.trainer import next_batch, setup, train  # noqa: PLC0415
+    from gpt2_jax.training.loop import next_batch, train  # noqa: PLC0415
+    from gpt2_jax.training.setup import setup  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="loop-"))
     data_lib.prepare_text_string(data_lib.default_corpus(), work / "data", tokenizer="char")
@@ -57,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(config(f"bare{r}"))
         x, y = next_batch(run)
         key = jax.random.key(0)
-        state, m = run.train_step(run.state, x, y, key)  # compile
+        state, m = run.step.fn(run.state, x, y, key)  # compile
         jax.block_until_ready(m)
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            state, m = run.train_step(state, x, y, key)
+            state, m = run.step.fn(state, x, y, key)
         jax.block_until_ready((state, m))
         bare.append(args.steps * run.tc.total_batch_size / (time.perf_counter() - t0))
         run.ckpt.close()

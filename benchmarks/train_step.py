@@ -8,7 +8,7 @@
 (the last on a GPU; --attention defaults to the trainer's choice: cudnn on a GPU in bf16, blocked on CPU)
 
 Contenders, all float32 unless --dtype says otherwise, same config, same batch, dropout 0:
-  train    gpt2_jax: trainer.make_train_step (the trainer's jitted step: grad accumulation in lax.scan,
+  train    gpt2_jax: training.step.make_train_step (the trainer's jitted step: grad accumulation in lax.scan,
            clip + AdamW from optim.py, donated state) | reference_torch eager | reference_torch under
            torch.compile (skipped, with the reason, where it fails) -- each with AdamW and clipping at 1.0.
   forward  gpt2_jax logits (jit) | Hugging Face GPT2LMHeadModel (eager, no grad), random weights.
@@ -49,9 +49,10 @@ from flax import nnx  # noqa: E402
 from gpt2_jax import sharding  # noqa: E402
 from gpt2_jax.config import ATTENTION, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PRESETS, GPTConfig, preset  # noqa: E402
 from gpt2_jax.metrics import FLOPS_CONVENTION, flops_per_token, mfu, peak_flops  # noqa: E402
-from gpt2_jax.model import GPT, default_attention  # noqa: E402
+from gpt2_jax.config import default_attention  # noqa: E402
+from gpt2_jax.model import GPT  # noqa: E402
 from gpt2_jax.optim import OptimConfig, make_optimizer  # noqa: E402
-from gpt2_jax.trainer import TrainState, make_train_step  # noqa: E402
+from gpt2_jax.training.step import TrainState, make_train_step  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # Flags and environment (sample.py uses these too)

@@ -1,6 +1,6 @@
 """Checkpoints: an orbax CheckpointManager with atomic saves, resharding restores and a fallback.
 
-Usage (as in trainer.py):
+Usage (as in training/setup.py):
 
     ckpt = Checkpointer(directory, max_to_keep=3, async_save=True)
     if ckpt.latest_step() is not None:      # resume; abstract_state: ShapeDtypeStructs + target shardings
@@ -40,6 +40,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from gpt2_jax.distributed import all_ok, broadcast_from_primary
 
 PyTree = Any
 
@@ -101,7 +103,7 @@ class Checkpointer:
 
         As process 0 lists them: on an object store listings are eventually consistent, and processes
         that saw different steps would restore different ones (or one would start fresh) and hang."""
-        return agree(self._list_steps())
+        return broadcast_from_primary(self._list_steps())
 
     def _list_steps(self) -> list[int]:
         """The complete steps this process sees."""
@@ -212,7 +214,7 @@ class Checkpointer:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception:  # a damaged step: restore() falls back and reports it
             meta = None
-        return agree(meta)  # every process decides on process 0's reading
+        return broadcast_from_primary(meta)  # every process decides on process 0's reading
 
     def _restore_step(self, step: int, abstract_state: PyTree, partial: bool) -> tuple[PyTree, dict[str, Any]]:
         state_args = {} if partial else {"state": ocp.args.StandardRestore(abstract_state)}
@@ -226,9 +228,9 @@ class Checkpointer:
             error = e
         # Every process reads only its own shards, so one may fail where others succeed. They must all
         # agree, or they would go on from different steps.
-        if not _on_all_processes(error is None):
+        if not all_ok(error is None):
             raise error or RuntimeError(f"another process failed to restore step {step}")
-        return state, agree(meta)
+        return state, broadcast_from_primary(meta)
 
     def _restore_part(self, step: int, abstract_part: PyTree) -> PyTree:
         """The arrays of `abstract_part`, a part of the saved state tree, and no others.
@@ -266,29 +268,6 @@ def _check_has_shardings(abstract_state: PyTree) -> None:
             f"{' ...' if len(missing) > 3 else ''}. Build it with abstract_like(state) or "
             f"jax.ShapeDtypeStruct(shape, dtype, sharding=...)."
         )
-
-
-def agree(value: Any) -> Any:
-    """Process 0's `value` (anything JSON can hold) on every process; `value` itself in a single-process
-    run. A collective: every process must call it. Decisions taken from a listing, a file or a clock go
-    through it, so that the processes of one run never go different ways."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
-    data = multihost_utils.broadcast_one_to_all(data if jax.process_index() == 0 else np.zeros(size, np.uint8))
-    return json.loads(np.asarray(data, np.uint8).tobytes())
-
-
-def _on_all_processes(ok: bool) -> bool:
-    """True iff `ok` on every JAX process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
 
 def _short(error: Exception, limit: int = 400) -> str:

@@ -13,19 +13,25 @@ import math
 import jax
 import optax
 
+from gpt2_jax.config import ADAMW, RECIPES
+
+
+_GPT2 = RECIPES["gpt2"]
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    max_lr: float = 6e-4  # peak learning rate, reached at the end of warmup
-    min_lr_ratio: float = 0.1  # the cosine ends at max_lr * min_lr_ratio
-    warmup_steps: int = 715  # linear warmup from max_lr / warmup_steps
-    max_steps: int = 19073  # the cosine spans [warmup_steps, max_steps]; constant min_lr afterwards
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm (0 disables clipping)
+    """The defaults are the GPT-2 124M recipe (config.RECIPES, config.ADAMW)."""
 
+    max_lr: float = _GPT2["max_lr"]  # peak learning rate, reached at the end of warmup
+    min_lr_ratio: float = ADAMW["min_lr_ratio"]  # the cosine ends at max_lr * min_lr_ratio
+    warmup_steps: int = _GPT2["warmup_steps"]  # linear warmup from max_lr / warmup_steps
+    max_steps: int = _GPT2["max_steps"]  # the cosine spans [warmup_steps, max_steps]; constant min_lr afterwards
+    weight_decay: float = ADAMW["weight_decay"]
+    beta1: float = ADAMW["beta1"]
+    beta2: float = ADAMW["beta2"]
+    eps: float = ADAMW["eps"]
+    grad_clip: float = ADAMW["grad_clip"]  # max global gradient norm (0 disables clipping)
 
 def lr_at(step: int, c: OptimConfig) -> float:
     """The schedule as plain Python (the formula the tests check against); step counts from 0."""

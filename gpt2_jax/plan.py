@@ -173,23 +173,17 @@ def load_target(spec: TargetSpec) -> Target:
 def build_train_step(tc, cfg, mesh, vocab_limit: int | None = None):
     """The trainer's jitted train step for `mesh` (trainer.build_step, as the trainer builds it), and the
     abstract arguments to lower it with: (step, (state, x, y, rng))."""
-    from gpt2_jax.trainer import build_step  # noqa: PLC0415
+    from gpt2_jax.training.step import build_step  # noqa: PLC0415
 
     step = build_step(tc, cfg, mesh, vocab_limit)
     return step.fn, step.abstract_args()
 
 
 def target_mesh(spec: str, devices):
-    """The trainer's mesh (sharding.parse_mesh's axes) over the target's devices."""
-    import numpy as np  # noqa: PLC0415
-    from jax.sharding import AxisType, Mesh  # noqa: PLC0415
-
+    """The trainer's mesh over the target's devices."""
     from gpt2_jax import sharding  # noqa: PLC0415
 
-    sizes = sharding.parse_mesh(spec, len(devices), allow_fewer=True)  # e.g. data:1 on a 4-chip slice
-    shape = tuple(sizes[a] for a in sharding.MESH_AXES)
-    return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), sharding.MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(shape))
+    return sharding.make_mesh(spec, devices)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -218,8 +212,8 @@ class Plan:
 
 
 def _resolved(args, target: Target, remat: str, micro: int):
-    from gpt2_jax.config import GPT2_VOCAB_SIZE, PRESETS, TrainConfig  # noqa: PLC0415
-    from gpt2_jax.trainer import GPT2_SIZES, model_config, resolve  # noqa: PLC0415
+    from gpt2_jax.config import GPT2_SIZES, GPT2_VOCAB_SIZE, PRESETS  # noqa: PLC0415
+    from gpt2_jax.training.settings import TrainConfig, model_config, resolve  # noqa: PLC0415
 
     tc = TrainConfig(preset=args.preset, micro_batch_size=micro, block_size=args.block_size, dtype=args.dtype,
                      attention=args.attention, remat=remat, mesh=args.mesh, vocab_size=args.vocab_size,
@@ -504,6 +498,46 @@ def largest_micro_batch(args, target: Target, remat: str, log=lambda line: print
         else:
             micro //= 2
     return fitting or Plan(remat, 0, False, 0, target.budget_bytes)
+
+
+def auto_micro_batch(config: TrainConfig) -> tuple[int, str]:
+    """The largest micro-batch of (data-parallel devices) x 2^k whose train step fits the attached devices'
+    memory, by the planner (gpt2_jax.plan, --target=local: compiles, runs nothing), and a log line; (0, why)
+    when none fits or none divides --total_batch_size, and the trainer's default then applies."""
+    from gpt2_jax.config import GPT2_SIZES  # noqa: PLC0415
+    from gpt2_jax.sharding import data_parallel_size  # noqa: PLC0415
+    from gpt2_jax.training.settings import resolve  # noqa: PLC0415
+
+    argv = ["--target=local", f"--preset={config.preset}", f"--mesh={config.mesh}", f"--remat={config.remat}",
+            f"--block_size={config.block_size}", f"--dtype={config.dtype}", f"--attention={config.attention}",
+            f"--vocab_size={config.vocab_size}", f"--n_layer={config.n_layer}", f"--n_head={config.n_head}",
+            f"--n_embd={config.n_embd}"]
+    target = load_target(parse_target("local"))
+    mesh = target_mesh(config.mesh, target.devices)
+    tc = resolve(config, target.platform, mesh.size)  # the default micro-batch, block size, total batch
+    # Plan with grad accumulation where the run accumulates: its scan keeps a float32 gradient accumulator.
+    accum = 2 if tc.total_batch_size > tc.micro_batch_size * tc.block_size else 1
+    args = parse_args(argv + [f"--grad_accum={accum}"])
+    best = largest_micro_batch(args, target, config.remat, log=None)
+    micro = best.micro_batch_size
+    # The micro-batch must divide a fixed total (--total_batch_size, or 2**19 tokens for GPT-2 sizes); otherwise
+    # the total is one micro-batch and follows it.
+    fixed_total = config.total_batch_size or (tc.total_batch_size if config.preset in GPT2_SIZES else 0)
+    dp = data_parallel_size(mesh)
+    while micro > dp and fixed_total and fixed_total % (micro * tc.block_size):
+        micro //= 2
+    if not micro:
+        return 0, (f"micro-batch: none of the sizes tried fits {target.budget_note} with --remat={config.remat}; "
+                   f"using the default ({tc.micro_batch_size}); python -m gpt2_jax.plan --target=local --search "
+                   f"shows each policy's")
+    if fixed_total and fixed_total % (micro * tc.block_size):
+        return 0, (f"micro-batch: no size that fits ({best.micro_batch_size} or less) divides --total_batch_size="
+                   f"{fixed_total} into micro-batches of {tc.block_size} tokens; using the default "
+                   f"({tc.micro_batch_size})")
+    need = best.need_bytes if micro == best.micro_batch_size else None
+    return micro, (f"micro-batch: {micro}, the largest power of two that fits ("
+                   + (f"{need / 2**30:.2f} GiB of {target.budget_bytes / 2**30:.2f} GiB per device, " if need else "")
+                   + f"remat={config.remat}; --micro_batch_size=N to choose)")
 
 
 # ---------------------------------------------------------------------------------------------------

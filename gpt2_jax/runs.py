@@ -18,6 +18,7 @@ folder in a bucket is copied to a local temporary folder and loaded from there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +44,33 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TOKENIZER_FILE = "gpt2_jax_tokenizer.json"  # beside an exported HF folder's config.json
 
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a training checkpoint records beside its arrays (checkpoints/<step>/meta, JSON): the one schema.
+    The trainer writes it at every save and reads it to resume; load_run reads the model and tokenizer."""
+
+    step: int
+    model_config: dict  # GPTConfig.to_dict()
+    train_config: dict  # the resolved TrainConfig
+    tokenizer: dict | None = None  # Tokenizer.to_meta(); absent in runs saved before tokenizers were recorded
+    loader: dict | None = None  # the train loader's position after `step`
+    data: dict | None = None  # the data fingerprint: {"dir", "shards"}
+    skipped_steps: int = 0  # --on_nan=skip: updates skipped so far
+    consecutive_skips: int = 0  # ... and in a row up to `step`
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckpointMeta:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def model(self) -> GPTConfig:
+        return GPTConfig.from_dict(self.model_config)
 
 def checkpoints_dir(path: str | os.PathLike) -> epath.Path:
     """The checkpoints/ folder of a run, given its out_dir or the folder itself (local or gs://)."""
@@ -108,7 +136,7 @@ def load_run(path: str | os.PathLike, step: int | None = None, *, shardings: Any
         meta = ckpt.read_meta(step)
         if meta is None:
             raise FileNotFoundError(f"no readable checkpoint in {folder}")
-        saved = GPTConfig.from_dict(meta["model_config"])
+        saved = CheckpointMeta.from_dict(meta).model
         cfg = saved.replace(**overrides)
         if diff := saved.arch_diff(cfg):
             detail = ", ".join(f"{f} {getattr(saved, f)} (asked: {getattr(cfg, f)})" for f in diff)
@@ -121,7 +149,8 @@ def load_run(path: str | os.PathLike, step: int | None = None, *, shardings: Any
         # The saved TrainState is {"model", "opt"}: read only the model, not the AdamW moments.
         state, meta, _ = ckpt.restore({"model": target}, step=step, partial=True)
     model = nnx.merge(graphdef, state["model"])
-    tokenizer = Tokenizer.from_meta(meta["tokenizer"]) if "tokenizer" in meta else _guess_tokenizer(cfg)
+    recorded = CheckpointMeta.from_dict(meta).tokenizer
+    tokenizer = Tokenizer.from_meta(recorded) if recorded else _guess_tokenizer(cfg)
     return model, tokenizer, meta
 
 

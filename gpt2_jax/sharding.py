@@ -34,6 +34,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from gpt2_jax import distributed
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dim is split over both data-parallel axes
 RULES = {  # logical axis -> mesh axis (None: replicated)
@@ -82,14 +84,16 @@ def parse_mesh(spec: str, num_devices: int, allow_fewer: bool = False) -> dict[s
 
 
 def make_mesh(spec: str = "", devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+    """The mesh of --mesh=`spec` over the attached devices (topology-aware order), or over `devices` (a
+    target's, for the planner's deviceless compiles). A single process may use fewer devices than it has."""
+    attached = devices is None
+    devices = jax.devices() if attached else list(devices)
     sizes = parse_mesh(spec, len(devices), allow_fewer=jax.process_count() == 1)
     shape = tuple(sizes[a] for a in MESH_AXES)
-    devices = devices[: math.prod(shape)]
     auto = (AxisType.Auto,) * len(MESH_AXES)  # shardings given at jit boundaries; XLA propagates inside
-    if len(devices) == len(jax.devices()):
+    if attached and math.prod(shape) == len(devices):
         return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)  # topology-aware order
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+    return Mesh(np.asarray(devices[: math.prod(shape)]).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -141,11 +145,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
-    """A global array from this process's rows of the batch (each process read only its own slice)."""
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Evaluation: batches of rows split over the data axes, outside the trainer's jitted step.
 
@@ -193,11 +192,7 @@ def run_on_rows(fn, graphdef, state, row_sharding, *arrays, vocab_limit: int) ->
     """fn(graphdef, state, *arrays, vocab_limit) on host arrays split by rows; the result as float64 numpy."""
     if row_sharding is not None:  # global arrays split by rows; every process holds the whole batch
         arrays = [jax.make_array_from_callback(a.shape, row_sharding, lambda idx, a=a: a[idx]) for a in arrays]
-    out = fn(graphdef, state, *arrays, vocab_limit)
-    if not out.is_fully_addressable:  # multi-host: gather every row onto each process
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
-        out = multihost_utils.process_allgather(out, tiled=True)
+    out = distributed.gather_rows(fn(graphdef, state, *arrays, vocab_limit))  # multi-host: every row on each
     return np.asarray(out, dtype=np.float64)
 
 

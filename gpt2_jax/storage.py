@@ -54,11 +54,15 @@ def bucket_of(path: str | os.PathLike) -> str:
     return os.fspath(path).split("://", 1)[1].split("/", 1)[0]
 
 
-def cache_dir() -> Path:
-    """This machine's cache folder: $GPT2_JAX_CACHE, else $XDG_CACHE_HOME/gpt2_jax (~/.cache/gpt2_jax)."""
-    if "GPT2_JAX_CACHE" in os.environ:
-        return Path(os.environ["GPT2_JAX_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "gpt2_jax"
+def cache_dir(env=None) -> Path:
+    """This machine's cache folder, from `env` (default: os.environ): $GPT2_JAX_CACHE, else
+    $XDG_CACHE_HOME/gpt2_jax, else ~/.cache/gpt2_jax. The one rule: the compile cache, the bundled corpus
+    of bucket runs and HellaSwag's download all live under it."""
+    env = os.environ if env is None else env
+    if env.get("GPT2_JAX_CACHE"):
+        return Path(env["GPT2_JAX_CACHE"]).expanduser()
+    home = env.get("HOME") or os.path.expanduser("~")
+    return Path(env.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")).expanduser() / "gpt2_jax"
 
 
 def local_folder_for(remote: str | os.PathLike, what: str) -> Path:

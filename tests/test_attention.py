@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2_jax.config import GPTConfig, TrainConfig
+from gpt2_jax.config import GPTConfig
+from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.model import GPT, attention, blocked_attention, cross_entropy
-from gpt2_jax.trainer import resolve
+from gpt2_jax.training.settings import resolve
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")

@@ -34,9 +34,10 @@ import test_reliability as reliability
 from test_reliability import TrainProcess
 
 from gpt2_jax import data as data_lib
-from gpt2_jax import export, plot, runs, sample, storage, trainer
+from gpt2_jax import export, plot, runs, sample, storage
+from gpt2_jax.training import setup as trainer
 from gpt2_jax import evaluate as evaluate_cli
-from gpt2_jax.config import TrainConfig
+from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.hellaswag import load_hellaswag
 from gpt2_jax.metrics import MetricsLogger, read_metrics
 

@@ -138,9 +138,9 @@ def test_load_run_restores_only_the_model(tmp_path, monkeypatch):
     from flax import nnx
 
     from gpt2_jax import data as data_lib
-    from gpt2_jax.config import TrainConfig
+    from gpt2_jax.training.settings import TrainConfig
     from gpt2_jax.runs import load_run
-    from gpt2_jax.trainer import run
+    from gpt2_jax.training import run
 
     data = tmp_path / "data"
     data_lib.prepare_text_string(data_lib.default_corpus()[:50_000], data, tokenizer="char")

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import train
 from gpt2_jax import plan
-from gpt2_jax.config import GPU_XLA_FLAGS, TrainConfig
-from gpt2_jax.trainer import resolve
+from gpt2_jax.config import GPU_XLA_FLAGS
+from gpt2_jax.training.settings import TrainConfig, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="char", n_layer=2, n_embd=64, n_head=2, block_size=64, mesh="data:1")
@@ -66,17 +65,17 @@ def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
     budget = (need[8] + need[16]) // 2
     monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=budget,
                                                                                  budget_note="a test's budget"))
-    micro, note = train.auto_micro_batch(config)
+    micro, note = plan.auto_micro_batch(config)
     assert micro == 8, note
     assert sorted(compiled) == [8, 16], "the search starts at 16 per device, halves once, and stops"
     assert note.startswith(f"micro-batch: 8, the largest power of two that fits ({need[8] / 2**30:.2f} GiB of ")
     # The largest that fits does not divide --total_batch_size into whole micro-batches: halved until it does.
-    micro, _ = train.auto_micro_batch(dataclasses.replace(config, total_batch_size=4 * 64))
+    micro, _ = plan.auto_micro_batch(dataclasses.replace(config, total_batch_size=4 * 64))
     assert micro == 4
     # A budget that even one sequence overflows: the trainer's default, said so (sizes 4, 2, 1 compiled as well).
     monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=1024,
                                                                                  budget_note="a test's budget"))
-    micro, note = train.auto_micro_batch(config)
+    micro, note = plan.auto_micro_batch(config)
     default = resolve(config, "cpu", 1).micro_batch_size  # the trainer's own auto value for this config
     assert micro == 0 and "none of the sizes tried fits a test's budget" in note
     assert f"using the default ({default})" in note
@@ -88,13 +87,14 @@ def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
 def test_train_asks_the_planner_only_on_gpu_and_tpu(monkeypatch, capsys, backend, flag, calls, used):
     import jax
 
-    from gpt2_jax import trainer
+    import train
+    from gpt2_jax import launch, training
 
     asked, ran = [], []
-    monkeypatch.setattr(train, "start_jax", lambda config: None)
+    monkeypatch.setattr(launch, "start_jax", lambda config: None)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(train, "auto_micro_batch", lambda config: asked.append(config) or (32, "micro-batch: 32"))
-    monkeypatch.setattr(trainer, "run", lambda config: ran.append(config) or {})
+    monkeypatch.setattr(plan, "auto_micro_batch", lambda config: asked.append(config) or (32, "micro-batch: 32"))
+    monkeypatch.setattr(training, "run", lambda config: ran.append(config) or {})
     train.main([f"--micro_batch_size={flag}"])
     assert len(asked) == calls and ran[0].micro_batch_size == used
     assert ("micro-batch: 32" in capsys.readouterr().out) == bool(calls)

@@ -160,9 +160,9 @@ def test_in_loop_val_loss_equals_the_cli_on_tiny_shakespeare(tiny_shakespeare, c
     """The trainer's in-loop val loss covers the whole val split (111K characters, far below
     --eval_tokens) with the windows `evaluate loss` reads, so on the same checkpoint the two agree: both
     average the same per-token float32 losses, in batches of the same shape (measured difference ~1e-7)."""
-    from gpt2_jax.config import TrainConfig
+    from gpt2_jax.training.settings import TrainConfig
     from gpt2_jax.metrics import read_metrics
-    from gpt2_jax.trainer import run
+    from gpt2_jax.training import run
 
     data = tmp_path / "data"
     assert data_lib.main(["text", str(tiny_shakespeare), "--out", str(data), "--tokenizer", "char"]) == 0

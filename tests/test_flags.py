@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-import train
-from gpt2_jax.config import TrainConfig
+from gpt2_jax import launch
+from gpt2_jax.training.settings import parse_flags
+from gpt2_jax.training.settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOL_FLAGS = [f.name for f in dataclasses.fields(TrainConfig) if f.type == "bool"]
 
 
 def parse_error(argv, capsys) -> str:
-    """train.parse_args(argv) must exit with status 2 (argparse's usage error); returns its stderr."""
+    """parse_flags(argv) must exit with status 2 (argparse's usage error); returns its stderr."""
     with pytest.raises(SystemExit) as e:
-        train.parse_args(argv)
+        parse_flags(argv)
     assert e.value.code == 2
     return capsys.readouterr().err
 
@@ -34,7 +35,7 @@ def test_bool_flags_are_the_ones_expected():
                                          (["--distributed=false"], "false"), (["--distributed", "no"], "false"),
                                          (["--distributed=auto"], "auto")])
 def test_distributed_is_auto_or_a_bool(argv, value):
-    assert train.parse_args(argv).distributed == value
+    assert parse_flags(argv).distributed == value
 
 
 def test_distributed_bad_value(capsys):
@@ -51,7 +52,7 @@ def test_distributed_bad_value(capsys):
 def test_init_distributed_joins_the_pod_on_tpu_unless_told_not_to(monkeypatch, flags, tpu_hosts, joins):
     import jax
 
-    from gpt2_jax.trainer import init_distributed
+    from gpt2_jax.launch import init_distributed
 
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
@@ -62,7 +63,7 @@ def test_init_distributed_joins_the_pod_on_tpu_unless_told_not_to(monkeypatch, f
 
 @pytest.mark.parametrize("name", BOOL_FLAGS)
 def test_bare_bool_flag_is_true(name):
-    config = train.parse_args([f"--{name}", "--max_steps=3"])  # bare, followed by another flag
+    config = parse_flags([f"--{name}", "--max_steps=3"])  # bare, followed by another flag
     assert getattr(config, name) is True and config.max_steps == 3
 
 
@@ -70,8 +71,8 @@ def test_bare_bool_flag_is_true(name):
 @pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("False", False), ("1", True),
                                          ("0", False), ("yes", True), ("no", False), ("on", True), ("off", False)])
 def test_bool_flag_with_a_value(name, text, value):
-    assert getattr(train.parse_args([f"--{name}={text}"]), name) is value
-    assert getattr(train.parse_args([f"--{name}", text]), name) is value  # the value as the next argument
+    assert getattr(parse_flags([f"--{name}={text}"]), name) is value
+    assert getattr(parse_flags([f"--{name}", text]), name) is value  # the value as the next argument
 
 
 def test_bool_flag_with_a_bad_value(capsys):
@@ -80,12 +81,12 @@ def test_bool_flag_with_a_bad_value(capsys):
 
 
 def test_no_flags_gives_the_defaults():
-    assert train.parse_args([]) == TrainConfig()
+    assert parse_flags([]) == TrainConfig()
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["--help"])
+        parse_flags(["--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text: undo the line breaks
     for f in dataclasses.fields(TrainConfig):
@@ -221,37 +222,37 @@ HOME = {"HOME": "/home/u", "PATH": "/usr/bin"}
     ({**HOME, "XDG_CACHE_HOME": "/xdg", "GPT2_JAX_CACHE": "/mine"}, "/mine/jax-compile"),
 ])
 def test_compile_cache_default_folder(env, folder):
-    out, notes = train.jax_environment(TrainConfig(), env)
+    out, notes = launch.jax_environment(TrainConfig(), env)
     assert out["JAX_COMPILATION_CACHE_DIR"] == folder and notes == [f"compile cache: {folder} (the default; "
                                                                     "--compile_cache=off disables it)"]
-    assert out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == train.CACHE_MIN_COMPILE_SECS
+    assert out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == launch.CACHE_MIN_COMPILE_SECS
     assert env == {k: v for k, v in out.items() if k in env}, "the input environment's values are kept"
 
 
 def test_users_cache_variable_wins_over_the_default_not_over_the_flag():
     env = {**HOME, "JAX_COMPILATION_CACHE_DIR": "/theirs", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    out, _ = train.jax_environment(TrainConfig(), env)
+    out, _ = launch.jax_environment(TrainConfig(), env)
     assert out["JAX_COMPILATION_CACHE_DIR"] == "/theirs"
     assert out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
-    out, notes = train.jax_environment(TrainConfig(compile_cache="/flag"), env)
+    out, notes = launch.jax_environment(TrainConfig(compile_cache="/flag"), env)
     assert out["JAX_COMPILATION_CACHE_DIR"] == "/flag" and notes == ["compile cache: /flag (--compile_cache)"]
-    out, notes = train.jax_environment(TrainConfig(compile_cache="off"), env)
+    out, notes = launch.jax_environment(TrainConfig(compile_cache="off"), env)
     assert out["JAX_ENABLE_COMPILATION_CACHE"] == "false" and notes == ["compile cache: off (--compile_cache=off)"]
 
 
 def test_gpu_flags_are_set_only_for_gpu_and_only_without_users_xla_flags():
     from gpt2_jax.config import GPU_XLA_FLAGS
 
-    out, notes = train.jax_environment(TrainConfig(platform="gpu"), HOME)
+    out, notes = launch.jax_environment(TrainConfig(platform="gpu"), HOME)
     assert out["XLA_FLAGS"] == " ".join(GPU_XLA_FLAGS) and out["JAX_PLATFORMS"] == "cuda"
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in GPU_XLA_FLAGS
     assert notes[-1].startswith("XLA_FLAGS='--xla_gpu_enable_latency_hiding_scheduler=true ") and \
         notes[-1].endswith(": the recommended GPU flags (set XLA_FLAGS to replace them)")
     for theirs in ("--xla_dump_to=/tmp/d", ""):  # set by the user, even empty (XLA's defaults): left alone
-        out, notes = train.jax_environment(TrainConfig(platform="gpu"), {**HOME, "XLA_FLAGS": theirs})
+        out, notes = launch.jax_environment(TrainConfig(platform="gpu"), {**HOME, "XLA_FLAGS": theirs})
         assert out["XLA_FLAGS"] == theirs
         assert notes[-1] == (f"XLA_FLAGS={theirs!r} from the environment; the recommended GPU flags "
                              "(gpt2_jax.config.GPU_XLA_FLAGS) are not added")
     for platform in ("", "cpu", "tpu"):
-        out, _ = train.jax_environment(TrainConfig(platform=platform), HOME)
+        out, _ = launch.jax_environment(TrainConfig(platform=platform), HOME)
         assert "XLA_FLAGS" not in out, platform

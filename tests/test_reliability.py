@@ -32,11 +32,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2_jax import trainer
-from gpt2_jax.config import TrainConfig
+from gpt2_jax.training import step as trainer  # (the train step's builder and its GPT)
+from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.metrics import read_metrics
 from gpt2_jax.runs import load_run
-from gpt2_jax.trainer import run
+from gpt2_jax.training import run
 
 # A damaged checkpoint makes tensorstore call back into orbax's closed event loop after the failed
 # read: Python reports an ignored "Event loop is closed". Harmless (see tests/test_checkpoint.py).

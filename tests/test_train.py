@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from gpt2_jax import data as data_lib
-from gpt2_jax.config import TrainConfig
-from gpt2_jax.trainer import run
+from gpt2_jax.training.settings import TrainConfig
+from gpt2_jax.training import run
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tolerances. Sharded and single-device steps run the same float32 math with different reduction
@@ -116,7 +116,7 @@ def test_trajectory_matches_torch_reference(tmp_path, char_data):
     import reference_torch
     from gpt2_jax.convert import export_hf
     from gpt2_jax.model import GPT
-    from gpt2_jax.trainer import model_config, resolve
+    from gpt2_jax.training.settings import model_config, resolve
 
     B, T, steps, warmup, max_lr = 8, 32, 5, 2, 3e-3
     tc = tiny(tmp_path / "jax", char_data, micro_batch_size=B, block_size=T, total_batch_size=B * T,
@@ -300,7 +300,7 @@ def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
 
     from gpt2_jax.convert import export_hf
     from gpt2_jax.model import GPT
-    from gpt2_jax.trainer import model_config, resolve
+    from gpt2_jax.training.settings import model_config, resolve
 
     tc = resolve(tiny(tmp_path / "x", char_data), "cpu", 1)
     vocab = data_lib.Tokenizer.load(char_data).vocab_size
@@ -319,7 +319,7 @@ def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
 def test_cpu_default_is_the_small_char_model():
     """`python train.py` on a CPU trains the measured small config (trainer.CPU_CHAR); flags still win, the
     micro-batch is a multiple of the devices, and GPU/TPU keep the char preset at full size."""
-    from gpt2_jax.trainer import CPU_CHAR, resolve
+    from gpt2_jax.training.settings import CPU_CHAR, resolve
 
     tc = resolve(TrainConfig(), "cpu", 1)
     assert {k: getattr(tc, k) for k in CPU_CHAR} == CPU_CHAR

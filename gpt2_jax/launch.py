@@ -1,0 +1,114 @@
+"""Before JAX starts: the backend, JAX's environment (the compile cache, the GPU XLA flags) and the other
+processes of a multi-host run. JAX and XLA read their settings when they start, so train.py calls
+`start_jax` before anything imports JAX.
+
+Without --platform, a machine where no GPU or TPU is visible runs on the CPU outright (JAX_PLATFORMS=cpu):
+JAX would otherwise try every installed plugin first, and the CUDA plugin and libtpu print tracebacks and
+warnings about hardware that is not there (a newcomer reads that as a broken install).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from gpt2_jax.config import GPU_XLA_FLAGS
+from gpt2_jax.training.settings import TrainConfig
+
+JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform (config.PLATFORMS) -> JAX_PLATFORMS
+INSTALL_HINT = {"gpu": 'pip install "gpt2-jax[gpu]"  (JAX with CUDA)', "tpu": 'pip install "gpt2-jax[tpu]"'}
+# Device files of the accelerators JAX can use: NVIDIA GPUs; TPU chips (v2-v4 and v5p: /dev/accel*; v5e and
+# v6e: VFIO groups).
+ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+# Programs that compile faster than this are not written to the compile cache. JAX's default (1 s) leaves out
+# most of the CPU default run's programs (eval, sampling, the data pipeline's small jits: 0.1-0.9 s each).
+CACHE_MIN_COMPILE_SECS = "0.1"
+
+
+def has_accelerator() -> bool:
+    """Whether this machine shows a GPU or TPU device file (a cheap look: no plugin is loaded)."""
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
+
+
+def jax_environment(config: TrainConfig, env) -> tuple[dict, list[str]]:
+    """The environment JAX should start in, from `env` (left unchanged), and a log line per decision.
+
+    JAX_PLATFORMS from --platform; the persistent compile cache (JAX_COMPILATION_CACHE_DIR: --compile_cache=DIR,
+    else the user's own variable, else the default folder; --compile_cache=off disables it); XLA_FLAGS for
+    --platform=gpu: the recommended GPU flags, unless the user set XLA_FLAGS (even empty) themselves.
+    """
+    from gpt2_jax.storage import cache_dir  # noqa: PLC0415 -- after the flags are checked: etils is not light
+
+    env, notes = dict(env), []
+    if config.platform:
+        env["JAX_PLATFORMS"] = JAX_PLATFORMS[config.platform]
+    if config.compile_cache == "off":
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        notes.append("compile cache: off (--compile_cache=off)")
+    else:
+        if config.compile_cache:
+            env["JAX_COMPILATION_CACHE_DIR"], source = config.compile_cache, "--compile_cache"
+            env["JAX_ENABLE_COMPILATION_CACHE"] = "true"
+        elif env.get("JAX_COMPILATION_CACHE_DIR"):
+            source = "JAX_COMPILATION_CACHE_DIR in the environment"
+        else:
+            env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(cache_dir(env), "jax-compile")
+            source = "the default; --compile_cache=off disables it"
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", CACHE_MIN_COMPILE_SECS)
+        if env.get("JAX_ENABLE_COMPILATION_CACHE", "true").lower() in ("0", "false"):
+            notes.append("compile cache: off (JAX_ENABLE_COMPILATION_CACHE in the environment)")
+        else:
+            notes.append(f"compile cache: {env['JAX_COMPILATION_CACHE_DIR']} ({source})")
+    if config.platform == "gpu":
+        if "XLA_FLAGS" in env:
+            notes.append(f"XLA_FLAGS={env['XLA_FLAGS']!r} from the environment; the recommended GPU flags "
+                         f"(gpt2_jax.config.GPU_XLA_FLAGS) are not added")
+        else:
+            env["XLA_FLAGS"] = " ".join(GPU_XLA_FLAGS)
+            notes.append(f"XLA_FLAGS={env['XLA_FLAGS']!r}: the recommended GPU flags (set XLA_FLAGS to replace them)")
+    return env, notes
+
+
+def start_jax(config: TrainConfig) -> None:
+    """Set JAX's environment (jax_environment), pin JAX to one backend and join the other processes, before any
+    backend initialises; exit with what to install if the backend is missing."""
+    env, notes = jax_environment(config, os.environ)
+    if not config.platform and "JAX_PLATFORMS" not in env and not has_accelerator():
+        env["JAX_PLATFORMS"] = "cpu"  # quiet: no plugin probes hardware that is not there
+    os.environ.update(env)
+    for note in notes:
+        print(note, flush=True)
+    import jax  # noqa: PLC0415
+
+    init_distributed(config)
+    try:
+        jax.devices()
+    except Exception as e:  # RuntimeError, or an AssertionError from some JAX versions
+        if not config.platform:
+            raise
+        hint = INSTALL_HINT.get(config.platform)
+        sys.exit(f"--platform={config.platform}: this JAX has no {JAX_PLATFORMS[config.platform]} backend "
+                 f"({type(e).__name__}: {e}).\n" + (f"Install it: {hint}" if hint else ""))
+
+
+def init_distributed(tc: TrainConfig) -> None:
+    """Fake CPU devices and jax.distributed: must run before any JAX backend initialises.
+
+    --distributed=auto joins the other processes on TPU (a Cloud TPU VM finds its pod's hosts itself,
+    through the metadata server; on one host it is a no-op JAX recommends anyway) and where
+    TPU_WORKER_HOSTNAMES lists several hosts (GKE). --distributed=true: SLURM and Open MPI clusters
+    describe themselves; elsewhere pass --coordinator_address, --num_processes and --process_id.
+    """
+    import jax  # noqa: PLC0415
+
+    if tc.local_device_count:
+        jax.config.update("jax_num_cpu_devices", tc.local_device_count)
+    tpu_hosts = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if tc.distributed == "false" or (tc.distributed == "auto" and not (tc.platform == "tpu" or tpu_hosts)):
+        return
+    if tc.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(tc.coordinator_address, num_processes=tc.num_processes, process_id=tc.process_id)
+    else:
+        jax.distributed.initialize()

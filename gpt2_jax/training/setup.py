@@ -1,0 +1,242 @@
+"""Setup: everything the loop needs, built and checked before anything compiles.
+
+flags -> TrainConfig (resolved) -> mesh -> data -> the train step's shapes and shardings -> the state:
+resumed from out_dir's newest good checkpoint, else fresh (or --init_from's params) -> Trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from gpt2_jax import data as data_lib
+from gpt2_jax import hellaswag, runs, sharding, storage
+from gpt2_jax.checkpoint import Checkpointer
+from gpt2_jax.config import GPTConfig
+from gpt2_jax.data import Tokenizer
+from gpt2_jax.distributed import broadcast_from_primary, is_primary, log, sync
+from gpt2_jax.metrics import MetricsLogger, flops_per_token, mfu_banner, peak_flops
+from gpt2_jax.model import GPT
+from gpt2_jax.training.guards import NanPolicy
+from gpt2_jax.training.settings import TrainConfig, grad_accum_steps, model_config, resolve
+from gpt2_jax.training.step import TrainStep, build_step, make_eval_step
+
+
+@dataclasses.dataclass
+class Trainer:
+    """What `setup` builds and the loop uses. `state` (params + AdamW) is replaced by every step."""
+
+    tc: TrainConfig  # resolved: no "auto" values left
+    cfg: GPTConfig
+    mesh: jax.sharding.Mesh
+    out_dir: epath.Path  # local or gs:// (storage.run_path)
+    tokenizer: Tokenizer
+    train_loader: data_lib.TokenLoader
+    val_windows: data_lib.EvalWindows | None  # the in-loop val loss's batches
+    fingerprint: dict  # the data folder and its shards: a checkpoint resumes only on the same data
+    step: TrainStep  # the jitted train step, its state's shapes and shardings, grad_accum, the batch sharding
+    state: Any
+    eval_sharding: NamedSharding  # of a val batch (micro_batch, T)
+    eval_step: Callable
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    nan: NanPolicy
+    start_step: int
+    hellaswag: list | None  # examples, when --hellaswag_every
+    sample_ids: list[int]  # the sample prompt
+    loader_position: dict  # the train loader's state after the newest dispatched step's batches
+
+    @property
+    def model(self) -> GPT:
+        return nnx.merge(self.step.graphdef, self.state).model
+
+
+def setup(tc: TrainConfig) -> Trainer:
+    """Resolve the settings, then build the mesh, data, state (fresh, resumed or initialised), compiled
+    steps, logger and checkpointer. Bad input raises here, before anything compiles.
+
+    Multi-process runs call launch.init_distributed(tc) first (train.py does), before JAX initialises.
+    """
+    out_dir = storage.run_path(tc.out_dir)
+    storage.check_writable(out_dir, "--out_dir")  # a bucket: fail now, not at the first checkpoint
+    tc = resolve(tc, jax.default_backend(), jax.device_count())
+    mesh = sharding.make_mesh(tc.mesh)
+    grad_accum_steps(tc, sharding.data_parallel_size(mesh), jax.process_count())  # the batch arithmetic
+    if not storage.is_remote(out_dir):  # (a bucket has no folders to make)
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data first: every bad-input error is raised before anything compiles.
+    data_dir = prepare_data(tc, out_dir)
+    tokenizer = Tokenizer.load(data_dir)
+    cfg = model_config(tc, tokenizer.vocab_size)
+    data_lib.check_vocab(data_dir, cfg.vocab_size)
+    per_process = dict(process_index=jax.process_index(), process_count=jax.process_count(), vocab_size=cfg.vocab_size)
+    train_loader = data_lib.TokenLoader(data_dir, "train", tc.micro_batch_size, tc.block_size, order=tc.data_order,
+                                        seed=tc.seed, **per_process)
+    fingerprint = {"dir": str(data_dir.resolve()), "shards": train_loader.state()["shards"]}
+    val_windows = (data_lib.EvalWindows(data_dir, tc.block_size, tc.micro_batch_size, tc.eval_tokens or None,
+                                        **per_process) if tc.eval_every else None)
+    sample_ids = sample_prompt(tc, cfg, tokenizer)
+    hellaswag_examples = load_hellaswag_for(tc, tokenizer, data_dir)
+
+    # Shapes first, then shardings, then the arrays, created directly where they belong.
+    # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
+    step = build_step(tc, cfg, mesh, vocab_limit=tokenizer.vocab_size)
+    ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
+    nan = NanPolicy(tc.on_nan, tc.max_skips)
+    restored = restore_latest(ckpt, step, cfg, fingerprint, train_loader, nan, tc)
+    state, start_step = restored or (init_params(tc, cfg, step, step.init_state(cfg, tc.seed)), 0)
+    eval_sh = sharding.batch_sharding(mesh, ndim=2)
+    trainer = Trainer(
+        tc=tc, cfg=cfg, mesh=mesh, out_dir=out_dir, tokenizer=tokenizer, train_loader=train_loader,
+        val_windows=val_windows, fingerprint=fingerprint, step=step, state=state, eval_sharding=eval_sh,
+        eval_step=make_eval_step(step.graphdef, step.shardings, eval_sh, vocab_limit=tokenizer.vocab_size),
+        ckpt=ckpt, logger=MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=is_primary()),
+        nan=nan, start_step=start_step, hellaswag=hellaswag_examples, sample_ids=sample_ids,
+        loader_position=train_loader.state())
+    log_start(trainer)
+    write_run_config(trainer)
+    return trainer
+
+
+def prepare_data(tc: TrainConfig, out_dir: epath.Path) -> Path:
+    """The token shard folder: --data, or Python's bundled docs tokenised char-level into out_dir/data.
+
+    Shards are memory-mapped, so they are always a local folder: for a bucket out_dir the bundled corpus
+    goes to a cache folder of this machine, keyed by the out_dir (each host of a pod makes its own)."""
+    if tc.data:
+        if storage.is_remote(tc.data):
+            raise ValueError(f"--data={tc.data}: the token shards must be a local folder (they are memory-mapped) "
+                             "on every host; copy them there first, e.g. gcloud storage cp -r")
+        return Path(tc.data)
+    if storage.is_remote(out_dir):
+        folder = storage.local_folder_for(out_dir, "char-data")
+        if not (folder / data_lib.META_FILE).exists():
+            _prepare_bundled_corpus(folder)
+        sync("prepare_data")
+        return folder
+    folder = Path(out_dir) / "data"
+    if not broadcast_from_primary((folder / data_lib.META_FILE).exists()):  # all must reach sync, or none
+        if is_primary():
+            data_lib.prepare_text_string(data_lib.default_corpus(), folder, tokenizer="char")
+        sync("prepare_data")
+    return folder
+
+
+def _prepare_bundled_corpus(folder: Path) -> None:
+    """Tokenise the bundled corpus into a temporary folder, then rename it to `folder`: processes that
+    share this machine may race here, and the first rename wins (their folders are identical)."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    data_lib.prepare_text_string(data_lib.default_corpus(), tmp, tokenizer="char")
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore_latest(ckpt: Checkpointer, step: TrainStep, cfg: GPTConfig, fingerprint: dict,
+                   train_loader: data_lib.TokenLoader, nan: NanPolicy, tc: TrainConfig) -> tuple[Any, int] | None:
+    """(state, step) of the newest checkpoint in out_dir that restores, with the loader and NaN counts
+    restored too; None to start fresh (there is none, and no --resume demands one)."""
+    if ckpt.latest_step() is None:
+        if tc.resume:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}; drop --resume to start fresh")
+        return None
+    if (meta := ckpt.read_meta()) is not None:
+        check_resume(runs.CheckpointMeta.from_dict(meta), cfg, fingerprint)  # before reading arrays of a wrong shape
+    complete = ckpt.all_steps()
+    try:  # the newest checkpoint that restores; each damaged one is skipped with a warning
+        state, meta, at = ckpt.restore(sharding.with_shardings(step.abstract, step.shardings))
+    except RuntimeError as e:  # none restores
+        raise ValueError(f"cannot resume: {e}\nMove {ckpt.directory} away (or use a new --out_dir) to start "
+                         f"over") from e
+    meta = runs.CheckpointMeta.from_dict(meta)
+    check_resume(meta, cfg, fingerprint)
+    train_loader.restore(meta.loader)
+    nan.skipped, nan.in_a_row = meta.skipped_steps, meta.consecutive_skips
+    damaged = [s for s in complete if s > at]
+    log(f"resumed from {ckpt.directory} at step {at}"
+        + (f" (could not restore the newer checkpoints {damaged}: see the warnings above)" if damaged else ""))
+    return state, at
+
+
+def check_resume(meta: runs.CheckpointMeta, cfg: GPTConfig, fingerprint: dict) -> None:
+    """A checkpoint only resumes the run that wrote it: same architecture, same data."""
+    saved = meta.model
+    if diff := saved.arch_diff(cfg):
+        detail = ", ".join(f"{f}: checkpoint {getattr(saved, f)} vs now {getattr(cfg, f)}" for f in diff)
+        raise ValueError(f"cannot resume: the model config changed ({detail}); use the original flags or "
+                         f"a new --out_dir")
+    old = meta.data or {}
+    if fingerprint and old and (old.get("dir") != fingerprint["dir"] or old.get("shards") != fingerprint["shards"]):
+        raise ValueError(f"cannot resume: the data changed (checkpoint trained on {old.get('dir')}, now "
+                         f"{fingerprint['dir']}, or its shards differ); use the original --data or a new --out_dir")
+
+
+def init_params(tc: TrainConfig, cfg: GPTConfig, step: TrainStep, state):
+    """`state` with the model params of --init_from (an HF model or a training run's; runs.load_model),
+    or unchanged for --init_from=scratch. The optimizer stays fresh."""
+    if tc.init_from == "scratch":
+        return state
+    shardings = step.shardings["model"]
+    try:
+        model, _, meta = runs.load_model(tc.init_from, shardings=shardings, vocab_size=cfg.vocab_size,
+                                         dtype=cfg.dtype, attention=cfg.attention)
+    except ValueError as e:  # e.g. a training run of another shape
+        raise ValueError(f"--init_from={tc.init_from}: {e}; pick the matching --preset and size flags") from e
+    if diff := model.config.arch_diff(cfg):
+        detail = {f: (getattr(model.config, f), getattr(cfg, f)) for f in diff}
+        raise ValueError(f"--init_from={tc.init_from} has a different architecture than --preset={tc.preset}: "
+                         f"{detail} (checkpoint, preset); pick the matching --preset")
+    log(f"init_from: {tc.init_from}" + (f" step {meta['step']} (params only; a fresh optimizer)" if "step" in meta
+                                        else ""))
+    ts = nnx.merge(step.graphdef, state)
+    nnx.update(ts.model, jax.device_put(nnx.state(model), shardings))
+    return nnx.state(ts)
+
+
+def sample_prompt(tc: TrainConfig, cfg: GPTConfig, tokenizer: Tokenizer) -> list[int]:
+    """The sample prompt's ids, checked now rather than at the first sample, 250 steps in."""
+    ids = tokenizer.encode(tc.sample_prompt or ("Hello, I'm a language model," if tokenizer.name == "gpt2" else "\n"))
+    new = min(tc.sample_tokens, cfg.block_size - 1)
+    if tc.sample_every and not 1 <= len(ids) <= cfg.block_size - new:
+        raise ValueError(f"--sample_prompt has {len(ids)} tokens; with --sample_tokens={new} it must "
+                         f"have 1 to {cfg.block_size - new} tokens to fit block_size {cfg.block_size}")
+    return ids
+
+
+def load_hellaswag_for(tc: TrainConfig, tokenizer: Tokenizer, data_dir: Path) -> list | None:
+    if not tc.hellaswag_every:
+        return None
+    if tokenizer.name != "gpt2":
+        raise ValueError(f"--hellaswag_every={tc.hellaswag_every} needs a GPT-2 BPE model; the data in "
+                         f"{data_dir} is {tokenizer.name}-level. Set --hellaswag_every=0")
+    return hellaswag.load_hellaswag(tc.hellaswag_data or None, limit=tc.hellaswag_limit or None)
+
+
+def log_start(t: Trainer) -> None:
+    """The start-up lines: model, mesh, batch, steps; MFU's convention where the device's peak is known."""
+    tc, cfg = t.tc, t.cfg
+    n_params = sum(x.size for x in jax.tree.leaves(t.step.abstract["model"]))
+    log(f"model {tc.preset}: {n_params:,} params, vocab {cfg.vocab_size}, T={tc.block_size}, dtype {cfg.dtype} | "
+        f"mesh {dict(t.mesh.shape)} | batch {tc.total_batch_size:,} tokens = {tc.micro_batch_size} x "
+        f"{tc.block_size} x {t.step.grad_accum} accum | {tc.max_steps} steps")
+    if peak_flops(jax.devices()[0]):
+        log(mfu_banner(flops_per_token(cfg, tc.block_size), jax.devices()[0], jax.device_count()))
+
+
+def write_run_config(t: Trainer) -> None:
+    """config.json beside the checkpoints: the resolved settings and the model."""
+    if is_primary():
+        config = {"train": dataclasses.asdict(t.tc), "model": t.cfg.to_dict()}
+        (t.out_dir / runs.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
