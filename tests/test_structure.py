@@ -1,5 +1,5 @@
-"""The shape of the package: modules import only downward (no cycles, lazy imports counted), and the
-trainer's functions stay short enough to read in one go."""
+"""The shape of the package: units (top-level modules and sub-packages) import only downward, nothing imports
+in a cycle (lazy imports counted), and every function and class stays short enough to read in one go."""
 
 import ast
 import sys
@@ -7,25 +7,46 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "gpt2_jax"
-# Lower layers never import higher ones; a module may import the ones at its own layer or below only
-# where listed in SAME_LAYER (e.g. the evaluate CLI serves HellaSwag's subcommand).
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "gpt2_jax"
+# A unit is a top-level module (`model`) or a sub-package (`training`, `data`, `plan`). Lower layers never
+# import higher ones; units of one layer do not import each other, except where SAME_LAYER lists it (the
+# evaluate CLI serves HellaSwag's subcommand). Inside a sub-package its modules import each other freely, but
+# never in a cycle.
 LAYERS = [
-    ["config", "storage"],
+    ["config", "storage", "distributed", "tokenizer"],
+    ["attention", "loss"],
     ["model"],
     ["convert", "checkpoint", "data", "sharding", "optim", "metrics"],
     ["runs"],
     ["evaluate", "hellaswag", "generate", "plot"],
-    ["trainer"],
-    ["sample", "export", "plan"],
+    ["training"],
+    ["sample", "export", "plan", "launch"],
 ]
 SAME_LAYER = {("evaluate", "hellaswag")}
-MAX_TRAINER_FUNCTION_LINES = 60
+MAX_FUNCTION_LINES = 60
+MAX_CLASS_LINES = 150
+MAX_TRAIN_PY_LINES = 100
 
 
-def imports(module: str) -> set[str]:
-    """gpt2_jax modules `module` imports anywhere in its file: top level, inside functions, lazily."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+def modules(package: Path = None) -> dict[str, Path]:
+    """Every module of the package by dotted name relative to it (`training.step`; a sub-package's
+    `__init__.py` is the sub-package's own name)."""
+    package = package or PACKAGE
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts:
+            found[".".join(parts)] = path
+    return found
+
+
+def imports(module: str, package: Path = None) -> set[str]:
+    """The package's modules that `module` imports anywhere in its file: top level, inside functions, lazily."""
+    known = modules(package)
+    tree = ast.parse(known[module].read_text())
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -37,26 +58,34 @@ def imports(module: str) -> set[str]:
             continue
         for name in names:
             parts = name.split(".")
-            if parts[0] == "gpt2_jax" and len(parts) > 1 and (PACKAGE / f"{parts[1]}.py").is_file():
-                found.add(parts[1])
+            if parts[0] != "gpt2_jax":
+                continue
+            for end in range(len(parts), 1, -1):  # the longest prefix that is a module
+                if (dotted := ".".join(parts[1:end])) in known:
+                    found.add(dotted)
+                    break
     found.discard(module)
     return found
 
 
-def modules() -> list[str]:
-    return sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+def unit(module: str) -> str:
+    return module.split(".")[0]
 
 
-def test_every_module_has_a_layer():
+def test_every_unit_has_a_layer():
     placed = {m for layer in LAYERS for m in layer}
-    assert set(modules()) <= placed, f"give {sorted(set(modules()) - placed)} a layer in LAYERS"
+    units = {unit(m) for m in modules()}
+    assert units <= placed, f"give {sorted(units - placed)} a layer in LAYERS"
 
 
-def test_modules_import_only_downward():
+def test_units_import_only_downward():
     rank = {m: i for i, layer in enumerate(LAYERS) for m in layer}
-    upward = [f"{m} (layer {rank[m]}) imports {dep} (layer {rank[dep]})"
-              for m in modules() for dep in sorted(imports(m))
-              if rank[dep] > rank[m] or (rank[dep] == rank[m] and (m, dep) not in SAME_LAYER)]
+    upward = []
+    for m in modules():
+        for dep in sorted(imports(m)):
+            a, b = unit(m), unit(dep)
+            if a != b and (rank[b] > rank[a] or (rank[b] == rank[a] and (a, b) not in SAME_LAYER)):
+                upward.append(f"{m} (layer {rank[a]}) imports {dep} (layer {rank[b]})")
     assert not upward, "\n".join(upward)
 
 
@@ -78,19 +107,48 @@ def test_no_import_cycles():
         visit(m, [])
 
 
-def test_the_checker_sees_lazy_imports(tmp_path, monkeypatch):
-    """A function-level `from gpt2_jax.trainer import x` counts: the checker must not only read the top."""
+def test_the_checker_sees_lazy_and_package_imports(tmp_path, monkeypatch):
+    """A function-level `from gpt2_jax.b import x` counts, and so does an import of a sub-package's module."""
     fake = tmp_path / "gpt2_jax"
-    fake.mkdir()
+    (fake / "pkg").mkdir(parents=True)
     (fake / "a.py").write_text("def f():\n    from gpt2_jax.b import g  # noqa\n")
-    (fake / "b.py").write_text("from gpt2_jax import a\n")
+    (fake / "b.py").write_text("from gpt2_jax import a\nfrom gpt2_jax.pkg.c import h\n")
+    (fake / "pkg" / "__init__.py").write_text("")
+    (fake / "pkg" / "c.py").write_text("import gpt2_jax.pkg\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
-    assert imports("a") == {"b"} and imports("b") == {"a"}
+    assert imports("a") == {"b"} and imports("b") == {"a", "pkg.c"} and imports("pkg.c") == {"pkg"}
 
 
-def test_trainer_functions_are_short():
-    tree = ast.parse((PACKAGE / "trainer.py").read_text())
-    long = [f"{n.name}: {n.end_lineno - n.lineno + 1} lines" for n in ast.walk(tree)
-            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
-            and n.end_lineno - n.lineno + 1 > MAX_TRAINER_FUNCTION_LINES]
-    assert not long, long
+def _too_long(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    long = []
+    for n in ast.walk(tree):
+        lines = getattr(n, "end_lineno", 0) - getattr(n, "lineno", 0) + 1
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and lines > MAX_FUNCTION_LINES:
+            long.append(f"{path.relative_to(ROOT)}: function {n.name}: {lines} lines")
+        elif isinstance(n, ast.ClassDef) and lines > MAX_CLASS_LINES:
+            long.append(f"{path.relative_to(ROOT)}: class {n.name}: {lines} lines")
+    return long
+
+
+def test_functions_and_classes_are_short():
+    long = [line for path in modules().values() for line in _too_long(path)]
+    assert not long, "\n".join(long)
+
+
+def test_the_length_checker_counts_classes_and_nested_functions(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"class C:\n    def f(self):\n{body.replace('    ', '        ')}\n" +
+                                   "".join(f"    y{i} = {i}\n" for i in range(MAX_CLASS_LINES)))
+    global ROOT
+    old, ROOT = ROOT, tmp_path
+    try:
+        found = _too_long(tmp_path / "m.py")
+    finally:
+        ROOT = old
+    assert [line.split(": ")[1] for line in found] == ["class C", "function f"]
+
+
+def test_train_py_is_an_entry_point():
+    lines = len((ROOT / "train.py").read_text().splitlines())
+    assert lines < MAX_TRAIN_PY_LINES, f"train.py has {lines} lines: move logic into gpt2_jax"
