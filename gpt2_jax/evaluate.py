@@ -33,11 +33,12 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from gpt2_jax import hellaswag
-from gpt2_jax.data import EvalWindows, Tokenizer
+from gpt2_jax.data import EvalWindows
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
 from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
 from gpt2_jax.storage import is_remote, run_path
+from gpt2_jax.tokenizer import Tokenizer
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _row_losses(graphdef, state, x, y, vocab_limit: int) -> jax.Array:

@@ -33,10 +33,10 @@ from flax import nnx
 from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import GPT2_VOCAB_SIZE, GPTConfig
 from gpt2_jax.convert import load_hf, resolve_checkpoint
-from gpt2_jax.data import Tokenizer
 from gpt2_jax.model import GPT
 from gpt2_jax.sharding import with_shardings
 from gpt2_jax.storage import is_remote, run_path
+from gpt2_jax.tokenizer import Tokenizer
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"

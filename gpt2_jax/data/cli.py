@@ -1,0 +1,52 @@
+"""The command line of ``python -m gpt2_jax.data`` (``--help`` lists the options)::
+
+    python -m gpt2_jax.data fineweb-edu --out data/fineweb10B     # FineWeb-Edu 10BT, GPT-2 BPE
+    python -m gpt2_jax.data text input.txt --out data/shakespeare --tokenizer char
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gpt2_jax.data.prepare import DEFAULT_SHARD_SIZE, prepare_fineweb, prepare_text
+from gpt2_jax.data.shards import SPLITS
+
+
+def _summary(out_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
+    lines = [f"wrote {out_dir} ({meta['tokenizer']} tokenizer, vocab_size {meta['vocab_size']})"]
+    for split in SPLITS:
+        sizes = [n for name, n in meta["shards"].items() if name.startswith(f"{split}_")]
+        lines.append(f"  {split}: {len(sizes)} shard(s), {sum(sizes):,} tokens")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gpt2_jax.data",
+                                     description="Tokenise text into uint16 token shards.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fw = commands.add_parser("fineweb-edu", help="stream FineWeb-Edu sample-10BT (GPT-2 BPE)")
+    fw.add_argument("--out", required=True, help="output dataset directory")
+    fw.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard")
+    fw.add_argument("--num_proc", type=int, default=None, help="tokeniser processes (CPUs / 2)")
+    tx = commands.add_parser("text", help="local text files; the last val_fraction is validation")
+    tx.add_argument("files", nargs="+", help="UTF-8 text files, one document each")
+    tx.add_argument("--out", required=True, help="output dataset directory")
+    tx.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
+    tx.add_argument("--val_fraction", type=float, default=0.1)
+    tx.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fineweb-edu":
+            meta = prepare_fineweb(args.out, args.shard_size, num_proc=args.num_proc)
+        else:
+            meta = prepare_text(args.files, args.out, args.tokenizer, args.val_fraction,
+                                args.shard_size)
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(_summary(args.out, meta))
+    return 0
