@@ -51,6 +51,19 @@ def abstract_like(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _manager_options(name_format, max_to_keep: int | None, async_save: bool, read_only: bool):
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else max_to_keep,
+        save_interval_steps=0 if read_only else 1,  # (orbax warns about anything else when read-only)
+        enable_async_checkpointing=async_save,
+        step_name_format=name_format,
+        # Delete the `*.orbax-checkpoint-tmp` folders of killed saves (on the primary process).
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        read_only=read_only,
+    )
+
+
 class Checkpointer:
     """Saves and restores `(state, meta)` per step under `directory` (local path or gs://...).
 
@@ -77,22 +90,12 @@ class Checkpointer:
             directory = os.path.abspath(directory)  # orbax wants absolute paths
         self.directory = epath.Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
-            raise NotADirectoryError(
-                f"checkpoint directory {self.directory} is a file; pass a folder (it is created if missing)"
-            )
+            raise NotADirectoryError(f"checkpoint directory {self.directory} is a file; pass a folder (it is "
+                                     "created if missing)")
         # The manager and `all_steps` must agree on step folder names: `<step>`, no prefix or padding.
         self._name_format = ocp.step.standard_name_format()
         self.read_only = read_only
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if read_only else max_to_keep,
-            save_interval_steps=0 if read_only else 1,  # (orbax warns about anything else when read-only)
-            enable_async_checkpointing=async_save,
-            step_name_format=self._name_format,
-            # Delete the `*.orbax-checkpoint-tmp` folders of killed saves (on the primary process).
-            cleanup_tmp_directories=not read_only,
-            create=not read_only,
-            read_only=read_only,
-        )
+        options = _manager_options(self._name_format, max_to_keep, async_save, read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def step_dir(self, step: int) -> epath.Path:
@@ -134,11 +137,8 @@ class Checkpointer:
         # fail with "step already exists", so remove them (through orbax: the primary process deletes).
         stale = [s for s in self.all_steps() if s >= step]
         if stale:
-            warnings.warn(
-                f"Saving step {step} to {self.directory}: deleting checkpoints {stale}, which are not older "
-                f"than it (e.g. the run resumed from an earlier step).",
-                stacklevel=2,
-            )
+            warnings.warn(f"Saving step {step} to {self.directory}: deleting checkpoints {stale}, which are not "
+                          f"older than it (e.g. the run resumed from an earlier step).", stacklevel=2)
             self._manager.reload()
             for s in stale:
                 self._manager.delete(s)
@@ -169,36 +169,24 @@ class Checkpointer:
         self.wait()  # a save still in flight is not complete, and its clean-up may delete old steps
         _check_has_shardings(abstract_state)
         steps = self.all_steps()
-        if step is not None:
-            if step not in steps:
-                raise FileNotFoundError(
-                    f"No complete checkpoint for step {step} in {self.directory}; complete steps: {steps}"
-                )
-            try:
-                state, meta = self._restore_step(step, abstract_state, partial)
-            except Exception as e:
-                raise RuntimeError(
-                    f"Could not restore step {step} from {self.step_dir(step)}: {_short(e)}"
-                ) from e
-            return state, meta, step
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; complete steps: {steps}")
         if not steps:
             raise FileNotFoundError(
                 f"No complete checkpoint in {self.directory}. To start from scratch, skip restore when "
                 f"latest_step() is None, or use an empty or new checkpoint directory."
             )
         failures = []
-        for s in reversed(steps):
+        for s in [step] if step is not None else reversed(steps):
             try:
-                state, meta = self._restore_step(s, abstract_state, partial)
+                return (*_restore_step(self._manager, self.step_dir(s), abstract_state, partial), s)
             except Exception as e:
-                failure = f"step {s} ({self.step_dir(s)}): {_short(e)}"
-                failures.append(failure)
-                warnings.warn(f"Could not restore checkpoint {failure}; trying the previous one", stacklevel=2)
-                continue
-            return state, meta, s
+                if step is not None:
+                    raise RuntimeError(f"Could not restore step {step} from {self.step_dir(step)}: {_short(e)}") from e
+                failures.append(f"step {s} ({self.step_dir(s)}): {_short(e)}")
+                warnings.warn(f"Could not restore checkpoint {failures[-1]}; trying the previous one", stacklevel=2)
         raise RuntimeError(
-            f"None of the {len(steps)} checkpoints in {self.directory} could be restored:\n  "
-            + "\n  ".join(failures)
+            f"None of the {len(steps)} checkpoints in {self.directory} could be restored:\n  " + "\n  ".join(failures)
         )
 
     def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
@@ -216,38 +204,6 @@ class Checkpointer:
             meta = None
         return broadcast_from_primary(meta)  # every process decides on process 0's reading
 
-    def _restore_step(self, step: int, abstract_state: PyTree, partial: bool) -> tuple[PyTree, dict[str, Any]]:
-        state_args = {} if partial else {"state": ocp.args.StandardRestore(abstract_state)}
-        args = ocp.args.Composite(**state_args, meta=ocp.args.JsonRestore())
-        error = state = meta = None
-        try:
-            restored = self._manager.restore(step, args=args)
-            state = self._restore_part(step, abstract_state) if partial else restored["state"]
-            meta = restored["meta"]
-        except Exception as e:
-            error = e
-        # Every process reads only its own shards, so one may fail where others succeed. They must all
-        # agree, or they would go on from different steps.
-        if not all_ok(error is None):
-            raise error or RuntimeError(f"another process failed to restore step {step}")
-        return state, broadcast_from_primary(meta)
-
-    def _restore_part(self, step: int, abstract_part: PyTree) -> PyTree:
-        """The arrays of `abstract_part`, a part of the saved state tree, and no others.
-
-        StandardRestore has no partial restore, and orbax binds one handler type to each item of a
-        manager (StandardCheckpointHandler to "state", on the first save or restore), so the "state"
-        folder is read with orbax's PyTreeCheckpointHandler directly: StandardCheckpointHandler wraps
-        it, so the format is the same, and its `partial_restore` reads only the leaves in the target.
-        """
-        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_part)  # target shardings
-        args = ocp.args.PyTreeRestore(abstract_part, restore_args=restore_args, partial_restore=True)
-        reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-        try:
-            return reader.restore(self.step_dir(step) / "state", args=args)
-        finally:
-            reader.close()
-
     def close(self) -> None:
         """Waits for pending saves, then releases orbax's threads."""
         self._manager.close()
@@ -257,6 +213,43 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _restore_step(manager: ocp.CheckpointManager, step_dir: epath.Path, abstract_state: PyTree,
+                  partial: bool) -> tuple[PyTree, dict[str, Any]]:
+    """(state, meta) of one step, the same on every process (or an error on every process)."""
+    step = int(step_dir.name)
+    state_args = {} if partial else {"state": ocp.args.StandardRestore(abstract_state)}
+    args = ocp.args.Composite(**state_args, meta=ocp.args.JsonRestore())
+    error = state = meta = None
+    try:
+        restored = manager.restore(step, args=args)
+        state = _read_part(step_dir / "state", abstract_state) if partial else restored["state"]
+        meta = restored["meta"]
+    except Exception as e:
+        error = e
+    # Every process reads only its own shards, so one may fail where others succeed. They must all
+    # agree, or they would go on from different steps.
+    if not all_ok(error is None):
+        raise error or RuntimeError(f"another process failed to restore step {step}")
+    return state, broadcast_from_primary(meta)
+
+
+def _read_part(state_dir: epath.Path, abstract_part: PyTree) -> PyTree:
+    """The arrays of `abstract_part`, a part of the saved state tree, and no others.
+
+    StandardRestore has no partial restore, and orbax binds one handler type to each item of a
+    manager (StandardCheckpointHandler to "state", on the first save or restore), so the "state"
+    folder is read with orbax's PyTreeCheckpointHandler directly: StandardCheckpointHandler wraps
+    it, so the format is the same, and its `partial_restore` reads only the leaves in the target.
+    """
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_part)  # target shardings
+    args = ocp.args.PyTreeRestore(abstract_part, restore_args=restore_args, partial_restore=True)
+    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        return reader.restore(state_dir, args=args)
+    finally:
+        reader.close()
 
 
 def _check_has_shardings(abstract_state: PyTree) -> None:

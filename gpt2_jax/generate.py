@@ -138,6 +138,21 @@ def _right_pad(prompt) -> tuple[np.ndarray, np.ndarray]:
     return ids, lengths
 
 
+def _check_settings(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int, keep: int,
+                    block_size: int) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None and not 1 <= top_k:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filtering)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if not 1 <= keep <= block_size:
+        raise ValueError(f"keep={keep} must be in [1, block_size={block_size}]: the tokens a full window keeps "
+                         "when it slides")
+
+
 def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, vocab_limit: int | None = None, seed: int = 0,
              keep: int | None = None) -> np.ndarray | list[np.ndarray]:
@@ -165,17 +180,7 @@ def generate(model: GPT, prompt, max_new_tokens: int, *, temperature: float = 1.
         # (an out-of-range id would silently read a clamped embedding row)
         raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {padded.dtype} in "
                          f"[{padded.min()}, {padded.max()}]")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-    if top_k is not None and not 1 <= top_k:
-        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filtering)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if not 1 <= keep <= block_size:
-        raise ValueError(f"keep={keep} must be in [1, block_size={block_size}]: the tokens a full window keeps "
-                         "when it slides")
+    _check_settings(temperature, top_k, top_p, max_new_tokens, keep, block_size)
     if padded.shape[1] > block_size:
         raise ValueError(f"prompt length {padded.shape[1]} exceeds block_size {block_size}, the model's context; "
                          f"crop the prompt to its last {block_size} tokens")

@@ -23,7 +23,7 @@ from gpt2_jax import data as data_lib
 from gpt2_jax import hellaswag, runs, sharding, storage
 from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import GPTConfig
-from gpt2_jax.data import Tokenizer
+from gpt2_jax.tokenizer import Tokenizer
 from gpt2_jax.distributed import broadcast_from_primary, is_primary, log, sync
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, mfu_banner, peak_flops
 from gpt2_jax.model import GPT
