@@ -83,18 +83,19 @@ def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
     local = plan.load_target(plan.parse_target("local"))
     compiled, plan_one = {}, plan.plan_one
 
-    def memo(args, target, remat, micro, count_flops=True):
+    def memo(config, target, grad_accum=1, count_flops=True):
+        micro = config.micro_batch_size
         if micro not in compiled:
-            compiled[micro] = plan_one(args, dataclasses.replace(target, budget_bytes=2**62), remat, micro, False)
+            compiled[micro] = plan_one(config, dataclasses.replace(target, budget_bytes=2**62), grad_accum, False)
         p = dataclasses.replace(compiled[micro], budget_bytes=target.budget_bytes)
         return dataclasses.replace(p, fits=p.need_bytes <= target.budget_bytes)
 
-    monkeypatch.setattr(plan, "plan_one", memo)
-    args = plan.parse_args([f"--{k}={v}" for k, v in TINY.items()] + ["--grad_accum=2"])
-    need = {m: plan.plan_one(args, local, "none", m).need_bytes for m in (8, 16)}
+    monkeypatch.setattr(plan.compile, "plan_one", memo)
+    need = {m: plan.compile.plan_one(dataclasses.replace(config, micro_batch_size=m), local, 2).need_bytes
+            for m in (8, 16)}
     assert need[8] < need[16]
     budget = (need[8] + need[16]) // 2
-    monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=budget,
+    monkeypatch.setattr(plan.compile, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=budget,
                                                                                  budget_note="a test's budget"))
     micro, note = plan.auto_micro_batch(config)
     assert micro == 8, note
@@ -104,7 +105,7 @@ def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
     micro, _ = plan.auto_micro_batch(dataclasses.replace(config, total_batch_size=4 * 64))
     assert micro == 4
     # A budget that even one sequence overflows: the trainer's default, said so (sizes 4, 2, 1 compiled as well).
-    monkeypatch.setattr(plan, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=1024,
+    monkeypatch.setattr(plan.compile, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=1024,
                                                                                  budget_note="a test's budget"))
     micro, note = plan.auto_micro_batch(config)
     default = resolve(config, "cpu", 1).micro_batch_size  # the trainer's own auto value for this config

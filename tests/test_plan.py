@@ -57,7 +57,7 @@ def test_resource_exhausted_figures():
     # The TPU compiler's refusal, as libtpu 0.0.42 words it.
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
            "(70.76G) exceeds available HBM (15.75G).")
-    need, avail = plan._parse_exhausted(msg)
+    need, avail = plan.hlo._parse_exhausted(msg)
     assert need == int(70.76 * 2**30) and avail == int(15.75 * 2**30)
 
 
@@ -92,7 +92,7 @@ ENTRY %main.2 (a: f32[8]) -> f32[8] {
 
 
 def test_missing_extra_is_named(monkeypatch, capsys):
-    monkeypatch.setattr(plan, "missing_extra", lambda spec: "--target=h100 needs X; install the plan extra")
+    monkeypatch.setattr(plan.cli, "missing_extra", lambda spec: "--target=h100 needs X; install the plan extra")
     assert plan.main(["--target=h100"]) == 2
     assert "install the plan extra" in capsys.readouterr().err
 

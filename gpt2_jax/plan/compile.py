@@ -1,0 +1,239 @@
+"""Plan a TrainConfig on a Target: compile the trainer's exact train step for the target's devices (attached
+or not) and read what the compiler says: memory per device, fits or not and what to change, the attention
+kernel, FLOPs, collectives. Also the micro-batch searches: `largest_micro_batch` per remat policy, and
+`auto_micro_batch` for train.py --micro_batch_size=0 on a GPU or TPU.
+
+JAX and the trainer's modules are imported inside the functions, as they are needed: the CLI parses its
+flags and re-runs itself in a sandbox (gpt2_jax.plan.cli) before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from gpt2_jax.plan.hardware import Target, gib, load_target, parse_target
+from gpt2_jax.plan.hlo import _first_line, _parse_exhausted, attention_kernel, collectives, custom_calls
+from gpt2_jax.training.settings import TrainConfig
+
+REMATS = ("none", "dots", "full")  # config.REMAT in the order of the memory they keep: --search tries each
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the compiler says about one configuration on one target (bytes are per device)."""
+
+    remat: str
+    micro_batch_size: int
+    fits: bool
+    need_bytes: int  # arguments + outputs - aliased + temporaries + code
+    budget_bytes: int
+    memory: dict = dataclasses.field(default_factory=dict)  # argument/output/alias/temp/code bytes
+    error: str = ""  # the compiler's RESOURCE_EXHAUSTED message, if it refused
+    attention: str = ""
+    custom_calls: list = dataclasses.field(default_factory=list)
+    flops_per_step: float | None = None
+    flops_source: str = ""
+    compiled_flops: float | None = None  # the compiled program's own count per device (TPU): loops once
+    flops_6n: float = 0.0  # 6N + 12LHQT per token x tokens per step (metrics.flops_per_token)
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {"count", "bytes"} per step
+    suggestions: list = dataclasses.field(default_factory=list)
+
+
+def resolved(config: TrainConfig, target: Target, grad_accum: int = 1):
+    """`config` as the trainer resolves it on `target`'s devices, with `grad_accum` micro-batches per step,
+    its model, and the vocabulary limit of the data: (tc, cfg, vocab_limit)."""
+    from gpt2_jax.config import GPT2_SIZES, GPT2_VOCAB_SIZE, PRESETS  # noqa: PLC0415
+    from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
+    from gpt2_jax.training.settings import model_config, resolve  # noqa: PLC0415
+
+    tc = resolve(config, target.platform, make_mesh(config.mesh, target.devices).size)
+    tc = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size * grad_accum)
+    data_vocab = GPT2_VOCAB_SIZE if tc.preset in GPT2_SIZES else PRESETS[tc.preset].vocab_size
+    cfg = model_config(tc, data_vocab)
+    return tc, cfg, data_vocab if data_vocab < cfg.vocab_size else None
+
+
+def _lower(tc, cfg, mesh, vocab_limit: int | None, unroll):
+    """The trainer's jitted train step for `mesh` (training.step.build_step, as the trainer builds it), lowered
+    on its abstract arguments. `unroll`: how the model's loops unroll (a model.compiling_for context)."""
+    from gpt2_jax.training.step import build_step  # noqa: PLC0415
+
+    with unroll:
+        step = build_step(tc, cfg, mesh, vocab_limit)
+        return step.fn.lower(*step.abstract_args())
+
+
+def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flops: bool = True) -> Plan:
+    """Compile the train step of `config` (its remat policy and micro-batch; 0: the trainer's default) for
+    `target`, with `grad_accum` micro-batches per step, and read the result."""
+    from gpt2_jax.metrics import flops_per_token  # noqa: PLC0415
+    from gpt2_jax.model import compiling_for  # noqa: PLC0415
+    from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
+
+    tc, cfg, vocab_limit = resolved(config, target, grad_accum)
+    mesh = make_mesh(tc.mesh, target.devices)
+    lowered = _lower(tc, cfg, mesh, vocab_limit, compiling_for(target.platform))  # the target's unrolling
+    tokens = tc.total_batch_size
+    p = Plan(tc.remat, tc.micro_batch_size, False, 0, target.budget_bytes,
+             flops_6n=flops_per_token(cfg, tc.block_size) * tokens)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 -- only the compiler's out-of-memory refusal is a result
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        p.error = _first_line(str(e), "RESOURCE_EXHAUSTED")
+        p.need_bytes, budget = _parse_exhausted(str(e))
+        p.budget_bytes = budget or target.budget_bytes
+    else:
+        m = compiled.memory_analysis()
+        p.memory = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+                    "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
+                    "code": m.generated_code_size_in_bytes}
+        p.need_bytes = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                        + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+        p.fits = p.need_bytes <= target.budget_bytes
+        hlo = compiled.as_text()
+        p.custom_calls = custom_calls(hlo)
+        p.attention = attention_kernel(p.custom_calls, cfg.attention)
+        p.collectives = collectives(hlo)
+        cost = compiled.cost_analysis()  # None for GPU targets
+        p.compiled_flops = float(cost["flops"]) if cost and cost.get("flops") else None
+        if count_flops:
+            p.flops_per_step, p.flops_source = count_step_flops(tc, cfg, vocab_limit)
+    if not p.fits:
+        p.suggestions = suggestions(tc, mesh, p)
+    return p
+
+
+def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
+    """FLOPs of one optimizer step, all devices together.
+
+    XLA's cost analysis counts a loop body once, whatever its trip count: the layer scan and the
+    grad_accum scan would be counted as one layer and one micro-batch. So the FLOPs are counted on a CPU
+    lowering of the same step with the layers unrolled and one micro-batch, times grad_accum (the
+    optimizer update, ~10 FLOPs per parameter, is then counted grad_accum times: noise). The attention
+    is lowered as "xla" there (cuDNN has no CPU lowering), i.e. counted over the full T x T scores, as the
+    compiled kernels for XLA attention compute them. The compiled program's own count, where the backend
+    gives one (TPU), is a lower bound only for the same reason, and is not used.
+    """
+    import jax  # noqa: PLC0415
+
+    from gpt2_jax.model import compiling_for  # noqa: PLC0415
+    from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
+
+    grad_accum = tc.total_batch_size // (tc.micro_batch_size * tc.block_size)
+    one = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size, mesh="data:1")
+    mesh = make_mesh("data:1", jax.devices("cpu")[:1])
+    attention = "xla" if cfg.attention == "cudnn" else cfg.attention
+    unroll = compiling_for("cpu", unroll_layers=True)  # every loop unrolled: XLA counts a loop body once
+    cost = _lower(one, cfg.replace(attention=attention), mesh, vocab_limit, unroll).cost_analysis()
+    flops = (cost or {}).get("flops")
+    if not flops:
+        return None, "no cost analysis"
+    return float(flops) * grad_accum, "XLA cost analysis of a CPU lowering (layers unrolled)"
+
+
+def suggestions(tc, mesh, p: Plan) -> list[str]:
+    """What to change, most effective first."""
+    out = []
+    if tc.remat == "none":
+        out.append("--remat=full (recompute each block in the backward pass: activations of one block "
+                   "instead of all) or --remat=dots (keep the matmul outputs)")
+    elif tc.remat == "dots":
+        out.append("--remat=full (keeps less than dots)")
+    n = math.prod(mesh.shape.values())
+    args = p.memory.get("argument", 0)
+    if n > 1 and mesh.shape["fsdp"] == 1:
+        out.append(f"--mesh=fsdp:{n} (split params and AdamW state over the {n} devices"
+                   + (f": {gib(args)} of arguments per device now)" if args else ")"))
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (micro := _micro_estimate(tc, p, dp)) is not None:
+        accum = tc.total_batch_size // (micro * tc.block_size)
+        out.append(f"--micro_batch_size={micro} --grad_accum={accum} (same tokens per step; an estimate from "
+                   f"temporaries growing in proportion to the micro-batch: --search compiles to check)")
+    if n == 1:
+        out.append("more devices: a target with more chips and --mesh=fsdp:N")
+    return out
+
+
+def _micro_estimate(tc, p: Plan, dp: int) -> int | None:
+    """The largest power-of-two micro-batch below this one whose temporaries would fit, if they scale
+    in proportion to it (activations do; params and optimizer state do not)."""
+    temp = p.memory.get("temp", p.need_bytes)
+    room = p.budget_bytes - (p.need_bytes - temp)  # what params, AdamW state and code leave
+    if temp <= 0 or room <= 0:
+        return None
+    micro = 2 ** math.floor(math.log2(max(1.0, tc.micro_batch_size * room / temp)))
+    micro = min(micro, tc.micro_batch_size // 2)
+    return micro if micro >= dp and micro % dp == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Searches
+
+
+def search(config: TrainConfig, target: Target, grad_accum: int = 1, remats: tuple[str, ...] = REMATS) -> list[Plan]:
+    """For each remat policy in `remats`, the largest micro-batch that fits (largest_micro_batch)."""
+    return [largest_micro_batch(dataclasses.replace(config, remat=remat), target, grad_accum) for remat in remats]
+
+
+def largest_micro_batch(config: TrainConfig, target: Target, grad_accum: int = 1,
+                        log=lambda line: print(line, flush=True)) -> Plan:
+    """The plan of the largest micro-batch of (data-parallel devices) x 2^k that fits with `config`'s remat
+    policy; a Plan with micro_batch_size 0 when none does. Starts from its micro_batch_size (0: 16 per
+    device), doubling while it fits and halving while it does not: a handful of compiles. train.py
+    --micro_batch_size=0 on a GPU or TPU calls this for --target=local (auto_micro_batch)."""
+    from gpt2_jax import sharding  # noqa: PLC0415
+
+    dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh, target.devices))
+    start = (config.micro_batch_size or 16 * dp) / dp
+    micro, fitting = dp * 2 ** max(0, round(math.log2(max(start, 1)))), None
+    tried: dict[int, bool] = {}
+    while micro not in tried and dp <= micro <= 2**14:
+        p = plan_one(dataclasses.replace(config, micro_batch_size=micro), target, grad_accum, count_flops=False)
+        tried[micro] = p.fits
+        if log:
+            log(f"  remat={config.remat:<4} micro_batch_size={micro:<5} {'fits' if p.fits else 'does not fit'} "
+                f"({gib(p.need_bytes)} of {gib(p.budget_bytes)})")
+        if p.fits:
+            fitting = p if fitting is None or p.micro_batch_size > fitting.micro_batch_size else fitting
+            micro *= 2
+        else:
+            micro //= 2
+    return fitting or Plan(config.remat, 0, False, 0, target.budget_bytes)
+
+
+def auto_micro_batch(config: TrainConfig) -> tuple[int, str]:
+    """The largest micro-batch of (data-parallel devices) x 2^k whose train step fits the attached devices'
+    memory, by the planner (gpt2_jax.plan, --target=local: compiles, runs nothing), and a log line; (0, why)
+    when none fits or none divides --total_batch_size, and the trainer's default then applies."""
+    from gpt2_jax.config import GPT2_SIZES  # noqa: PLC0415
+    from gpt2_jax.sharding import data_parallel_size, make_mesh  # noqa: PLC0415
+    from gpt2_jax.training.settings import resolve  # noqa: PLC0415
+
+    target = load_target(parse_target("local"))
+    mesh = make_mesh(config.mesh, target.devices)
+    tc = resolve(config, target.platform, mesh.size)  # the default micro-batch, block size, total batch
+    # Plan with grad accumulation where the run accumulates: its scan keeps a float32 gradient accumulator.
+    accum = 2 if tc.total_batch_size > tc.micro_batch_size * tc.block_size else 1
+    best = largest_micro_batch(config, target, accum, log=None)
+    micro = best.micro_batch_size
+    # The micro-batch must divide a fixed total (--total_batch_size, or 2**19 tokens for GPT-2 sizes); otherwise
+    # the total is one micro-batch and follows it.
+    fixed_total = config.total_batch_size or (tc.total_batch_size if config.preset in GPT2_SIZES else 0)
+    dp = data_parallel_size(mesh)
+    while micro > dp and fixed_total and fixed_total % (micro * tc.block_size):
+        micro //= 2
+    if not micro:
+        return 0, (f"micro-batch: none of the sizes tried fits {target.budget_note} with --remat={config.remat}; "
+                   f"using the default ({tc.micro_batch_size}); python -m gpt2_jax.plan --target=local --search "
+                   f"shows each policy's")
+    if fixed_total and fixed_total % (micro * tc.block_size):
+        return 0, (f"micro-batch: no size that fits ({best.micro_batch_size} or less) divides --total_batch_size="
+                   f"{fixed_total} into micro-batches of {tc.block_size} tokens; using the default "
+                   f"({tc.micro_batch_size})")
+    need = best.need_bytes if micro == best.micro_batch_size else None
+    return micro, (f"micro-batch: {micro}, the largest power of two that fits ("
+                   + (f"{need / 2**30:.2f} GiB of {target.budget_bytes / 2**30:.2f} GiB per device, " if need else "")
+                   + f"remat={config.remat}; --micro_batch_size=N to choose)")

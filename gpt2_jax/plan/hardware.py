@@ -1,0 +1,139 @@
+"""Targets: what `--target` names (a GPU from its description file in gpt2_jax/targets/, a TPU slice from
+libtpu's topology names, or the attached devices), the devices to compile for, and their memory budget.
+Nothing here imports JAX until a target is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+TARGETS_DIR = Path(__file__).resolve().parents[1] / "targets"
+GPU_TARGETS = {"h100": "h100.txtpb", "h200": "h200.txtpb", "a100": "a100.txtpb"}  # A100 = the 80 GB SXM4
+# TPU generations: HBM per chip (GiB, datasheets) and whether the `-N` of a slice name counts TensorCores
+# (v4, v5p: two per chip, one JAX device per chip in "megacore" mode) or chips (v5e, v6e).
+TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+TPU_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+# chips -> libtpu topology: v5e/v6e slices are 2-D tori, v4/v5p 3-D (checked against libtpu 0.0.42).
+TPU_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+TPU_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+          512: "8x8x8"}
+DEFAULT_MEM_FRACTION = 0.75  # JAX's GPU allocator takes 75% of the memory unless told otherwise
+
+
+class MissingExtra(RuntimeError):
+    """The GPU plugin or libtpu is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """A --target value, parsed without importing JAX: which platform, and how to get its devices."""
+
+    name: str
+    platform: str  # "gpu" | "tpu" | "local"
+    gpu_file: str = ""  # gpu: the target description file
+    topology: str = ""  # tpu: libtpu topology name, e.g. "v5e:2x4"
+    generation: str = ""  # tpu: v4 | v5e | v5p | v6e
+
+    @property
+    def deviceless(self) -> bool:
+        return self.platform in ("gpu", "tpu")
+
+
+def parse_target(name: str) -> TargetSpec:
+    """'h100' | 'h200' | 'a100' | '<gen>-<N>' TPU slice (v4-8, v5e-8, v5p-16, v6e-8) | 'v5e:2x4' | 'local'."""
+    key = name.lower().strip()
+    if key == "local":
+        return TargetSpec(name, "local")
+    if key in GPU_TARGETS:
+        return TargetSpec(name, "gpu", gpu_file=GPU_TARGETS[key])
+    gens = "|".join(TPU_HBM_GIB)
+    if m := re.fullmatch(rf"({gens}):(\d+(?:x\d+)+)", key):  # a libtpu topology name as is
+        return TargetSpec(name, "tpu", topology=key, generation=m.group(1))
+    if m := re.fullmatch(rf"({gens})-(\d+)", key):
+        gen, n = m.group(1), int(m.group(2))
+        chips, rest = divmod(n, TPU_CORES_PER_CHIP[gen])
+        table = TPU_3D if TPU_CORES_PER_CHIP[gen] == 2 else TPU_2D
+        if rest or chips not in table:
+            sizes = ", ".join(f"{gen}-{c * TPU_CORES_PER_CHIP[gen]}" for c in table)
+            raise ValueError(f"--target={name}: no {gen} slice of {n}; known sizes: {sizes} (or give a libtpu "
+                             f"topology such as {gen}:{next(iter(table.values()))})")
+        return TargetSpec(name, "tpu", topology=f"{gen}:{table[chips]}", generation=gen)
+    raise ValueError(f"--target={name!r} is unknown; use one of {', '.join(GPU_TARGETS)}, a TPU slice "
+                     f"<gen>-<N> with gen in {', '.join(TPU_HBM_GIB)} (e.g. v5e-8, v5p-16), or local")
+
+
+@dataclasses.dataclass
+class Target:
+    spec: TargetSpec
+    platform: str  # what the program is compiled for: "gpu" | "tpu" | "cpu"
+    devices: list
+    memory_bytes: int  # per device
+    budget_bytes: int  # what one program may use per device
+    budget_note: str
+
+    @property
+    def kind(self) -> str:
+        return self.devices[0].device_kind
+
+
+def missing_extra(spec: TargetSpec) -> str:
+    """Why `spec` cannot be compiled for in this environment ("" if it can)."""
+    import importlib.util  # noqa: PLC0415
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            return False
+
+    if spec.platform == "gpu" and not installed("jax_plugins.xla_cuda13"):
+        what = "JAX's CUDA plugin (jax[cuda13], ~4.4 GB)"
+    elif spec.platform == "tpu" and not installed("libtpu"):
+        what = "libtpu (jax[tpu])"
+    else:
+        return ""
+    return (f"--target={spec.name} needs {what}, which is not installed; install the plan extra: "
+            f"pip install -e '.[plan]'")
+
+
+def require_extra(spec: TargetSpec) -> None:
+    if why := missing_extra(spec):
+        raise MissingExtra(why)
+
+
+def load_target(spec: TargetSpec) -> Target:
+    """The devices of `spec` (compile-only for GPU/TPU targets) and their memory."""
+    import jax  # noqa: PLC0415
+
+    if spec.platform == "gpu":
+        from jax.experimental import topologies  # noqa: PLC0415
+
+        require_extra(spec)
+        text = (TARGETS_DIR / spec.gpu_file).read_text()
+        topo = topologies.get_topology_desc(platform="cuda", target_config=text, topology="1x1x1")
+        memory = int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
+        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
+        note = f"{fraction:.0%} of {gib(memory)}: JAX's GPU pool (XLA_PYTHON_CLIENT_MEM_FRACTION={fraction:g})"
+        return Target(spec, "gpu", list(topo.devices), memory, int(fraction * memory), note)
+    if spec.platform == "tpu":
+        from jax.experimental import topologies  # noqa: PLC0415
+
+        require_extra(spec)
+        # v4 and v5p chips have two TensorCores that JAX uses as one device ("megacore"), as on a TPU VM.
+        extra = {"chip_config_name": "megacore"} if spec.generation == "v4" else {}
+        topo = topologies.get_topology_desc(spec.topology, platform="tpu", **extra)
+        memory = TPU_HBM_GIB[spec.generation] * 2**30
+        return Target(spec, "tpu", list(topo.devices), memory, memory, f"HBM per chip ({gib(memory)})")
+    devices = jax.devices()
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        memory, note = stats["bytes_limit"], "the allocator's limit on this device"
+    else:  # CPU: host memory
+        memory, note = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's RAM"
+    return Target(spec, jax.default_backend(), devices, memory, memory, note)
+
+
+def gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB"
