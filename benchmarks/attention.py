@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpt2_jax.model import attention  # noqa: E402
+from gpt2_jax.attention import attention  # noqa: E402
 
 
 def main(argv=None) -> dict:

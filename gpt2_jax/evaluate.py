@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from gpt2_jax import hellaswag
 from gpt2_jax.data import EvalWindows
+from gpt2_jax.loss import token_losses
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
 from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
@@ -44,10 +44,7 @@ from gpt2_jax.tokenizer import Tokenizer
 def _row_losses(graphdef, state, x, y, vocab_limit: int) -> jax.Array:
     """Mean next-token cross-entropy of each row: (R,) float32 for x, y (R, T), y = x shifted by one."""
     model = nnx.merge(graphdef, state)
-    logits = model(x)[..., :vocab_limit]  # (R, T, V): drop padded-vocab columns
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # (R, T)
-    target_logits = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-    return (log_z - target_logits).mean(axis=1)
+    return token_losses(model(x), y, vocab_limit).mean(axis=1)  # padded-vocab ids out of the softmax
 
 
 def _batches_in(num_tokens: int, batch_size: int, block_size: int) -> int:

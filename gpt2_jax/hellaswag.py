@@ -43,6 +43,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from gpt2_jax.config import GPT2_VOCAB_SIZE
+from gpt2_jax.loss import token_losses
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
 from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
@@ -192,11 +193,8 @@ def _token_losses(graphdef, state, tokens, mask, vocab_limit: int) -> jax.Array:
     Entry [r, t] scores tokens[r, t + 1] from the logits at position t.
     """
     model = nnx.merge(graphdef, state)
-    logits = model(tokens)[:, :-1, :vocab_limit]  # (R, L-1, V): drop padded-vocab columns
-    targets = tokens[:, 1:]  # (R, L-1)
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # float32, as the model returns float32 logits
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.where(mask[:, 1:] == 1, log_z - target_logits, 0.0)
+    losses = token_losses(model(tokens)[:, :-1], tokens[:, 1:], vocab_limit)  # (R, L-1); padded ids left out
+    return jnp.where(mask[:, 1:] == 1, losses, 0.0)
 
 
 def evaluate_hellaswag(model: GPT, examples: Sequence[dict], encode: Encode, *, batch_examples: int = 8,

@@ -31,6 +31,13 @@ def has_accelerator() -> bool:
     return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
 
 
+def cpu_if_no_accelerator(env) -> None:
+    """Set JAX_PLATFORMS=cpu in `env` (a dict or os.environ) where none is set and no GPU or TPU is visible, so
+    that no plugin probes hardware that is not there (train.py without --platform; the planner's local target)."""
+    if "JAX_PLATFORMS" not in env and not has_accelerator():
+        env["JAX_PLATFORMS"] = "cpu"
+
+
 def jax_environment(config: TrainConfig, env) -> tuple[dict, list[str]]:
     """The environment JAX should start in, from `env` (left unchanged), and a log line per decision.
 
@@ -74,8 +81,8 @@ def start_jax(config: TrainConfig) -> None:
     """Set JAX's environment (jax_environment), pin JAX to one backend and join the other processes, before any
     backend initialises; exit with what to install if the backend is missing."""
     env, notes = jax_environment(config, os.environ)
-    if not config.platform and "JAX_PLATFORMS" not in env and not has_accelerator():
-        env["JAX_PLATFORMS"] = "cpu"  # quiet: no plugin probes hardware that is not there
+    if not config.platform:
+        cpu_if_no_accelerator(env)
     os.environ.update(env)
     for note in notes:
         print(note, flush=True)

@@ -9,7 +9,7 @@ from flax import nnx
 
 import gpt2_jax
 from gpt2_jax.generate import generate
-from gpt2_jax.model import cross_entropy
+from gpt2_jax.loss import cross_entropy
 
 # Tolerances, stated once. All runs are float32; differences come from summation order only.
 # Logits: ~0.1-1 in magnitude after 12 blocks of float32 matmuls over 768..3072 terms; measured

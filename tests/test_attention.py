@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gpt2_jax.attention import attention, blocked_attention
 from gpt2_jax.config import GPTConfig
-from gpt2_jax.training.settings import TrainConfig
-from gpt2_jax.model import GPT, attention, blocked_attention, cross_entropy
-from gpt2_jax.training.settings import resolve
+from gpt2_jax.loss import cross_entropy
+from gpt2_jax.model import GPT
+from gpt2_jax.training.settings import TrainConfig, resolve
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
@@ -113,10 +114,10 @@ def test_blocked_dropout_maps_every_block_with_its_own_index():
 
 
 def test_model_sends_attention_dropout_through_the_blocked_path(monkeypatch):
-    import gpt2_jax.model as model_lib  # noqa: PLC0415
+    import gpt2_jax.attention as attention_lib  # noqa: PLC0415
 
-    calls, real = [], model_lib.blocked_attention
-    monkeypatch.setattr(model_lib, "blocked_attention",
+    calls, real = [], attention_lib.blocked_attention
+    monkeypatch.setattr(attention_lib, "blocked_attention",
                         lambda q, k, v, dropout=None: calls.append(dropout is not None) or real(q, k, v, dropout))
     cfg = TINY.replace(dropout=0.2, attention="blocked", block_size=160)
     _, with_dropout, _ = loss_and_grads(cfg, dropout_rng=jax.random.key(3))

@@ -10,7 +10,8 @@ from flax import nnx
 
 from gpt2_jax import sharding
 from gpt2_jax.config import GPTConfig
-from gpt2_jax.model import GPT, cross_entropy, loss_chunk_len
+from gpt2_jax.loss import cross_entropy, loss_chunk_len
+from gpt2_jax.model import GPT
 
 # vocab 96 padded to 128: the padded ids must stay out of the softmax. T=10 in chunks of 3 positions:
 # four chunks, the last one a single position plus two rows of padding.

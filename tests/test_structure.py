@@ -21,7 +21,8 @@ LAYERS = [
     ["runs"],
     ["evaluate", "hellaswag", "generate", "plot"],
     ["training"],
-    ["sample", "export", "plan", "launch"],
+    ["launch"],
+    ["sample", "export", "plan"],
 ]
 SAME_LAYER = {("evaluate", "hellaswag")}
 MAX_FUNCTION_LINES = 60

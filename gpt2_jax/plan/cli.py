@@ -31,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gpt2_jax.launch import cpu_if_no_accelerator
 from gpt2_jax.plan.compile import REMATS, Plan, plan_one, resolved, search
 from gpt2_jax.plan.hardware import MissingExtra, Target, TargetSpec, gib, load_target, missing_extra, parse_target
 from gpt2_jax.training.settings import TrainConfig, add_flags
@@ -189,6 +190,8 @@ def main(argv=None) -> int:
             print("(no private network namespace here: compiling with TPU_SKIP_MDS_QUERY=1 only)", file=sys.stderr)
         return subprocess.run(cmd, env=env).returncode
     os.environ.update(gpu_flags_env(args.spec, os.environ))  # --no_sandbox: before the GPU plugin starts
+    if not args.spec.deviceless:
+        cpu_if_no_accelerator(os.environ)  # the local target on a machine without GPU or TPU: quiet
     try:
         target = load_target(args.spec)
     except MissingExtra as e:

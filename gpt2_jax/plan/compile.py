@@ -56,24 +56,23 @@ def resolved(config: TrainConfig, target: Target, grad_accum: int = 1):
 
 def _lower(tc, cfg, mesh, vocab_limit: int | None, unroll):
     """The trainer's jitted train step for `mesh` (training.step.build_step, as the trainer builds it), lowered
-    on its abstract arguments. `unroll`: how the model's loops unroll (a model.compiling_for context)."""
+    on its abstract arguments. `unroll` (model.Unroll): how the model's loops unroll."""
     from gpt2_jax.training.step import build_step  # noqa: PLC0415
 
-    with unroll:
-        step = build_step(tc, cfg, mesh, vocab_limit)
-        return step.fn.lower(*step.abstract_args())
+    step = build_step(tc, cfg, mesh, vocab_limit, unroll=unroll)
+    return step.fn.lower(*step.abstract_args())
 
 
 def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flops: bool = True) -> Plan:
     """Compile the train step of `config` (its remat policy and micro-batch; 0: the trainer's default) for
     `target`, with `grad_accum` micro-batches per step, and read the result."""
     from gpt2_jax.metrics import flops_per_token  # noqa: PLC0415
-    from gpt2_jax.model import compiling_for  # noqa: PLC0415
+    from gpt2_jax.model import Unroll  # noqa: PLC0415
     from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
 
     tc, cfg, vocab_limit = resolved(config, target, grad_accum)
     mesh = make_mesh(tc.mesh, target.devices)
-    lowered = _lower(tc, cfg, mesh, vocab_limit, compiling_for(target.platform))  # the target's unrolling
+    lowered = _lower(tc, cfg, mesh, vocab_limit, Unroll.for_platform(target.platform, cfg))  # the target's unrolling
     tokens = tc.total_batch_size
     p = Plan(tc.remat, tc.micro_batch_size, False, 0, target.budget_bytes,
              flops_6n=flops_per_token(cfg, tc.block_size) * tokens)
@@ -119,14 +118,14 @@ def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
     """
     import jax  # noqa: PLC0415
 
-    from gpt2_jax.model import compiling_for  # noqa: PLC0415
+    from gpt2_jax.model import Unroll  # noqa: PLC0415
     from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
 
     grad_accum = tc.total_batch_size // (tc.micro_batch_size * tc.block_size)
     one = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size, mesh="data:1")
     mesh = make_mesh("data:1", jax.devices("cpu")[:1])
     attention = "xla" if cfg.attention == "cudnn" else cfg.attention
-    unroll = compiling_for("cpu", unroll_layers=True)  # every loop unrolled: XLA counts a loop body once
+    unroll = Unroll(layers=True, loss_chunks=True)  # every loop unrolled: XLA counts a loop body once
     cost = _lower(one, cfg.replace(attention=attention), mesh, vocab_limit, unroll).cost_analysis()
     flops = (cost or {}).get("flops")
     if not flops:

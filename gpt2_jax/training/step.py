@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 
 from gpt2_jax import sharding
 from gpt2_jax.config import GPTConfig
-from gpt2_jax.model import GPT
+from gpt2_jax.model import GPT, Unroll
 from gpt2_jax.optim import OptimConfig, make_optimizer
 from gpt2_jax.training.settings import TrainConfig, grad_accum_steps
 
@@ -40,7 +40,7 @@ def optim_config(tc: TrainConfig) -> OptimConfig:
 
 
 def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, dropout: bool,
-                    vocab_limit: int | None = None, unroll=None):
+                    vocab_limit: int | None = None, unroll: Unroll | None = None):
     repl = sharding.replicated(batch_sharding.mesh)
 
     def train_step(state, x, y, rng):
@@ -51,7 +51,7 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
         model_def, params = nnx.split(ts.model)
 
         def loss_fn(params, x, y, key):
-            return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key, **({} if unroll is None else {'unroll': unroll}))
+            return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key, unroll=unroll)
 
         def micro_step(carry, batch):
             loss_sum, grad_sum = carry
@@ -110,7 +110,8 @@ class TrainStep:
                        out_shardings=self.shardings)()
 
 
-def build_step(tc: TrainConfig, cfg: GPTConfig, mesh, vocab_limit: int | None = None, *, unroll=None) -> TrainStep:
+def build_step(tc: TrainConfig, cfg: GPTConfig, mesh, vocab_limit: int | None = None, *,
+               unroll: Unroll | None = None) -> TrainStep:
     """The train step for a resolved `tc` and its model `cfg` on `mesh` (any devices, attached or not).
     `unroll` (model.Unroll): how the traced loops unroll; None: as suits the backend this process runs."""
     grad_accum = grad_accum_steps(tc, sharding.data_parallel_size(mesh), jax.process_count())
