@@ -31,8 +31,12 @@ What makes it safe (checked against orbax-checkpoint 0.12.8's source and by test
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -41,9 +45,37 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gpt2_jax.distributed import all_ok, broadcast_from_primary
+from gpt2_jax.distributed import all_ok, broadcast_from_primary, is_primary
 
 PyTree = Any
+DISK_FULL = ("No space left on device", "os_error_code='28'")  # ENOSPC as tensorstore words it
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written: the disk is full (ENOSPC). Its message is the whole story."""
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is ENOSPC (orbax wraps tensorstore's in ValueErrors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(m in str(error) for m in DISK_FULL):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _NoDiskFullTracebacks(logging.Filter):
+    """orbax logs a full disk from each of its save threads, traceback included (~50 of them); the
+    Checkpointer reports it once, as a DiskFullError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_is_disk_full(record.exc_info[1] if record.exc_info else None)
+                    or any(m in record.getMessage() for m in DISK_FULL))
+
+
+logging.getLogger("absl").addFilter(_NoDiskFullTracebacks())
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -97,6 +129,7 @@ class Checkpointer:
         self.read_only = read_only
         options = _manager_options(self._name_format, max_to_keep, async_save, read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._saving: int | None = None  # the step of an async save in flight
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / self._name_format.build_name(step)
@@ -132,6 +165,10 @@ class Checkpointer:
         # orbax waits for the previous async save at the start of `save` anyway; waiting first makes
         # the listing below see it.
         self.wait()
+        with self._disk_full(step):
+            self._save(step, state, meta)
+
+    def _save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         # Checkpoints at or after `step` belong to a run we have rewound from, e.g. because `restore`
         # skipped a damaged newest step. Orbax would silently skip this save (step <= latest) and later
         # fail with "step already exists", so remove them (through orbax: the primary process deletes).
@@ -144,11 +181,38 @@ class Checkpointer:
                 self._manager.delete(s)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         # force: skip orbax's should_save (intervals, "step <= latest"); the caller decides when to save.
+        self._saving = step
         self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
-        """Blocks until async saves (and the deletions that follow them) are finished."""
-        self._manager.wait_until_finished()
+        """Blocks until async saves (and the deletions that follow them) are finished. A save that failed
+        raises here; a full disk as a DiskFullError."""
+        with self._disk_full(self._saving):
+            self._manager.wait_until_finished()
+        self._saving = None
+
+    @contextlib.contextmanager
+    def _disk_full(self, step: int | None):
+        """Turn ENOSPC from orbax (now, or from an async save of `step`) into one DiskFullError that names the
+        folder, the free space and what to do; the save's partial folder is removed (it only takes space)."""
+        try:
+            yield
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            self._saving = None
+            local = "://" not in str(self.directory)
+            for tmp in self.directory.glob("*.orbax-checkpoint-tmp") if local and is_primary() else ():
+                shutil.rmtree(tmp, ignore_errors=True)
+            free = f"{shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free" if local else "no space"
+            steps = self._list_steps()
+            full = DiskFullError(f"the disk is full: checkpoint{'' if step is None else f' {step}'} could not be "
+                                 f"written to {self.directory} ({free}). The checkpoints already there are intact "
+                                 f"(newest: step {steps[-1] if steps else 'none'}); free some space, or lower "
+                                 "--keep_checkpoints, or pass an --out_dir on a bigger disk, then run the same "
+                                 "command to resume")
+            full.errno = errno.ENOSPC
+            raise full from None
 
     def restore(
         self, abstract_state: PyTree, step: int | None = None, *, partial: bool = False
@@ -206,7 +270,8 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves, then releases orbax's threads."""
-        self._manager.close()
+        with self._disk_full(self._saving):
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -8,9 +8,11 @@ JAX starts), except where a subprocess is the point (marked slow). The models ar
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -151,3 +153,128 @@ def test_text_that_is_not_utf8_names_the_file(content, tmp_path, capsys):
     err = _fails(data_lib.main, ["text", str(good), str(bad), "--out", str(out), "--tokenizer", "char"], capsys, 1)
     assert err.startswith(f"error: {bad} is not UTF-8 text (byte ") and "iconv -f latin1 -t utf-8" in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def tiny_run(data_dir, tmp_path_factory) -> Path:
+    """A 2-step char-level training run (in this process), checkpointed at steps 1 and 2."""
+    from gpt2_jax.training import run
+    from gpt2_jax.training.settings import TrainConfig
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    run(TrainConfig(preset="char", **TINY, micro_batch_size=8, max_steps=2, warmup_steps=1, data=str(data_dir),
+                    out_dir=str(out), eval_every=0, sample_every=0, checkpoint_every=1, tensorboard=False,
+                    dropout=0.0, dtype="float32", attention="xla", mesh="data:1", compile_cache="off"))
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("other", ["run", "config only"])
+def test_export_refuses_another_runs_folder(other, tiny_run, tmp_path, capsys):
+    """`export RUN --to OTHER_RUN` used to overwrite the other run's config.json (which then broke its
+    resume): now an error that says what to do, and nothing in that folder changes."""
+    target = tmp_path / "other"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps({"train": {"seed": 1}, "model": {"n_layer": 3}}))
+    if other == "run":
+        (target / "checkpoints" / "40").mkdir(parents=True)
+    before = _snapshot(target)
+    err = _fails(export.main, [str(tiny_run), "--to", str(target)], capsys, 1)
+    assert f"error: --to {target} holds " in err and "pass a new folder" in err and len(err.splitlines()) == 1
+    assert _snapshot(target) == before
+
+
+def test_export_writes_files_with_the_usual_mode(tiny_run, tmp_path, capsys):
+    """model.safetensors gets the mode any file gets under the umask (safetensors alone makes it 0600); a
+    second export into the same folder (an HF folder now) is allowed."""
+    folder = tmp_path / "hf"
+    old = os.umask(0o022)
+    try:
+        for _ in range(2):
+            assert export.main([str(tiny_run), "--to", str(folder)]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644, "gpt2_jax_tokenizer.json": 0o644}
+
+
+# ------------------------------------------------------------------------------------- a full disk
+
+
+def test_a_full_disk_is_one_error_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    """Checkpointer: ENOSPC from orbax (tensorstore's words, wrapped in a ValueError, as a real full disk
+    raises it; simulated by patching orbax's save) becomes one DiskFullError naming the folder, the free space
+    and what to do; the partial folder is removed and the complete checkpoint restores."""
+    import errno
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from gpt2_jax.checkpoint import Checkpointer, DiskFullError
+
+    state = {"w": jnp.arange(4.0)}
+    with Checkpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        ckpt.save(1, state, {"step": 1})
+
+        def full(self, step, *args, **kwargs):
+            (ckpt.directory / f"{step}.orbax-checkpoint-tmp").mkdir()  # what a failed save leaves
+            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to write 8495 '
+                             f"bytes to file 8: No space left on device [os_error_code='28']")
+
+        monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+        with pytest.raises(DiskFullError) as e:
+            ckpt.save(2, state, {"step": 2})
+        monkeypatch.undo()
+        assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
+        assert str(e.value).startswith(f"the disk is full: checkpoint 2 could not be written to {ckpt.directory} (")
+        assert "MiB free). The checkpoints already there are intact (newest: step 1)" in str(e.value)
+        assert sorted(p.name for p in ckpt.directory.iterdir()) == ["1"]
+        restored, meta, step = ckpt.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=state["w"].sharding)})
+    assert step == 1 and meta == {"step": 1}
+    np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+def _can_mount_tmpfs(tmp_path) -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+TRAIN_FLAGS = ["--platform=cpu", "--preset=char", *(f"--{k}={v}" for k, v in TINY.items()), "--micro_batch_size=8",
+               "--warmup_steps=1", "--eval_every=0", "--sample_every=0", "--tensorboard=false", "--dropout=0",
+               "--dtype=float32", "--attention=xla", "--mesh=data:1"]
+
+
+@pytest.mark.slow
+def test_train_on_a_full_disk_stops_with_one_line(data_dir, tmp_path):
+    """train.py with its out_dir on a real 700 KiB filesystem (a tmpfs in a private mount namespace:
+    `unshare -rm`), where the first checkpoint (~330 KiB) fits and the second does not: one line naming the
+    folder and the free space, exit 1, and checkpoint 1 intact (the folder is copied out before the
+    namespace ends, then restored here)."""
+    small, kept = tmp_path / "small", tmp_path / "kept"
+    small.mkdir()
+    if not _can_mount_tmpfs(small):
+        pytest.skip("no private mount namespace here (unshare -rm + mount tmpfs); the patched test covers it")
+    train_cmd = " ".join([sys.executable, "train.py", *TRAIN_FLAGS, f"--data={data_dir}", f"--out_dir={small}/out",
+                          "--max_steps=6", "--checkpoint_every=1"])
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=700k tmpfs {small} && {train_cmd}; "
+                        f"status=$?; cp -r {small}/out {kept}; exit $status"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert errors[-1].startswith(f"error: the disk is full: checkpoint 2 could not be written to {small}/out/"
+                                 "checkpoints (") and "(newest: step 1)" in errors[-1], r.stderr[-3000:]
+    assert "ERROR:absl" not in r.stderr and len(errors) <= 8, r.stderr[-3000:]  # not ~340 lines of tracebacks
+    assert sorted(p.name for p in (kept / "checkpoints").iterdir()) == ["1"]
+    from gpt2_jax.runs import load_run
+
+    assert load_run(kept)[2]["step"] == 1
