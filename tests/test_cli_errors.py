@@ -39,14 +39,14 @@ def _fails(main, argv, capsys, status: int) -> str:
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
-    """A tiny random GPT-2 as an HF folder (config.json + model.safetensors, 65 tokens), written with numpy
-    in HF's names and layouts (building a GPT eagerly costs ~20 s on a loaded 2-core machine)."""
+    """A tiny random GPT-2 as an HF folder (config.json + model.safetensors; 128 tokens, more than the char
+    data_dir has), written with numpy in HF's names and layouts (building a GPT eagerly costs ~20 s on a loaded 2-core machine)."""
     from safetensors.numpy import save_file
 
     from gpt2_jax.config import GPTConfig
     from gpt2_jax.convert import config_to_hf
 
-    cfg = GPTConfig(**TINY, vocab_size=65)
+    cfg = GPTConfig(**TINY, vocab_size=128)
     C, T, V = cfg.n_embd, cfg.block_size, cfg.vocab_size
     shapes = {"wte.weight": (V, C), "wpe.weight": (T, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
     for name, shape in {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
@@ -278,3 +278,51 @@ def test_train_on_a_full_disk_stops_with_one_line(data_dir, tmp_path):
     from gpt2_jax.runs import load_run
 
     assert load_run(kept)[2]["step"] == 1
+
+
+# ------------------------------------------------------------------------------------- results files
+
+
+def _evaluate(hf_folder, data_dir, out) -> list[str]:
+    return ["loss", "--init_from", str(hf_folder), "--data", str(data_dir), "--max_batches=1", "--no_progress",
+            "--out", str(out)]
+
+
+@pytest.mark.parametrize("where", ["a folder", "under a file"])
+def test_unusable_results_file_fails_before_the_work(where, data_dir, tmp_path, capsys):
+    """evaluate --out / plot --out that cannot be written: exit 2 and one line, before the evaluation runs
+    (it used to run to the end, then lose the results to a traceback). --init_from names no model at all:
+    had the evaluation started, the error would be that one."""
+    (tmp_path / "file").write_text("")
+    out = tmp_path if where == "a folder" else tmp_path / "file" / "results.json"
+    message = f"--out {out} is a folder; pass a file name in it" if where == "a folder" else \
+        f"--out {out}: cannot write in {out.parent} ("
+    err = _fails(evaluate.main, _evaluate(tmp_path / "no-model", data_dir, out), capsys, 2)
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1
+    err = _fails(plot.main, [str(tmp_path / "no-run"), "--out", str(out)], capsys, 2)
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written, no probe left
+
+
+def test_results_file_folder_is_made(hf_folder, data_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "sub" / "loss.json"
+    assert evaluate.main(_evaluate(hf_folder, data_dir, out)) == 0
+    assert json.loads(out.read_text())["batches"] == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 4.0 - s / 10}) + "\n" for s in (1, 2)))
+    png = tmp_path / "plots" / "deep" / "loss.png"
+    assert plot.main([str(run), "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in png.parent.iterdir()) == ["loss.png"]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_dataset_out_that_is_a_file(out, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "in.txt").write_text("plain text\n" * 50)
+    err = _fails(data_lib.main, ["text", str(tmp_path / "in.txt"), "--out", str(tmp_path / out), "--tokenizer", "char"],
+                 capsys, 2)
+    assert err.startswith(f"error: --out {tmp_path / out} is ") and "pass a folder for the dataset" in err
+    assert (tmp_path / "file").read_text() == "mine"

@@ -26,6 +26,14 @@ def _summary(out_dir: str | os.PathLike, meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why the dataset folder `out` cannot be made (None: it can be, as far as a look tells), before any work."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            return None if folder.is_dir() else ("is a file" if folder == out else f"is inside {folder}, a file")
+    return None
+
+
 def _not_utf8(files: Sequence[str], e: UnicodeDecodeError) -> str:
     """The message for a text file that is not UTF-8 (Latin-1 text, a binary file): which one, and what to do."""
     for name in files:
@@ -55,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tx.add_argument("--val_fraction", type=finite_float, default=0.1)
     tx.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard")
     args = parser.parse_args(argv)
+    if problem := _out_problem(Path(args.out)):
+        print(f"error: --out {args.out} {problem}; pass a folder for the dataset (it is created if missing)",
+              file=sys.stderr)
+        return 2
     try:
         if args.command == "fineweb-edu":
             meta = prepare_fineweb(args.out, args.shard_size, num_proc=args.num_proc)
