@@ -326,3 +326,79 @@ def test_dataset_out_that_is_a_file(out, tmp_path, capsys):
                  capsys, 2)
     assert err.startswith(f"error: --out {tmp_path / out} is ") and "pass a folder for the dataset" in err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------- --platform without the hardware
+
+
+def _unshare_net() -> list[str]:
+    """`unshare -n` where it works (libtpu must never reach the network), else nothing."""
+    try:
+        ok = subprocess.run(["unshare", "-n", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return ["unshare", "-n"] if ok else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_platform_without_its_device_is_one_line(platform, tmp_path):
+    """--platform=tpu without a TPU used to end in a traceback about coordinator_address; --platform=gpu with the
+    CUDA plugin installed but no GPU told the user to install it. Now one line, before JAX loads any plugin."""
+    from gpt2_jax import launch
+
+    if launch.has_accelerator(platform):
+        pytest.skip(f"this machine has a {platform.upper()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PLATFORMS", "XLA_"))}
+    r = subprocess.run([*_unshare_net(), sys.executable, "train.py", f"--platform={platform}", "--max_steps=1",
+                        f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**env, "TPU_SKIP_MDS_QUERY": "1"})
+    assert r.returncode == 1
+    name = platform.upper()
+    assert r.stderr.startswith(f"--platform={platform}: no {name} is visible on this machine (no /dev/"), r.stderr
+    if launch.has_plugin(platform):  # the plan extra: jax[cuda13] and libtpu
+        assert "although JAX's" in r.stderr and "pip install" not in r.stderr
+    else:
+        assert launch.INSTALL_HINT[platform] in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_backend_messages(monkeypatch):
+    from gpt2_jax import launch
+
+    monkeypatch.setattr(launch, "has_accelerator", lambda platform=None: False)
+    monkeypatch.setattr(launch, "has_plugin", lambda platform: False)
+    assert launch.missing_backend("cpu") is None and launch.missing_backend("") is None
+    assert launch.missing_backend("gpu").endswith('is not installed; on a GPU machine: pip install "gpt2-jax[gpu]"'
+                                                  "  (JAX with CUDA)")
+    monkeypatch.setattr(launch, "has_accelerator", lambda platform=None: platform == "gpu")
+    assert launch.missing_backend("gpu") is None and launch.missing_backend("tpu") is not None
+
+
+# ------------------------------------------------------------------------------------- --compile_cache
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_unusable_compile_cache_is_a_bad_flag_or_a_warning(where, tmp_path, capsys):
+    """An unusable cache folder used to turn JAX's cache off without a word. --compile_cache=DIR: exit 2 before
+    JAX starts; the default folder ($GPT2_JAX_CACHE/jax-compile): a warning, and the cache off."""
+    from gpt2_jax import launch
+    from gpt2_jax.training.settings import TrainConfig
+
+    (tmp_path / "file").write_text("")
+    folder = tmp_path / where
+    err = _fails(train.main, [f"--compile_cache={folder}", f"--out_dir={tmp_path / 'out'}"], capsys, 2)
+    assert err.startswith(f"error: --compile_cache={folder} ") and "pass a folder you may write to, or " \
+        "--compile_cache=off" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+    env, notes = launch.jax_environment(TrainConfig(), {"GPT2_JAX_CACHE": str(folder)})
+    launch.check_compile_cache(TrainConfig(), env, notes)
+    assert env["JAX_ENABLE_COMPILATION_CACHE"] == "false"
+    assert notes == [f"warning: compile cache: off: {folder}/jax-compile cannot be written (Not a directory), "
+                     "so every program is compiled anew; pass --compile_cache=DIR with a folder you may write to"]
+    env, notes = launch.jax_environment(TrainConfig(), {"GPT2_JAX_CACHE": str(tmp_path / "fine")})
+    launch.check_compile_cache(TrainConfig(), env, notes)
+    assert "JAX_ENABLE_COMPILATION_CACHE" not in env and len(notes) == 1
+    assert list((tmp_path / "fine" / "jax-compile").iterdir()) == []  # made, and the probe is gone
