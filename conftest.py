@@ -7,6 +7,7 @@ HF checkpoint.
 Kept import-light: torch is imported only inside the fixtures that need it."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,11 +26,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # Caches (JAX's compilation cache of train.py, char data of bucket runs) in a folder of this session, not the
 # user's ~/.cache; shared by the session's train.py subprocesses, which then compile each program once.
-os.environ.setdefault("GPT2_JAX_CACHE", tempfile.mkdtemp(prefix="gpt2_jax-test-cache-"))
+# Removed at the end of the session (pytest_unconfigure) when this file made it.
+_SESSION_CACHE = None if "GPT2_JAX_CACHE" in os.environ else tempfile.mkdtemp(prefix="gpt2_jax-test-cache-")
+if _SESSION_CACHE:
+    os.environ["GPT2_JAX_CACHE"] = _SESSION_CACHE
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

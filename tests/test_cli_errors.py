@@ -402,3 +402,37 @@ def test_unusable_compile_cache_is_a_bad_flag_or_a_warning(where, tmp_path, caps
     launch.check_compile_cache(TrainConfig(), env, notes)
     assert "JAX_ENABLE_COMPILATION_CACHE" not in env and len(notes) == 1
     assert list((tmp_path / "fine" / "jax-compile").iterdir()) == []  # made, and the probe is gone
+
+
+# ------------------------------------------------------------------------------------- housekeeping
+
+
+@pytest.mark.slow
+def test_a_pytest_session_leaves_no_cache_folder(tmp_path):
+    """The root conftest.py makes a session's cache folder (GPT2_JAX_CACHE) in the temp folder: and removes it."""
+    env = {k: v for k, v in os.environ.items() if k != "GPT2_JAX_CACHE"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cli_errors.py",
+                        "-k", "test_a_valid_head_count_for_the_platform_passes"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**env, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:]
+    assert not list(tmp_path.glob("gpt2_jax-test-cache-*"))
+
+
+def test_bucket_metrics_staging_is_reused_after_a_kill(gcs_dir, tmp_path, monkeypatch):
+    """A bucket run's local staging folder (metrics.jsonl, TensorBoard) used to be a new /tmp folder per start,
+    left behind by kill -9. Now one folder per bucket folder, under the cache: the next start empties and reuses
+    it, and a clean close removes it."""
+    from gpt2_jax.metrics import MetricsLogger, read_metrics
+
+    monkeypatch.setenv("GPT2_JAX_CACHE", str(tmp_path / "cache"))
+    killed = MetricsLogger(gcs_dir, tensorboard=False)
+    killed.log(1, loss=4.0)
+    killed.sync()
+    killed.log(2, loss=3.0)  # not uploaded: lost with the process, logged again by the resumed run
+    staging = killed._staging
+    assert staging.is_relative_to(tmp_path / "cache")  # (and kill -9: nothing closes it)
+    with MetricsLogger(gcs_dir, tensorboard=False) as resumed:
+        assert resumed._staging == staging
+        resumed.log(2, loss=3.5)
+    assert [r["loss"] for r in read_metrics(f"{gcs_dir}/metrics.jsonl")] == [4.0, 3.5]
+    assert not staging.exists() and list((tmp_path / "cache" / "metrics-staging").iterdir()) == []
