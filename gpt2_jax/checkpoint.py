@@ -284,12 +284,13 @@ def _restore_step(manager: ocp.CheckpointManager, step_dir: epath.Path, abstract
                   partial: bool) -> tuple[PyTree, dict[str, Any]]:
     """(state, meta) of one step, the same on every process (or an error on every process)."""
     step = int(step_dir.name)
-    state_args = {} if partial else {"state": ocp.args.StandardRestore(abstract_state)}
+    target, migrate = _old_layout(step_dir / "state", abstract_state)
+    state_args = {} if partial else {"state": ocp.args.StandardRestore(target)}
     args = ocp.args.Composite(**state_args, meta=ocp.args.JsonRestore())
     error = state = meta = None
     try:
         restored = manager.restore(step, args=args)
-        state = _read_part(step_dir / "state", abstract_state) if partial else restored["state"]
+        state = migrate(_read_part(step_dir / "state", target) if partial else restored["state"])
         meta = restored["meta"]
     except Exception as e:
         error = e
@@ -298,6 +299,48 @@ def _restore_step(manager: ocp.CheckpointManager, step_dir: epath.Path, abstract
     if not all_ok(error is None):
         raise error or RuntimeError(f"another process failed to restore step {step}")
     return state, broadcast_from_primary(meta)
+
+
+def _old_layout(state_dir: epath.Path, abstract_state: PyTree):
+    """(the restore target, a function that brings the restored tree to `abstract_state`) for checkpoints
+    written before c_attn's fused q/k/v axis was unfolded (commit cd3ca52): they hold its kernel as
+    (..., C, 3C) and its bias as (..., 3C) -- the optimizer's moments too -- where the model now has
+    (..., C, 3, n_head, head_dim) and (..., 3, n_head, head_dim). The same numbers in the same order, so
+    such leaves are read in their saved shape and reshaped (the migration is automatic; the next save
+    writes the new layout). Any other checkpoint: (abstract_state, identity)."""
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
+        saved = {name: tuple(m.shape) for name, m in ocp.tree.to_flat_dict(saved, sep=".").items()
+                 if getattr(m, "shape", None) is not None}
+        names = ocp.tree.get_param_names(abstract_state)
+    except Exception:  # unreadable metadata: restore as it is, and let that report the damage
+        return abstract_state, lambda state: state
+
+    def fused(name: str, leaf) -> tuple[int, ...] | None:
+        shape = tuple(leaf.shape)
+        old = shape[:-3] + (int(np.prod(shape[-3:])),) if len(shape) >= 3 else None
+        return old if "c_attn" in name and old is not None and saved.get(name) == old else None
+
+    olds = {name: old for name, leaf in zip(jax.tree.leaves(names), jax.tree.leaves(abstract_state))
+            if (old := fused(name, leaf)) is not None}
+    if not olds:
+        return abstract_state, lambda state: state
+    warnings.warn(f"{state_dir.parent} holds attention weights (c_attn) in the layout before (C, 3, n_head, "
+                  "head_dim): reshaped on restore; the next checkpoint is written in the new layout", stacklevel=3)
+
+    def as_saved(name, leaf):
+        if name not in olds:
+            return leaf
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):  # its spec has the new rank: replicate, then reshape
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(olds[name], leaf.dtype, sharding=sharding)
+
+    def migrate(state):
+        return jax.tree.map(lambda name, x, leaf: jax.device_put(x.reshape(leaf.shape), leaf.sharding)
+                            if name in olds else x, names, state, abstract_state)
+
+    return jax.tree.map(as_saved, names, abstract_state), migrate
 
 
 def _read_part(state_dir: epath.Path, abstract_part: PyTree) -> PyTree:

@@ -8,6 +8,7 @@ JAX starts), except where a subprocess is the point (marked slow). The models ar
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -436,3 +437,56 @@ def test_bucket_metrics_staging_is_reused_after_a_kill(gcs_dir, tmp_path, monkey
         resumed.log(2, loss=3.5)
     assert [r["loss"] for r in read_metrics(f"{gcs_dir}/metrics.jsonl")] == [4.0, 3.5]
     assert not staging.exists() and list((tmp_path / "cache" / "metrics-staging").iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- old checkpoints
+
+
+def _write_old_layout(run: Path) -> None:
+    """Rewrite every checkpoint of `run` as versions before commit cd3ca52 wrote it: c_attn's kernel
+    (..., C, 3C) and bias (..., 3C), in the params and in AdamW's moments, instead of (..., 3, n_head, head_dim)."""
+    import orbax.checkpoint as ocp
+
+    for step_dir in (run / "checkpoints").iterdir():
+        raw = ocp.PyTreeCheckpointer().restore(step_dir / "state")
+        flat = ocp.tree.to_flat_dict(raw, sep=".")
+        flat = {k: np.asarray(v).reshape(v.shape[:-3] + (-1,)) if "c_attn" in k else np.asarray(v)
+                for k, v in flat.items()}
+        assert sum("c_attn" in k for k in flat) == 6  # kernel and bias: params, mu, nu
+        shutil.rmtree(step_dir / "state")
+        ocp.PyTreeCheckpointer().save(step_dir / "state", ocp.tree.from_flat_dict(flat, sep="."))
+
+
+def _c_attn_shapes(step_dir: Path) -> set[tuple]:
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / "state").tree
+    return {tuple(m.shape) for k, m in ocp.tree.to_flat_dict(tree, sep=".").items() if "c_attn.kernel" in k}
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
+def test_a_run_saved_before_the_c_attn_layout_change_loads_and_resumes(tiny_run, data_dir, tmp_path, capsys):
+    """Runs saved before c_attn became (C, 3, n_head, head_dim) used to fail with a shape error. Restoring reads
+    the array metadata, finds the old shapes, reads them as saved and reshapes: export gives the same file as
+    from the same run in the new layout, and training resumes, writing the new layout."""
+    from gpt2_jax.training import run
+    from gpt2_jax.training.settings import TrainConfig
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    _write_old_layout(old)
+    assert _c_attn_shapes(old / "checkpoints" / "2") == {(1, 32, 96)}
+    with pytest.warns(UserWarning, match=r"c_attn\) in the layout before \(C, 3, n_head, head_dim\): reshaped"):
+        assert export.main([str(old), "--to", str(tmp_path / "hf-old")]) == 0
+    assert export.main([str(tiny_run), "--to", str(tmp_path / "hf-new")]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "hf-old" / "model.safetensors").read_bytes() == \
+        (tmp_path / "hf-new" / "model.safetensors").read_bytes()
+
+    with pytest.warns(UserWarning, match="reshaped on restore"):
+        summary = run(TrainConfig(preset="char", **TINY, micro_batch_size=8, max_steps=3, warmup_steps=1,
+                                  data=str(data_dir), out_dir=str(old), eval_every=0, sample_every=0,
+                                  checkpoint_every=1, tensorboard=False, dropout=0.0, dtype="float32",
+                                  attention="xla", mesh="data:1"))
+    assert summary["start_step"] == 2 and summary["step"] == 3
+    assert _c_attn_shapes(old / "checkpoints" / "3") == {(1, 32, 3, 2, 16)}
