@@ -490,3 +490,10 @@ def test_a_run_saved_before_the_c_attn_layout_change_loads_and_resumes(tiny_run,
                                   attention="xla", mesh="data:1"))
     assert summary["start_step"] == 2 and summary["step"] == 3
     assert _c_attn_shapes(old / "checkpoints" / "3") == {(1, 32, 3, 2, 16)}
+
+
+def test_tests_allow_slow_collectives():
+    """The root conftest raises XLA:CPU's 40 s rendezvous timeout for this session and its subprocesses (a
+    loaded machine is not a deadlock); XLA accepted the flag, or JAX would not have started."""
+    assert "--xla_cpu_collective_call_terminate_timeout_seconds=600" in os.environ["XLA_FLAGS"].split()
+    assert len(jax.devices()) == 8
