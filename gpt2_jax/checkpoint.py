@@ -129,7 +129,6 @@ class Checkpointer:
         self.read_only = read_only
         options = _manager_options(self._name_format, max_to_keep, async_save, read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
-        self._saving: int | None = None  # the step of an async save in flight
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / self._name_format.build_name(step)
@@ -147,8 +146,7 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """Newest complete checkpoint, or None (it may still be damaged: `restore` checks)."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return (self.all_steps() or [None])[-1]
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         """Saves a tree of jax.Arrays (any sharding) and a JSON-serialisable dict, atomically.
@@ -165,10 +163,6 @@ class Checkpointer:
         # orbax waits for the previous async save at the start of `save` anyway; waiting first makes
         # the listing below see it.
         self.wait()
-        with self._disk_full(step):
-            self._save(step, state, meta)
-
-    def _save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         # Checkpoints at or after `step` belong to a run we have rewound from, e.g. because `restore`
         # skipped a damaged newest step. Orbax would silently skip this save (step <= latest) and later
         # fail with "step already exists", so remove them (through orbax: the primary process deletes).
@@ -181,38 +175,13 @@ class Checkpointer:
                 self._manager.delete(s)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         # force: skip orbax's should_save (intervals, "step <= latest"); the caller decides when to save.
-        self._saving = step
-        self._manager.save(step, args=args, force=True)
+        with _disk_full(self, step):
+            self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
-        """Blocks until async saves (and the deletions that follow them) are finished. A save that failed
-        raises here; a full disk as a DiskFullError."""
-        with self._disk_full(self._saving):
+        """Blocks until async saves (and the deletions that follow them) are finished; raises a failed one's error."""
+        with _disk_full(self, self._manager.latest_step()):  # (orbax's counts the save in flight)
             self._manager.wait_until_finished()
-        self._saving = None
-
-    @contextlib.contextmanager
-    def _disk_full(self, step: int | None):
-        """Turn ENOSPC from orbax (now, or from an async save of `step`) into one DiskFullError that names the
-        folder, the free space and what to do; the save's partial folder is removed (it only takes space)."""
-        try:
-            yield
-        except Exception as e:
-            if not _is_disk_full(e):
-                raise
-            self._saving = None
-            local = "://" not in str(self.directory)
-            for tmp in self.directory.glob("*.orbax-checkpoint-tmp") if local and is_primary() else ():
-                shutil.rmtree(tmp, ignore_errors=True)
-            free = f"{shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free" if local else "no space"
-            steps = self._list_steps()
-            full = DiskFullError(f"the disk is full: checkpoint{'' if step is None else f' {step}'} could not be "
-                                 f"written to {self.directory} ({free}). The checkpoints already there are intact "
-                                 f"(newest: step {steps[-1] if steps else 'none'}); free some space, or lower "
-                                 "--keep_checkpoints, or pass an --out_dir on a bigger disk, then run the same "
-                                 "command to resume")
-            full.errno = errno.ENOSPC
-            raise full from None
 
     def restore(
         self, abstract_state: PyTree, step: int | None = None, *, partial: bool = False
@@ -270,14 +239,36 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves, then releases orbax's threads."""
-        with self._disk_full(self._saving):
-            self._manager.close()
+        self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _disk_full(ckpt: Checkpointer, step: int | None):
+    """Turn ENOSPC from orbax (now, or from an async save of `step`) into one DiskFullError that names the
+    folder, the free space and what to do; the save's partial folder is removed (it only takes space)."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        local = "://" not in str(ckpt.directory)
+        for tmp in ckpt.directory.glob("*.orbax-checkpoint-tmp") if local and is_primary() else ():
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = f"{shutil.disk_usage(ckpt.directory).free / 2**20:,.1f} MiB free" if local else "no space"
+        steps = ckpt._list_steps()
+        full = DiskFullError(f"the disk is full: checkpoint{'' if step is None else f' {step}'} could not be "
+                             f"written to {ckpt.directory} ({free}). The checkpoints already there are intact "
+                             f"(newest: step {steps[-1] if steps else 'none'}); free some space, or lower "
+                             "--keep_checkpoints, or pass an --out_dir on a bigger disk, then run the same "
+                             "command to resume")
+        full.errno = errno.ENOSPC
+        raise full from None
 
 
 def _restore_step(manager: ocp.CheckpointManager, step_dir: epath.Path, abstract_state: PyTree,
