@@ -7,6 +7,7 @@ HF checkpoint.
 Kept import-light: torch is imported only inside the fixtures that need it."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,13 +24,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 # backends first, and libtpu would ask the cloud metadata server where it runs.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+# XLA:CPU aborts a program whose devices do not all reach a collective within 40 s ("Termination timeout for
+# all-reduce ... Expected 8 threads to join the rendezvous, but only 7 of them arrived"): on a loaded 2-core
+# machine the 8 fake devices' threads can fall that far apart without anything being wrong. Tests (and their
+# train.py subprocesses, which inherit it) allow 10 minutes; a real deadlock still ends in the test's timeout.
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COLLECTIVE_TIMEOUT_FLAG}".strip()
 # Caches (JAX's compilation cache of train.py, char data of bucket runs) in a folder of this session, not the
 # user's ~/.cache; shared by the session's train.py subprocesses, which then compile each program once.
-os.environ.setdefault("GPT2_JAX_CACHE", tempfile.mkdtemp(prefix="gpt2_jax-test-cache-"))
+# Removed at the end of the session (pytest_unconfigure) when this file made it.
+_SESSION_CACHE = None if "GPT2_JAX_CACHE" in os.environ else tempfile.mkdtemp(prefix="gpt2_jax-test-cache-")
+if _SESSION_CACHE:
+    os.environ["GPT2_JAX_CACHE"] = _SESSION_CACHE
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

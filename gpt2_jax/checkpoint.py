@@ -31,8 +31,12 @@ What makes it safe (checked against orbax-checkpoint 0.12.8's source and by test
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import shutil
 import warnings
 from typing import Any
 
@@ -41,9 +45,37 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gpt2_jax.distributed import all_ok, broadcast_from_primary
+from gpt2_jax.distributed import all_ok, broadcast_from_primary, is_primary
 
 PyTree = Any
+DISK_FULL = ("No space left on device", "os_error_code='28'")  # ENOSPC as tensorstore words it
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written: the disk is full (ENOSPC). Its message is the whole story."""
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is ENOSPC (orbax wraps tensorstore's in ValueErrors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(m in str(error) for m in DISK_FULL):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _NoDiskFullTracebacks(logging.Filter):
+    """orbax logs a full disk from each of its save threads, traceback included (~50 of them); the
+    Checkpointer reports it once, as a DiskFullError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_is_disk_full(record.exc_info[1] if record.exc_info else None)
+                    or any(m in record.getMessage() for m in DISK_FULL))
+
+
+logging.getLogger("absl").addFilter(_NoDiskFullTracebacks())
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -114,8 +146,7 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """Newest complete checkpoint, or None (it may still be damaged: `restore` checks)."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return (self.all_steps() or [None])[-1]
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
         """Saves a tree of jax.Arrays (any sharding) and a JSON-serialisable dict, atomically.
@@ -144,11 +175,13 @@ class Checkpointer:
                 self._manager.delete(s)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         # force: skip orbax's should_save (intervals, "step <= latest"); the caller decides when to save.
-        self._manager.save(step, args=args, force=True)
+        with _disk_full(self, step):
+            self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
-        """Blocks until async saves (and the deletions that follow them) are finished."""
-        self._manager.wait_until_finished()
+        """Blocks until async saves (and the deletions that follow them) are finished; raises a failed one's error."""
+        with _disk_full(self, self._manager.latest_step()):  # (orbax's counts the save in flight)
+            self._manager.wait_until_finished()
 
     def restore(
         self, abstract_state: PyTree, step: int | None = None, *, partial: bool = False
@@ -215,16 +248,40 @@ class Checkpointer:
         self.close()
 
 
+@contextlib.contextmanager
+def _disk_full(ckpt: Checkpointer, step: int | None):
+    """Turn ENOSPC from orbax (now, or from an async save of `step`) into one DiskFullError that names the
+    folder, the free space and what to do; the save's partial folder is removed (it only takes space)."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        local = "://" not in str(ckpt.directory)
+        for tmp in ckpt.directory.glob("*.orbax-checkpoint-tmp") if local and is_primary() else ():
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = f"{shutil.disk_usage(ckpt.directory).free / 2**20:,.1f} MiB free" if local else "no space"
+        steps = ckpt._list_steps()
+        full = DiskFullError(f"the disk is full: checkpoint{'' if step is None else f' {step}'} could not be "
+                             f"written to {ckpt.directory} ({free}). The checkpoints already there are intact "
+                             f"(newest: step {steps[-1] if steps else 'none'}); free some space, or lower "
+                             "--keep_checkpoints, or pass an --out_dir on a bigger disk, then run the same "
+                             "command to resume")
+        full.errno = errno.ENOSPC
+        raise full from None
+
+
 def _restore_step(manager: ocp.CheckpointManager, step_dir: epath.Path, abstract_state: PyTree,
                   partial: bool) -> tuple[PyTree, dict[str, Any]]:
     """(state, meta) of one step, the same on every process (or an error on every process)."""
     step = int(step_dir.name)
-    state_args = {} if partial else {"state": ocp.args.StandardRestore(abstract_state)}
+    target, migrate = _old_layout(step_dir / "state", abstract_state)
+    state_args = {} if partial else {"state": ocp.args.StandardRestore(target)}
     args = ocp.args.Composite(**state_args, meta=ocp.args.JsonRestore())
     error = state = meta = None
     try:
         restored = manager.restore(step, args=args)
-        state = _read_part(step_dir / "state", abstract_state) if partial else restored["state"]
+        state = migrate(_read_part(step_dir / "state", target) if partial else restored["state"])
         meta = restored["meta"]
     except Exception as e:
         error = e
@@ -233,6 +290,48 @@ def _restore_step(manager: ocp.CheckpointManager, step_dir: epath.Path, abstract
     if not all_ok(error is None):
         raise error or RuntimeError(f"another process failed to restore step {step}")
     return state, broadcast_from_primary(meta)
+
+
+def _old_layout(state_dir: epath.Path, abstract_state: PyTree):
+    """(the restore target, a function that brings the restored tree to `abstract_state`) for checkpoints
+    written before c_attn's fused q/k/v axis was unfolded (commit cd3ca52): they hold its kernel as
+    (..., C, 3C) and its bias as (..., 3C) -- the optimizer's moments too -- where the model now has
+    (..., C, 3, n_head, head_dim) and (..., 3, n_head, head_dim). The same numbers in the same order, so
+    such leaves are read in their saved shape and reshaped (the migration is automatic; the next save
+    writes the new layout). Any other checkpoint: (abstract_state, identity)."""
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
+        saved = {name: tuple(m.shape) for name, m in ocp.tree.to_flat_dict(saved, sep=".").items()
+                 if getattr(m, "shape", None) is not None}
+        names = ocp.tree.get_param_names(abstract_state)
+    except Exception:  # unreadable metadata: restore as it is, and let that report the damage
+        return abstract_state, lambda state: state
+
+    def fused(name: str, leaf) -> tuple[int, ...] | None:
+        shape = tuple(leaf.shape)
+        old = shape[:-3] + (int(np.prod(shape[-3:])),) if len(shape) >= 3 else None
+        return old if "c_attn" in name and old is not None and saved.get(name) == old else None
+
+    olds = {name: old for name, leaf in zip(jax.tree.leaves(names), jax.tree.leaves(abstract_state))
+            if (old := fused(name, leaf)) is not None}
+    if not olds:
+        return abstract_state, lambda state: state
+    warnings.warn(f"{state_dir.parent} holds attention weights (c_attn) in the layout before (C, 3, n_head, "
+                  "head_dim): reshaped on restore; the next checkpoint is written in the new layout", stacklevel=3)
+
+    def as_saved(name, leaf):
+        if name not in olds:
+            return leaf
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):  # its spec has the new rank: replicate, then reshape
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.ShapeDtypeStruct(olds[name], leaf.dtype, sharding=sharding)
+
+    def migrate(state):
+        return jax.tree.map(lambda name, x, leaf: jax.device_put(x.reshape(leaf.shape), leaf.sharding)
+                            if name in olds else x, names, state, abstract_state)
+
+    return jax.tree.map(as_saved, names, abstract_state), migrate
 
 
 def _read_part(state_dir: epath.Path, abstract_part: PyTree) -> PyTree:

@@ -6,8 +6,10 @@ This module imports nothing heavy, so `reference_torch` and train.py's flag pars
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 from typing import Any
 
 GPT2_VOCAB_SIZE = 50257  # BPE merges + 256 bytes + <|endoftext|>
@@ -19,6 +21,18 @@ ATTENTION = ("xla", "cudnn", "blocked", "einsum")  # attention.py's implementati
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
 REMAT = ("none", "full", "dots")  # activation checkpointing policies
 PLATFORMS = ("cpu", "gpu", "tpu")  # train.py --platform (launch.py maps them to JAX_PLATFORMS names)
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag of the CLIs: a number, never NaN or +-inf (float() takes "nan",
+    and NaN passes every range check: a NaN temperature would sample token 0 forever)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

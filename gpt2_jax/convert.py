@@ -179,19 +179,36 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
                                 f"Face Hub ({type(e).__name__}: {e}); pass a local checkpoint folder") from e
 
 
+def _damaged(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"{path} is damaged or not a weights file ({type(e).__name__}: {e}); download or "
+                      "export the checkpoint again")
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    try:
+        return load_file(path)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError: truncated, or not a safetensors file at all
+        raise _damaged(path, e) from e
+
+
 def read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of an HF checkpoint folder as float32 numpy: safetensors (numpy only) or torch .bin."""
+    """All tensors of an HF checkpoint folder as float32 numpy: safetensors (numpy only) or torch .bin.
+    A damaged file is a ValueError naming it."""
     if (folder / "model.safetensors").exists():
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
-        return load_file(folder / "model.safetensors")
+        return _load_safetensors(folder / "model.safetensors")
     if (folder / "model.safetensors.index.json").exists():
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        index_file = folder / "model.safetensors.index.json"
+        try:
+            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise _damaged(index_file, e) from e
         tensors = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            tensors.update(load_file(folder / shard))
+        for shard in shards:
+            tensors.update(_load_safetensors(folder / shard))
         return tensors
     if (folder / "pytorch_model.bin").exists():
         try:
@@ -199,7 +216,12 @@ def read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
         except ImportError as e:
             raise ImportError(f"{folder}/pytorch_model.bin needs torch to read: pip install torch, "
                               "or convert the checkpoint to safetensors") from e
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as e:  # pickle's UnpicklingError, torch's RuntimeError: truncated or not a checkpoint
+            raise _damaged(folder / "pytorch_model.bin", e) from e
         return {k: v.float().numpy() for k, v in state.items()}
     raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_FILES}")
 
@@ -238,6 +260,9 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, *, vocab_size: int | None 
     # Write to temporary names, then rename: a crash never leaves a half-written file under the real name.
     tmp = out / ".model.safetensors.tmp"
     save_file(tensors, tmp, metadata={"format": "pt"})
+    umask = os.umask(0o022)  # safetensors creates 0600 files; give it the mode any other file gets here
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, out / "model.safetensors")
     tmp = out / ".config.json.tmp"
     tmp.write_text(json.dumps(config_to_hf(model.config, vocab_size), indent=2) + "\n")

@@ -37,7 +37,7 @@ from gpt2_jax.loss import token_losses
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
 from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
-from gpt2_jax.storage import is_remote, run_path
+from gpt2_jax.storage import is_remote, results_file
 from gpt2_jax.tokenizer import Tokenizer
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -168,14 +168,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ls.add_argument("--max_batches", type=int, default=0, help="score only the first N batches (default: all)")
     hellaswag.add_arguments(hs)
     args = parser.parse_args(argv)
-
+    try:
+        out = results_file(args.out, "--out") if args.out else None  # before the evaluation, not after it
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         result = (_loss_command if args.command == "loss" else hellaswag.command)(args)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # OSError: FileNotFoundError, NotADirectoryError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.out:
-        run_path(args.out).write_text(json.dumps(result, indent=1) + "\n")  # local or gs://
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1) + "\n")  # local or gs://
         print(f"wrote {args.out}")
     return 0
 

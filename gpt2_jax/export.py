@@ -16,6 +16,7 @@ character `chars[i]` of gpt2_jax_tokenizer.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -24,8 +25,25 @@ from pathlib import Path
 from etils import epath
 
 from gpt2_jax.convert import export_hf, export_vocab_size
-from gpt2_jax.runs import CHECKPOINTS, TOKENIZER_FILE, load_run, write_tokenizer
+from gpt2_jax.runs import CHECKPOINTS, CONFIG_FILE, TOKENIZER_FILE, load_run, write_tokenizer
 from gpt2_jax.storage import is_remote, run_path
+
+def _foreign_contents(to: epath.Path) -> str | None:
+    """What in folder `to` an export must not overwrite (None: nothing): another run, or a config.json that
+    is not an HF model's (a training run's config.json holds {"train", "model"}, an HF one a model_type)."""
+    if (to / CHECKPOINTS).exists():
+        return f"another training run ({CHECKPOINTS}/)"
+    config = to / CONFIG_FILE
+    if not config.exists():
+        return None
+    try:
+        hf = json.loads(config.read_text())
+    except (OSError, ValueError):
+        hf = None
+    if not isinstance(hf, dict) or "model_type" not in hf:
+        return f"a {CONFIG_FILE} that is not a Hugging Face model's (a training run's settings?)"
+    return None
+
 
 def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, dict]:
     """Write the checkpoint of training run `out_dir` (newest, or `step`) as an HF folder `to`. Either may
@@ -40,6 +58,9 @@ def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | No
                          "pick another folder")
     if to.exists() and not to.is_dir():
         raise NotADirectoryError(f"--to {to} is a file; pass a folder (it is created if missing)")
+    if what := _foreign_contents(to):
+        raise ValueError(f"--to {to} holds {what}: exporting there would overwrite its config.json; pass a new "
+                         "folder, or one an earlier export wrote")
     model, tokenizer, meta = load_run(run, step)
     cfg = model.config
     vocab = export_vocab_size(cfg)

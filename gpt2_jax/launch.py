@@ -10,25 +10,59 @@ warnings about hardware that is not there (a newcomer reads that as a broken ins
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import sys
+import tempfile
 
 from gpt2_jax.config import GPU_XLA_FLAGS
 from gpt2_jax.training.settings import TrainConfig
 
 JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform (config.PLATFORMS) -> JAX_PLATFORMS
 INSTALL_HINT = {"gpu": 'pip install "gpt2-jax[gpu]"  (JAX with CUDA)', "tpu": 'pip install "gpt2-jax[tpu]"'}
-# Device files of the accelerators JAX can use: NVIDIA GPUs; TPU chips (v2-v4 and v5p: /dev/accel*; v5e and
-# v6e: VFIO groups).
-ACCELERATOR_DEVICES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+# Device files of the accelerators JAX can use, by --platform: NVIDIA GPUs; TPU chips (v2-v4 and v5p:
+# /dev/accel*; v5e and v6e: VFIO groups).
+DEVICE_FILES = {"gpu": ("/dev/nvidia[0-9]*",), "tpu": ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")}
+ACCELERATOR_DEVICES = DEVICE_FILES["gpu"] + DEVICE_FILES["tpu"]
+# The modules that give JAX a backend, by --platform: the CUDA plugin (12 or 13, as a jax_plugins entry or the
+# older top-level package); libtpu.
+PLUGINS = {"gpu": ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12", "jax_cuda13_plugin", "jax_cuda12_plugin"),
+           "tpu": ("libtpu",)}
 # Programs that compile faster than this are not written to the compile cache. JAX's default (1 s) leaves out
 # most of the CPU default run's programs (eval, sampling, the data pipeline's small jits: 0.1-0.9 s each).
 CACHE_MIN_COMPILE_SECS = "0.1"
 
 
-def has_accelerator() -> bool:
-    """Whether this machine shows a GPU or TPU device file (a cheap look: no plugin is loaded)."""
-    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
+def has_accelerator(platform: str | None = None) -> bool:
+    """Whether this machine shows a GPU or TPU device file (`platform`: of that kind only; a cheap look: no
+    plugin is loaded)."""
+    return any(glob.glob(pattern) for pattern in DEVICE_FILES.get(platform, ACCELERATOR_DEVICES))
+
+
+def has_plugin(platform: str) -> bool:
+    """Whether JAX's backend for --platform=`platform` is installed (found, not imported)."""
+    for name in PLUGINS.get(platform, ()):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except (ImportError, ValueError):  # a parent package that is missing or broken
+            continue
+    return False
+
+
+def missing_backend(platform: str) -> str | None:
+    """Why --platform=`platform` cannot run here, in one line with what to do, before JAX starts (None: it may).
+    No device file: no plugin is loaded to look (libtpu would ask the cloud metadata server, then fail on
+    `coordinator_address`), and the message does not ask to install what is installed."""
+    if platform not in DEVICE_FILES or has_accelerator(platform):
+        return None
+    name, files = platform.upper(), " or ".join(DEVICE_FILES[platform])
+    if has_plugin(platform):
+        return (f"--platform={platform}: no {name} is visible on this machine (no {files}), although JAX's "
+                f"{name} support is installed; run on a machine with a {name} attached, or leave out --platform "
+                "to train on the CPU")
+    return (f"--platform={platform}: no {name} is visible on this machine (no {files}), and JAX's {name} support "
+            f"is not installed; on a {name} machine: {INSTALL_HINT[platform]}")
 
 
 def cpu_if_no_accelerator(env) -> None:
@@ -77,15 +111,55 @@ def jax_environment(config: TrainConfig, env) -> tuple[dict, list[str]]:
     return env, notes
 
 
+def check_compile_cache(config: TrainConfig, env: dict, notes: list[str]) -> None:
+    """JAX turns its cache off without a word where the folder cannot be written. --compile_cache=DIR: a
+    ValueError (a bad flag); the default folder or the user's variable: the cache off, and a warning in place
+    of jax_environment's note."""
+    folder = env.get("JAX_COMPILATION_CACHE_DIR")
+    enabled = env.get("JAX_ENABLE_COMPILATION_CACHE", "true").lower() not in ("0", "false")
+    if not (enabled and folder) or not (problem := unusable_folder(folder)):
+        return
+    if config.compile_cache:
+        raise ValueError(f"--compile_cache={folder} {problem}; pass a folder you may write to, or --compile_cache=off")
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+    notes[:] = [n for n in notes if not n.startswith("compile cache:")] + [
+        f"warning: compile cache: off: {folder} {problem}, so every program is compiled anew; pass "
+        "--compile_cache=DIR with a folder you may write to"]
+
+
+def unusable_folder(folder: str) -> str | None:
+    """Why a local cache folder cannot be used (made if missing, then written), as the end of a sentence; None
+    if it can. A remote one (gs://, which JAX's cache also takes) is not checked here."""
+    if "://" in folder:
+        return None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".gpt2_jax-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        return "is a file, not a folder"
+    except OSError as e:
+        return f"cannot be written ({e.strerror or e})"
+    return None
+
+
 def start_jax(config: TrainConfig) -> None:
     """Set JAX's environment (jax_environment), pin JAX to one backend and join the other processes, before any
     backend initialises; exit with what to install if the backend is missing."""
+    if problem := missing_backend(config.platform):
+        sys.exit(problem)
     env, notes = jax_environment(config, os.environ)
+    try:
+        check_compile_cache(config, env, notes)
+    except ValueError as e:  # a bad --compile_cache: a bad flag
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if not config.platform:
         cpu_if_no_accelerator(env)
     os.environ.update(env)
     for note in notes:
-        print(note, flush=True)
+        print(note, file=sys.stderr if note.startswith("warning:") else sys.stdout, flush=True)
     import jax  # noqa: PLC0415
 
     init_distributed(config)
@@ -94,9 +168,9 @@ def start_jax(config: TrainConfig) -> None:
     except Exception as e:  # RuntimeError, or an AssertionError from some JAX versions
         if not config.platform:
             raise
-        hint = INSTALL_HINT.get(config.platform)
-        sys.exit(f"--platform={config.platform}: this JAX has no {JAX_PLATFORMS[config.platform]} backend "
-                 f"({type(e).__name__}: {e}).\n" + (f"Install it: {hint}" if hint else ""))
+        hint = "" if has_plugin(config.platform) else f"; install it: {INSTALL_HINT.get(config.platform)}"
+        sys.exit(f"--platform={config.platform}: JAX found no {JAX_PLATFORMS[config.platform]} device "
+                 f"({type(e).__name__}: {str(e)[:300]}){hint}")
 
 
 def init_distributed(tc: TrainConfig) -> None:

@@ -26,13 +26,12 @@ import math
 import numbers
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from gpt2_jax.config import GPTConfig
-from gpt2_jax.storage import is_remote, run_path
+from gpt2_jax.storage import is_remote, local_folder_for, run_path
 
 FLOPS_CONVENTION = "6N + 12*L*H*Q*T (PaLM/nanoGPT), N excludes wpe"
 
@@ -146,7 +145,9 @@ class MetricsLogger:
     parseable.
 
     Bucket out_dir (gs://): metrics.jsonl is downloaded into a local staging folder (a resumed run appends to
-    it), TensorBoard writes there too, and `sync()` / `close()` copy both to the bucket, whole files.
+    it), TensorBoard writes there too, and `sync()` / `close()` copy both to the bucket, whole files. The
+    folder is the bucket folder's own (storage.local_folder_for), emptied at each start: one killed with -9
+    is reused by the next run, not left behind.
     """
 
     def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, is_primary: bool = True):
@@ -159,7 +160,11 @@ class MetricsLogger:
         if not is_primary:
             return
         if is_remote(self.out_dir):
-            self._staging = Path(tempfile.mkdtemp(prefix="gpt2_jax-metrics-"))
+            # One staging folder per bucket folder, emptied at each start: what a run killed with -9 left there
+            # is reused, not piled up (its rows after the last upload are logged again by the resumed run).
+            self._staging = local_folder_for(self.out_dir, "metrics-staging")
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging.mkdir(parents=True)
             local, tb_dir = self._staging / "metrics.jsonl", self._staging / "tb"
             if self.path.exists():
                 local.write_bytes(self.path.read_bytes())

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from gpt2_jax.config import GPT2_VOCAB_SIZE
 from gpt2_jax.metrics import read_metrics
 from gpt2_jax.runs import CONFIG_FILE, METRICS_FILE, PLOT_FILE
-from gpt2_jax.storage import is_remote, run_path
+from gpt2_jax.storage import is_remote, results_file, run_path
 
 # OpenAI's GPT-2 124M, evaluated as in the lecture: loss on the FineWeb-Edu validation split (10M tokens)
 # and HellaSwag acc_norm on the 10,042 validation examples.
@@ -162,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="PNG to write (default: OUT_DIR/loss.png)")
     args = parser.parse_args(argv)
     try:
-        path = plot_run(args.out_dir, args.out)
-    except FileNotFoundError as e:
+        out = results_file(args.out, "--out") if args.out else None
+    except (OSError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        path = plot_run(args.out_dir, out)
+    except (OSError, ValueError) as e:  # no metrics file, an unreadable one
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

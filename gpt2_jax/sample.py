@@ -32,6 +32,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from gpt2_jax.config import finite_float
+
 
 def start_ids(tokenizer) -> list[int]:
     """What an empty prompt starts from: <|endoftext|>, else a newline, else the first character."""
@@ -69,10 +71,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=64,
                         help="tokens to sample; may exceed the model's context, whose window then slides "
                         "(default: 64)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default: 1)")
+    parser.add_argument("--temperature", type=finite_float, default=1.0, help="softmax temperature; 0 = greedy (default: 1)")
     parser.add_argument("--top_k", type=_top_k, default=50,
                         help="keep the k most likely tokens; 'none': all (default: 50)")
-    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the top tokens whose "
+    parser.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling: keep the top tokens whose "
                         "probability mass reaches p, in (0, 1] (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

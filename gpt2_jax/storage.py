@@ -121,6 +121,28 @@ def check_writable(folder: epath.Path, flag: str, timeout: float | None = None) 
                       "name, and that the credentials may write there") from e
 
 
+def results_file(text: str | os.PathLike, flag: str) -> epath.Path:
+    """The file a CLI will write its results to (`flag`, e.g. --out), checked before any work, so that an
+    evaluation never runs to its end and then loses the results: not a folder, its folder made if missing,
+    and writable (a probe file is written and removed; a bucket: `check_writable`). Raises OSError naming
+    the flag and what to do."""
+    path = run_path(text)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; pass a file name in it, e.g. {path / 'results.json'}")
+    if is_remote(path):
+        check_writable(path.parent, flag)
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".gpt2_jax-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise type(e)(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); pass a path in a "
+                      "folder you may write to") from None
+    return path
+
+
 class _LastError(logging.Handler):
     """Keeps the message of the last exception gcsfs logged (it logs each retry at DEBUG)."""
 

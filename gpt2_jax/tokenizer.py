@@ -61,6 +61,8 @@ class Tokenizer:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Tokenizer:
+        if not isinstance(meta, dict) or not isinstance(meta.get("chars") or "", str):
+            raise ValueError(f"not a tokenizer record (tokenizer, vocab_size, chars): {str(meta)[:80]}")
         if meta.get("tokenizer") == "gpt2":
             return cls.gpt2()
         if meta.get("tokenizer") == "char":
@@ -110,6 +112,24 @@ def read_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is missing, so {data_dir} holds no finished dataset "
                                 f"(meta.json is written last); {HOW_TO_PREPARE}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); {HOW_TO_PREPARE}") from e
+    if problem := _meta_problem(meta):
+        raise ValueError(f"{path} is not a dataset's meta.json: {problem}; {HOW_TO_PREPARE}")
+    return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What is wrong with the shape of a parsed meta.json (None: nothing): the fields readers index."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    if not isinstance(meta.get("tokenizer"), str):
+        return f"tokenizer is {meta.get('tokenizer')!r}, not a name ('gpt2' or 'char')"
+    vocab, shards = meta.get("vocab_size"), meta.get("shards")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        return f"vocab_size is {vocab!r}, not a positive integer"
+    if not isinstance(shards, dict) or not all(
+            isinstance(n, str) and os.path.basename(n) == n and isinstance(k, int) and k >= 0 for n, k in shards.items()):
+        return "shards is not an object of {shard file name: token count}"
+    return None

@@ -21,6 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2"]
 
 
+@pytest.fixture(autouse=True)
+def _no_test_xla_flags(monkeypatch):
+    """The planner's children compile with XLA_FLAGS as a user's shell has it: without the test session's
+    collective timeout (root conftest.py), so GPU targets get the recommended flags (config.GPU_XLA_FLAGS)."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+
+
 def needs(target: str):
     why = plan.missing_extra(plan.parse_target(target))
     return pytest.mark.skipif(bool(why), reason=f"{why} (the plan extra is not installed)")

@@ -143,7 +143,7 @@ class TrainConfig:
     keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep", low=1)
     log_every: int = _flag(1, "console and metrics.jsonl line every N steps", low=1)
     tensorboard: bool = _flag(True, "also write TensorBoard event files to out_dir/tb")
-    seed: int = _flag(1337, "seed for init, dropout and sampling")
+    seed: int = _flag(1337, "seed for init, dropout and sampling", low=0, high=2**63 - 1)
     on_nan: str = _flag("stop", "non-finite loss or grad norm: stop (keep the last good checkpoint) | skip the update",
                         choices=("stop", "skip"))
     max_skips: int = _flag(10, "--on_nan=skip stops the run as --on_nan=stop does after more than this many "
@@ -168,8 +168,29 @@ class TrainConfig:
         if 0 < self.num_processes <= self.process_id:
             problems.append(f"--process_id={self.process_id} must be < --num_processes={self.num_processes} "
                             "(processes count from 0)")
+        problems += _width_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
+
+
+def _width_problems(tc: TrainConfig) -> list[str]:
+    """--n_head must divide the width (GPTConfig's rule), checked here, before JAX starts, against the width
+    the run will have: --n_embd, else the preset's on each backend the run may land on (--platform, or all:
+    the char preset is narrower on a CPU)."""
+    sizes = (tc.n_head, tc.n_embd)
+    if tc.preset not in PRESETS or not any(sizes) or not all(isinstance(n, int) and n >= 0 for n in sizes):
+        return []  # nothing set, or already rejected above
+    base, found = PRESETS[tc.preset], {}
+    for backend in (tc.platform,) if tc.platform in PLATFORMS else PLATFORMS:
+        row = recipe(tc.preset, backend)
+        width, heads = tc.n_embd or row.get("n_embd", base.n_embd), tc.n_head or row.get("n_head", base.n_head)
+        if width % heads:
+            found.setdefault((width, heads), []).append(backend)
+    set_heads, set_width = "--" * bool(tc.n_head), "--" * bool(tc.n_embd)  # a flag the user set, or the preset's
+    return [f"{set_heads}n_head={heads} does not divide {set_width}n_embd={width}"
+            + ("" if tc.n_head and tc.n_embd else f" (the {tc.preset} preset's on {'/'.join(where)})")
+            + "; set --n_head and --n_embd so that n_embd is a multiple of n_head"
+            for (width, heads), where in found.items()]
 
 
 def resolve(tc: TrainConfig, backend: str, num_devices: int) -> TrainConfig:
