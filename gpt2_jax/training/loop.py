@@ -41,6 +41,9 @@ def train(t: Trainer) -> dict:
     stop = StopSignal()
     summary = {"out_dir": str(t.out_dir), "start_step": t.start_step, "loss": None, "val_loss": None}
     step, rng = t.start_step, jax.random.key(tc.seed)
+    if step >= tc.max_steps:
+        log(f"nothing to train: the run in {t.out_dir} is at step {step} and --max_steps={tc.max_steps}; raise "
+            "--max_steps to train it further")
     batch = next_batch(t) if step < tc.max_steps else None
     pending = None  # (step, its metrics, still on the device)
     try:
@@ -76,9 +79,10 @@ def train(t: Trainer) -> dict:
             t.ckpt.close()
             t.logger.close()
         finally:
+            t.lock.release()
             stop.restore()  # last: a second signal during the final save still exits at once
     summary.update(step=step, skipped_steps=t.nan.skipped, params=nnx.state(t.model, nnx.Param))
-    if is_primary() and not summary.get("interrupted"):
+    if is_primary() and not summary.get("interrupted") and step > t.start_step:
         try:
             log(f"plot: {plot_run(t.out_dir)}")
         except Exception as e:  # a plot must never fail a finished run
@@ -165,7 +169,7 @@ def hellaswag_eval(t: Trainer, step: int) -> dict:
 def sample(t: Trainer, step: int) -> dict:
     tc = t.tc
     prompts = np.tile(t.sample_ids, (tc.num_samples, 1))
-    out = generate(t.model, prompts, min(tc.sample_tokens, t.cfg.block_size - 1), temperature=1.0, top_k=50,
+    out = generate(t.model, prompts, min(tc.sample_tokens, t.cfg.block_size - len(t.sample_ids)), temperature=1.0, top_k=50,
                    vocab_limit=t.tokenizer.vocab_size, seed=tc.seed + step)
     for i, row in enumerate(out):
         log(f"sample {i}: {t.tokenizer.decode(row.tolist())!r}")
@@ -173,7 +177,9 @@ def sample(t: Trainer, step: int) -> dict:
 
 
 def save(t: Trainer, step: int) -> dict:
-    """A checkpoint of the state and everything an exact resume needs (async: the loop goes on)."""
+    """A checkpoint of the state and everything an exact resume needs (async: the loop goes on), while out_dir
+    is still this run's."""
+    t.lock.check()
     meta = runs.CheckpointMeta(step=step, model_config=t.cfg.to_dict(), train_config=dataclasses.asdict(t.tc),
                                tokenizer=t.tokenizer.to_meta(), loader=t.loader_position, data=t.fingerprint,
                                skipped_steps=t.nan.skipped, consecutive_skips=t.nan.in_a_row)
