@@ -6,8 +6,10 @@ Subprocess tests (marked slow) run train.py as a user does and check its exit st
 call `gpt2_jax.training.run` in this process (8 fake CPU devices, root conftest.py) on a 1-layer char model.
 """
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,13 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
-from test_reliability import TrainProcess, complete_steps, flags
+from test_reliability import TrainProcess, complete_steps, flags, timeline
 
 from gpt2_jax import data as data_lib
 from gpt2_jax import runlock, storage
 from gpt2_jax.training import run
-from gpt2_jax.training.settings import TrainConfig, resolve
+from gpt2_jax.training.settings import TrainConfig, parse_flags, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -133,7 +137,7 @@ def test_bucket_lock_one_holder_takeover_when_expired_or_dead_and_lost_lease(gcs
         lock = runlock.acquire(folder)
         log = capsys.readouterr().out
         assert f"taking over the lock of host {holder['host']}, pid {holder['pid']}" in log
-        assert __import__("re").search(why, log), log
+        assert re.search(why, log), log
         assert json.loads((folder / runlock.LOCK_FILE).read_text())["pid"] == os.getpid()
         lock.release()
 
@@ -205,7 +209,63 @@ def test_a_short_run_warms_up_within_it(tmp_path, env):
                  f"--out_dir={tmp_path / 'run'}", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["warmup_steps"] == 2
-    assert "10% of max_steps, at most 715 for GPT-2 sizes and 100 for char on CPU" in train_py("--help", env=env).stdout
+
+
+def test_the_warmup_help_says_so(capsys):
+    with pytest.raises(SystemExit):
+        parse_flags(["--help"])
+    assert "10% of max_steps, at most 715 for GPT-2 sizes and 100 for char on CPU" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, data_dir, capsys):
+    """`--preset=gpt2 --platform=cpu`: 2**19 tokens a step. The run says so at the start, and how long a step
+    takes after its first micro-steps (here a 1-layer GPT-2 of 4 micro-steps a step)."""
+    run(tiny(tmp_path / "run", data_dir, preset="gpt2", total_batch_size=4 * 8 * 32, max_steps=1))
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("note: gpt2 on a CPU: a step is --total_batch_size=1,024 tokens, 4 micro-steps of 8 x 32; it may take "
+            "minutes or hours") in out and "e.g. --total_batch_size=256" in out
+    assert re.search(r"first step: micro-step 1 of 4 took [\d.]+ s \(compiling included\), micro-step 2 [\d.]+ s: "
+                     r"about [\d.]+ s per step of --total_batch_size=1,024 tokens \(4 micro-steps of 8 x 32\)", out), out
+
+
+def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_path, data_dir, monkeypatch, capsys):
+    """SIGTERM during micro-step 2 of step 3 (of 4 micro-steps): the run stops after that micro-step, drops
+    the partial step, checkpoints step 2 with its loader position; the same command then ends bit-identical
+    to a run never stopped (the split steps compute what the fused step does: test_train.py checks the
+    numbers against torch)."""
+    flags_ = dict(total_batch_size=4 * 8 * 32, max_steps=4, dropout=0.1)
+    straight = run(tiny(tmp_path / "straight", data_dir, **flags_))
+    calls = []
+
+    def signalling(make):
+        def make_(*args, **kwargs):
+            parts = make(*args, **kwargs)
+
+            def micro(*a):
+                calls.append(len(calls))
+                if len(calls) == 2 * 4 + 2:  # step 3, micro-step 2
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return parts.micro(*a)
+            return dataclasses.replace(parts, micro=micro)
+        return make_
+
+    from gpt2_jax.training import step as step_lib
+    with monkeypatch.context() as m:
+        m.setattr(step_lib, "make_micro_steps", signalling(step_lib.make_micro_steps))
+        stopped = run(tiny(tmp_path / "run", data_dir, **flags_))
+    out = capsys.readouterr()
+    assert stopped["interrupted"] == "SIGTERM" and stopped["step"] == 2
+    assert len(calls) == 10  # no micro-step after the signal's
+    assert ("stopped by SIGTERM after step 2 (the next step stopped after micro-step 2 of 4; its partial gradient "
+            "is dropped); checkpoint saved in") in out.out
+    assert "SIGTERM: finishing this micro-step, dropping the partial step and writing a checkpoint" in out.err
+    assert complete_steps(tmp_path / "run") == [2]
+    resumed = run(tiny(tmp_path / "run", data_dir, **flags_))
+    assert resumed["start_step"] == 2 and resumed["step"] == 4
+    assert timeline(tmp_path / "run") == timeline(tmp_path / "straight")
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), resumed["params"],
+                        straight["params"])
+    assert all(jax.tree.leaves(same))
 
 
 # --- 4. --out_dir= ------------------------------------------------------------------------------

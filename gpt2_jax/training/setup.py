@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from gpt2_jax import data as data_lib
 from gpt2_jax import hellaswag, runlock, runs, sharding, storage
 from gpt2_jax.checkpoint import Checkpointer
-from gpt2_jax.config import GPTConfig
+from gpt2_jax.config import GPT2_SIZES, GPTConfig
 from gpt2_jax.tokenizer import Tokenizer
 from gpt2_jax.distributed import broadcast_from_primary, is_primary, log, sync
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, mfu_banner, peak_flops
@@ -279,6 +279,11 @@ def log_start(t: Trainer) -> None:
     log(f"model {tc.preset}: {n_params:,} params, vocab {cfg.vocab_size}, T={tc.block_size}, dtype {cfg.dtype} | "
         f"mesh {dict(t.mesh.shape)} | batch {tc.total_batch_size:,} tokens = {tc.micro_batch_size} x "
         f"{tc.block_size} x {t.step.grad_accum} accum | {tc.max_steps} steps")
+    if jax.default_backend() == "cpu" and tc.preset in GPT2_SIZES:
+        log(f"note: {tc.preset} on a CPU: a step is --total_batch_size={tc.total_batch_size:,} tokens, "
+            f"{t.step.grad_accum} micro-steps of {tc.micro_batch_size} x {tc.block_size}; it may take minutes or "
+            "hours (an estimate follows the first micro-steps). A smaller --total_batch_size makes shorter steps, "
+            f"e.g. --total_batch_size={tc.micro_batch_size * tc.block_size}")
     if peak_flops(jax.devices()[0]):
         log(mfu_banner(flops_per_token(cfg, tc.block_size), jax.devices()[0], jax.device_count()))
 
