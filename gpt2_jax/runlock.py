@@ -204,6 +204,11 @@ def acquire(folder: epath.Path) -> LocalLock | BucketLock | NoLock:
             lock = BucketLock(folder) if is_remote(folder) else LocalLock(folder)
         except RunFolderBusy as e:
             error = [True, str(e)]
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                error = [False, f"--out_dir={folder}: cannot take the run folder's lock: {e}"]
+            else:  # a filesystem without locks: run, but say what is not guarded
+                log(f"warning: --out_dir={folder} cannot be locked ({e}): nothing stops a second trainer there")
         except ImportError:
             error = [False, f"--out_dir={folder}: its lock needs google-cloud-storage: {GCS_EXTRA}"]
         except Exception as e:  # (all processes must hear of it, or they would wait for process 0)

@@ -214,7 +214,8 @@ def test_a_short_run_warms_up_within_it(tmp_path, env):
 def test_the_warmup_help_says_so(capsys):
     with pytest.raises(SystemExit):
         parse_flags(["--help"])
-    assert "10% of max_steps, at most 715 for GPT-2 sizes and 100 for char on CPU" in " ".join(capsys.readouterr().out.split())
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "10% of max_steps, at most 715 for GPT-2 sizes and 100 for char on CPU" in help_text
 
 
 def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, data_dir, capsys):
@@ -225,7 +226,8 @@ def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, dat
     assert ("note: gpt2 on a CPU: a step is --total_batch_size=1,024 tokens, 4 micro-steps of 8 x 32; it may take "
             "minutes or hours") in out and "e.g. --total_batch_size=256" in out
     assert re.search(r"first step: micro-step 1 of 4 took [\d.]+ s \(compiling included\), micro-step 2 [\d.]+ s: "
-                     r"about [\d.]+ s per step of --total_batch_size=1,024 tokens \(4 micro-steps of 8 x 32\)", out), out
+                     r"about [\d.]+ s per step of --total_batch_size=1,024 tokens \(4 micro-steps of 8 x 32\)",
+                     out), out
 
 
 def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_path, data_dir, monkeypatch, capsys):
@@ -300,6 +302,17 @@ def test_sample_prompt_is_checked_only_when_sampling(tmp_path, no_newline_data):
     with pytest.raises(ValueError, match=r"--sample_prompt='x{32}' has 32 tokens; a sample needs 1 to 31, to leave "
                                          r"room in block_size 32"):
         run(tiny(tmp_path / "d", no_newline_data, sample_every=1, sample_prompt="x" * 32))
+
+
+def test_the_default_bpe_prompt_fits_a_short_block(gpt2_bpe):
+    """The issue's `--preset=gpt2 --block_size=64`: "must have 1 to 1 tokens", about flags nobody set. The
+    prompt only has to fit the block; the sample then gets the room that is left."""
+    from gpt2_jax.config import preset
+    from gpt2_jax.tokenizer import Tokenizer
+    from gpt2_jax.training.setup import sample_prompt
+
+    ids = sample_prompt(TrainConfig(preset="gpt2", block_size=64), preset("gpt2", block_size=64), Tokenizer.gpt2())
+    assert len(ids) == 8
 
 
 def test_a_changed_data_folder_is_named_before_the_model(tmp_path, data_dir, no_newline_data):

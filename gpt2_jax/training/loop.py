@@ -238,7 +238,8 @@ def hellaswag_eval(t: Trainer, step: int) -> dict:
 def sample(t: Trainer, step: int) -> dict:
     tc = t.tc
     prompts = np.tile(t.sample_ids, (tc.num_samples, 1))
-    out = generate(t.model, prompts, min(tc.sample_tokens, t.cfg.block_size - len(t.sample_ids)), temperature=1.0, top_k=50,
+    new = min(tc.sample_tokens, t.cfg.block_size - len(t.sample_ids))  # one window: setup checked the prompt fits
+    out = generate(t.model, prompts, new, temperature=1.0, top_k=50,
                    vocab_limit=t.tokenizer.vocab_size, seed=tc.seed + step)
     for i, row in enumerate(out):
         log(f"sample {i}: {t.tokenizer.decode(row.tolist())!r}")
