@@ -115,7 +115,7 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
     # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
     step = build_step(tc, cfg, mesh, vocab_limit=tokenizer.vocab_size)
     nan = NanPolicy(tc.on_nan, tc.max_skips)
-    restored = restore_latest(ckpt, step, cfg, fingerprint, train_loader, nan, tc)
+    restored = restore_latest(ckpt, step, cfg, fingerprint, train_loader, nan)
     state, start_step = restored or (init_params(tc, cfg, step, step.init_state(cfg, tc.seed)), 0)
     eval_sh = sharding.batch_sharding(mesh, ndim=2)
     trainer = Trainer(
@@ -188,7 +188,7 @@ def check_run_folder(ckpt: Checkpointer, cfg: GPTConfig, fingerprint: dict, tc: 
 
 
 def restore_latest(ckpt: Checkpointer, step: TrainStep, cfg: GPTConfig, fingerprint: dict,
-                   train_loader: data_lib.TokenLoader, nan: NanPolicy, tc: TrainConfig) -> tuple[Any, int] | None:
+                   train_loader: data_lib.TokenLoader, nan: NanPolicy) -> tuple[Any, int] | None:
     """(state, step) of the newest checkpoint in out_dir that restores, with the loader and NaN counts
     restored too; None to start fresh (there is none; check_run_folder has checked the rest)."""
     if ckpt.latest_step() is None:
