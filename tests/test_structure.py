@@ -18,7 +18,7 @@ LAYERS = [
     ["attention", "loss"],
     ["model"],
     ["convert", "checkpoint", "data", "sharding", "optim", "metrics"],
-    ["runs"],
+    ["runs", "runlock"],
     ["evaluate", "hellaswag", "generate", "plot"],
     ["training"],
     ["launch"],

@@ -64,12 +64,16 @@ class StopSignal:
 
     Processes of one run must stop after the same step, because they save the checkpoint together:
     `agreed()` is the decision of all of them, so a signal to any one process stops the whole run.
+
+    A long step of several micro-batches (`midway`, a single process) stops between two micro-steps instead:
+    the loop drops the partial step and checkpoints the last complete one (loop.run_step).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, midway: bool = False):
         self.received = None  # name of the first signal, as the main thread saw it
+        self.midway = midway
         self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
@@ -88,8 +92,9 @@ class StopSignal:
                 count += 1
                 name = signal.Signals(signum).name
                 if count == 1:
-                    print(f"\n{name}: finishing this step and writing a checkpoint (send again to exit at once)",
-                          file=sys.stderr, flush=True)
+                    what = ("this micro-step, dropping the partial step" if self.midway else "this step") + \
+                        " and writing a checkpoint"
+                    print(f"\n{name}: finishing {what} (send again to exit at once)", file=sys.stderr, flush=True)
                 else:
                     print(f"\nsecond signal ({name}): exiting now; the checkpoints on disk are intact",
                           file=sys.stderr, flush=True)

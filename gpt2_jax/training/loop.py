@@ -34,19 +34,29 @@ def train(t: Trainer) -> dict:
     The host never waits for the device without need: step N+1 is dispatched before step N's metrics
     are read (they are logged and checked one step behind, which is safe: a non-finite step leaves the
     state unchanged), and batch N+2 is read and placed while step N+1 runs. Where a periodic task or a
-    stop is due, the loop catches up first, so tasks see the state and counts of their own step.
+    stop is due, the loop catches up first, so tasks see the state and counts of their own step. A step of
+    several micro-batches runs them one by one (run_step), and a stop between two drops the partial step.
     """
     tc = t.tc
     tasks = periodic_tasks(t)
-    stop = StopSignal()
+    stop = StopSignal(midway=t.step.micro_steps is not None and jax.process_count() == 1)
     summary = {"out_dir": str(t.out_dir), "start_step": t.start_step, "loss": None, "val_loss": None}
     step, rng = t.start_step, jax.random.key(tc.seed)
+    if step >= tc.max_steps:
+        log(f"nothing to train: the run in {t.out_dir} is at step {step} and --max_steps={tc.max_steps}; raise "
+            "--max_steps to train it further")
     batch = next_batch(t) if step < tc.max_steps else None
-    pending = None  # (step, its metrics, still on the device)
+    pending, saved = None, step  # (step, its metrics, still on the device); the newest step with a checkpoint
     try:
-        clock = StepClock()
+        clock, estimate = StepClock(), FirstStepEstimate(t)
         while step < tc.max_steps:
-            t.state, metrics = t.step.fn(t.state, *batch, jax.random.fold_in(rng, step))
+            out = run_step(t, batch, jax.random.fold_in(rng, step), stop, estimate)
+            if isinstance(out, str):  # stopped between micro-steps: the partial step is dropped
+                if pending is not None:
+                    summary["loss"] = record_step(t, *pending, clock)
+                stop_here(t, step, stop.received, step != saved, summary, f" ({out})")
+                break
+            t.state, metrics = out
             step += 1
             if pending is not None:  # the previous step's metrics, while this one runs
                 summary["loss"] = record_step(t, *pending, clock)
@@ -61,13 +71,9 @@ def train(t: Trainer) -> dict:
             summary["loss"], pending = record_step(t, *pending, clock), None
             for task in due:
                 summary.update(task(t, step))
+            saved = step if save in due else saved
             if stopping and not last:
-                if save not in due:
-                    save(t, step)
-                t.ckpt.wait()
-                log(f"stopped by {stopping} after step {step}; checkpoint saved in {t.ckpt.directory}. "
-                    f"Resume with the same command (python train.py ... --out_dir={tc.out_dir})")
-                summary["interrupted"] = stopping
+                stop_here(t, step, stopping, step != saved, summary)
                 break
             clock.restart()  # evals, samples and saves are not part of the step time
     finally:
@@ -76,14 +82,81 @@ def train(t: Trainer) -> dict:
             t.ckpt.close()
             t.logger.close()
         finally:
+            t.lock.release()
             stop.restore()  # last: a second signal during the final save still exits at once
+    return finish(t, step, summary)
+
+
+def stop_here(t: Trainer, step: int, signal_name: str, unsaved: bool, summary: dict, note: str = "") -> None:
+    """A stop signal: checkpoint `step` (unless it has one) with its loader position, so that the same
+    command resumes exactly."""
+    if unsaved and step > 0:
+        save(t, step)
+    t.ckpt.wait()
+    where = f"checkpoint saved in {t.ckpt.directory}" if step > 0 else "no step to save: the same command starts over"
+    log(f"stopped by {signal_name} after step {step}{note}; {where}. Resume with the same command "
+        f"(python train.py ... --out_dir={t.tc.out_dir})")
+    summary["interrupted"] = signal_name
+
+
+def finish(t: Trainer, step: int, summary: dict) -> dict:
     summary.update(step=step, skipped_steps=t.nan.skipped, params=nnx.state(t.model, nnx.Param))
-    if is_primary() and not summary.get("interrupted"):
+    if is_primary() and not summary.get("interrupted") and step > t.start_step:
         try:
             log(f"plot: {plot_run(t.out_dir)}")
         except Exception as e:  # a plot must never fail a finished run
             log(f"(no plot: {type(e).__name__}: {e})")
     return summary
+
+
+def run_step(t: Trainer, batch, key, stop: StopSignal, estimate: FirstStepEstimate) -> tuple | str:
+    """Dispatch one optimizer step: the fused train step, or, where a step has several micro-batches, its
+    micro-steps one by one (step.MicroSteps: the same numbers), so that a stop signal is honoured between
+    two of them. Returns (state, metrics), or a note on where the step stopped: then the partial gradient is
+    dropped and `t.state` is the last complete step's. The host waits for micro-step i-1 while i runs."""
+    parts = t.step.micro_steps
+    if parts is None:
+        return t.step.fn(t.state, *batch, key)
+    acc, previous, n = parts.zeros(t.state), None, t.step.grad_accum
+    for i in range(n):
+        acc, loss = parts.micro(t.state, acc, *batch, np.int32(i), key)
+        if not estimate.done:  # the first step: time each micro-step
+            estimate.lap(loss)
+        elif previous is not None:
+            previous.block_until_ready()
+        if stop.midway and stop.received:
+            return f"the next step stopped after micro-step {i + 1} of {n}; its partial gradient is dropped"
+        previous = loss
+    return parts.apply(t.state, acc)
+
+
+class FirstStepEstimate:
+    """Times the first micro-steps of a run's first step and says what a step will take (a step of many
+    micro-batches, e.g. a GPT-2 size on a CPU, may take minutes or hours)."""
+
+    def __init__(self, t: Trainer):
+        self.t, self.times = t, [time.perf_counter()]
+        self.done = t.step.micro_steps is None
+
+    def lap(self, loss: jax.Array) -> None:
+        loss.block_until_ready()
+        self.times.append(time.perf_counter())
+        if len(self.times) < 3 and len(self.times) <= self.t.step.grad_accum:
+            return
+        self.done = True
+        tc, n = self.t.tc, self.t.step.grad_accum
+        first, each = self.times[1] - self.times[0], self.times[-1] - self.times[-2]
+        log(f"first step: micro-step 1 of {n} took {first:.1f} s (compiling included), micro-step 2 {each:.2f} s: "
+            f"about {_duration(each * n)} per step of --total_batch_size={tc.total_batch_size:,} tokens "
+            f"({n} micro-steps of {tc.micro_batch_size} x {tc.block_size}), {_duration(each * n * tc.max_steps)} for "
+            f"--max_steps={tc.max_steps}; a smaller --total_batch_size makes shorter steps")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
 
 
 def run(tc: TrainConfig) -> dict:
@@ -165,7 +238,8 @@ def hellaswag_eval(t: Trainer, step: int) -> dict:
 def sample(t: Trainer, step: int) -> dict:
     tc = t.tc
     prompts = np.tile(t.sample_ids, (tc.num_samples, 1))
-    out = generate(t.model, prompts, min(tc.sample_tokens, t.cfg.block_size - 1), temperature=1.0, top_k=50,
+    new = min(tc.sample_tokens, t.cfg.block_size - len(t.sample_ids))  # one window: setup checked the prompt fits
+    out = generate(t.model, prompts, new, temperature=1.0, top_k=50,
                    vocab_limit=t.tokenizer.vocab_size, seed=tc.seed + step)
     for i, row in enumerate(out):
         log(f"sample {i}: {t.tokenizer.decode(row.tolist())!r}")
@@ -173,7 +247,9 @@ def sample(t: Trainer, step: int) -> dict:
 
 
 def save(t: Trainer, step: int) -> dict:
-    """A checkpoint of the state and everything an exact resume needs (async: the loop goes on)."""
+    """A checkpoint of the state and everything an exact resume needs (async: the loop goes on), while out_dir
+    is still this run's."""
+    t.lock.check()
     meta = runs.CheckpointMeta(step=step, model_config=t.cfg.to_dict(), train_config=dataclasses.asdict(t.tc),
                                tokenizer=t.tokenizer.to_meta(), loader=t.loader_position, data=t.fingerprint,
                                skipped_steps=t.nan.skipped, consecutive_skips=t.nan.in_a_row)

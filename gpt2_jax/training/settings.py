@@ -28,12 +28,13 @@ def _lr(x: float) -> str:
 
 
 def _flag(default: Any, help: str, *, low: float | None = None, below: float | None = None,
-          high: float | None = None, above: float | None = None, choices: tuple[str, ...] = ()) -> Any:
+          high: float | None = None, above: float | None = None, choices: tuple[str, ...] = (),
+          nonempty: bool = False) -> Any:
     """A TrainConfig field: its default, its --help text, and the values that make sense, which
     TrainConfig.__post_init__ enforces: `low <= value`, `value < below`, `value <= high`, `above < value`,
-    `value in choices`. The default always passes: it is the "auto" value ("", -1) where the rules
-    would reject it."""
-    rules = dict(low=low, below=below, high=high, above=above, choices=choices)
+    `value in choices`, a `nonempty` string. The default always passes: it is the "auto" value ("", -1)
+    where the rules would reject it."""
+    rules = dict(low=low, below=below, high=high, above=above, choices=choices, nonempty=nonempty)
     return dataclasses.field(default=default, metadata={"help": help, **rules})
 
 
@@ -52,6 +53,8 @@ def _flag_problem(f: dataclasses.Field, value: Any) -> str | None:
         problem = f"is a {type(value).__name__}, not {f.type}"
     elif isinstance(value, float) and not math.isfinite(value):
         problem = "is not a finite number"
+    elif rule["nonempty"] and not value.strip():
+        problem = "is empty (an unset shell variable?); give a folder"
     elif value == f.default:
         return None
     elif rule["choices"]:
@@ -89,7 +92,7 @@ class TrainConfig:
                            "out_dir (local or gs://)")
     data: str = _flag("", "token shard folder (python -m gpt2_jax.data ...); empty: Python's bundled docs, char-level")
     out_dir: str = _flag("out", "checkpoints, metrics.jsonl, TensorBoard events and plots go here: a local "
-                         "folder or gs://bucket/path (pip install 'gpt2-jax[gcs]')")
+                         "folder or gs://bucket/path (pip install 'gpt2-jax[gcs]')", nonempty=True)
     resume: bool = _flag(False, "require a checkpoint in out_dir to resume from (resuming is automatic anyway)")
     # Batch: total_batch_size tokens per optimizer step = micro_batch_size * block_size * grad_accum.
     total_batch_size: int = _flag(0, f"tokens per optimizer step (0: {_power_of_two(_G['total_batch_size'])} for GPT-2 sizes, one "
@@ -116,8 +119,8 @@ class TrainConfig:
     max_steps: int = _flag(0, f"optimizer steps (0: {_G['max_steps']} for GPT-2 sizes = 10B tokens; {_C['max_steps']} for "
                            f"char on CPU, {RECIPES['char']['max_steps']} elsewhere)",
                            low=0)
-    warmup_steps: int = _flag(-1, f"linear warmup steps (-1: {_G['warmup_steps']} for GPT-2 sizes, {_C['warmup_steps']} for "
-                              "char on CPU, 10% of max_steps otherwise)", low=-1)
+    warmup_steps: int = _flag(-1, f"linear warmup steps (-1: 10% of max_steps, at most {_G['warmup_steps']} for GPT-2 "
+                              f"sizes and {_C['warmup_steps']} for char on CPU)", low=-1)
     # No upper bound on max_lr: where training diverges depends on the model, batch and warmup (3e-3 trains
     # the small char model, 124M needs ~6e-4), a diverged run stops with a message naming --max_lr
     # (--on_nan), and the reliability tests set --max_lr=1e10 to make a real run diverge.
@@ -197,7 +200,8 @@ def resolve(tc: TrainConfig, backend: str, num_devices: int) -> TrainConfig:
     """Fill the "auto" (zero / empty / -1) settings from the preset's recipe (config.RECIPES) and the platform."""
     row = recipe(tc.preset, backend)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    auto = {k: v for k, v in row.items() if k in defaults and getattr(tc, k) == defaults[k]}  # flags left unset
+    # Flags left unset; warmup follows the run's length (below), the recipe's value caps it.
+    auto = {k: v for k, v in row.items() if k in defaults and getattr(tc, k) == defaults[k] and k != "warmup_steps"}
     if "micro_batch_size" in auto:  # a multiple of the devices, which split it
         auto["micro_batch_size"] = -(-auto["micro_batch_size"] // num_devices) * num_devices
     elif not tc.micro_batch_size:
@@ -208,7 +212,8 @@ def resolve(tc: TrainConfig, backend: str, num_devices: int) -> TrainConfig:
     dtype = tc.dtype or ("float32" if backend == "cpu" else "bfloat16")
     return dataclasses.replace(
         tc, block_size=block, total_batch_size=tc.total_batch_size or tc.micro_batch_size * block,
-        warmup_steps=tc.warmup_steps if tc.warmup_steps >= 0 else max(1, steps // 10),
+        warmup_steps=tc.warmup_steps if tc.warmup_steps >= 0 else min(max(1, steps // 10),
+                                                                      row.get("warmup_steps", steps)),
         dtype=dtype, attention=tc.attention or default_attention(backend, dtype),
     )
 

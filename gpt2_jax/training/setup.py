@@ -6,6 +6,7 @@ resumed from out_dir's newest good checkpoint, else fresh (or --init_from's para
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,9 +21,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from gpt2_jax import data as data_lib
-from gpt2_jax import hellaswag, runs, sharding, storage
+from gpt2_jax import hellaswag, runlock, runs, sharding, storage
 from gpt2_jax.checkpoint import Checkpointer
-from gpt2_jax.config import GPTConfig
+from gpt2_jax.config import GPT2_SIZES, GPTConfig
 from gpt2_jax.tokenizer import Tokenizer
 from gpt2_jax.distributed import broadcast_from_primary, is_primary, log, sync
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, mfu_banner, peak_flops
@@ -55,6 +56,7 @@ class Trainer:
     hellaswag: list | None  # examples, when --hellaswag_every
     sample_ids: list[int]  # the sample prompt
     loader_position: dict  # the train loader's state after the newest dispatched step's batches
+    lock: Any = dataclasses.field(default_factory=runlock.NoLock)  # this run's hold on out_dir; the loop releases it
 
     @property
     def model(self) -> GPT:
@@ -62,8 +64,9 @@ class Trainer:
 
 
 def setup(tc: TrainConfig) -> Trainer:
-    """Resolve the settings, then build the mesh, data, state (fresh, resumed or initialised), compiled
-    steps, logger and checkpointer. Bad input raises here, before anything compiles.
+    """Resolve the settings, take the run folder's lock, then build the mesh, data, state (fresh, resumed or
+    initialised), compiled steps, logger and checkpointer. Bad input raises here, before anything compiles;
+    a failed start releases the lock and removes the out_dir it made.
 
     Multi-process runs call launch.init_distributed(tc) first (train.py does), before JAX initialises.
     """
@@ -72,9 +75,26 @@ def setup(tc: TrainConfig) -> Trainer:
     tc = resolve(tc, jax.default_backend(), jax.device_count())
     mesh = sharding.make_mesh(tc.mesh)
     grad_accum_steps(tc, sharding.data_parallel_size(mesh), jax.process_count())  # the batch arithmetic
+    made = []  # the local folders this start makes: a failed start removes them
     if not storage.is_remote(out_dir):  # (a bucket has no folders to make)
+        made = [f for f in (out_dir, out_dir / runs.CHECKPOINTS) if broadcast_from_primary(not f.exists())]
         out_dir.mkdir(parents=True, exist_ok=True)
+    lock = runlock.acquire(out_dir)  # a second trainer on this folder stops here
+    try:
+        return _build(tc, mesh, out_dir, lock)
+    except BaseException:
+        lock.release()
+        if made and is_primary():
+            if made[0] == out_dir:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    made[0].rmdir()  # the empty checkpoints/ of a folder that held no run
+        raise
 
+
+def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) -> Trainer:
+    """setup's work, once the run folder is this run's."""
     # Data first: every bad-input error is raised before anything compiles.
     data_dir = prepare_data(tc, out_dir)
     tokenizer = Tokenizer.load(data_dir)
@@ -86,15 +106,16 @@ def setup(tc: TrainConfig) -> Trainer:
     fingerprint = {"dir": str(data_dir.resolve()), "shards": train_loader.state()["shards"]}
     val_windows = (data_lib.EvalWindows(data_dir, tc.block_size, tc.micro_batch_size, tc.eval_tokens or None,
                                         **per_process) if tc.eval_every else None)
+    ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
+    check_run_folder(ckpt, cfg, fingerprint, tc)  # before the checks below: a changed --data explains them
     sample_ids = sample_prompt(tc, cfg, tokenizer)
     hellaswag_examples = load_hellaswag_for(tc, tokenizer, data_dir)
 
     # Shapes first, then shardings, then the arrays, created directly where they belong.
     # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
     step = build_step(tc, cfg, mesh, vocab_limit=tokenizer.vocab_size)
-    ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
     nan = NanPolicy(tc.on_nan, tc.max_skips)
-    restored = restore_latest(ckpt, step, cfg, fingerprint, train_loader, nan, tc)
+    restored = restore_latest(ckpt, step, cfg, fingerprint, train_loader, nan)
     state, start_step = restored or (init_params(tc, cfg, step, step.init_state(cfg, tc.seed)), 0)
     eval_sh = sharding.batch_sharding(mesh, ndim=2)
     trainer = Trainer(
@@ -103,9 +124,10 @@ def setup(tc: TrainConfig) -> Trainer:
         eval_step=make_eval_step(step.graphdef, step.shardings, eval_sh, vocab_limit=tokenizer.vocab_size),
         ckpt=ckpt, logger=MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=is_primary()),
         nan=nan, start_step=start_step, hellaswag=hellaswag_examples, sample_ids=sample_ids,
-        loader_position=train_loader.state())
+        loader_position=train_loader.state(), lock=lock)
     log_start(trainer)
-    write_run_config(trainer)
+    if start_step < tc.max_steps:  # (else nothing will train: the loop says so)
+        write_run_config(trainer)
     return trainer
 
 
@@ -144,16 +166,33 @@ def _prepare_bundled_corpus(folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restore_latest(ckpt: Checkpointer, step: TrainStep, cfg: GPTConfig, fingerprint: dict,
-                   train_loader: data_lib.TokenLoader, nan: NanPolicy, tc: TrainConfig) -> tuple[Any, int] | None:
-    """(state, step) of the newest checkpoint in out_dir that restores, with the loader and NaN counts
-    restored too; None to start fresh (there is none, and no --resume demands one)."""
-    if ckpt.latest_step() is None:
+def check_run_folder(ckpt: Checkpointer, cfg: GPTConfig, fingerprint: dict, tc: TrainConfig) -> None:
+    """What out_dir already holds fits what was asked: a checkpoint for --resume; a run to resume that was
+    trained on the same data with the same model; --init_from only for a new run (or the same command again)."""
+    latest = ckpt.latest_step()
+    if latest is None:
         if tc.resume:
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.directory}; drop --resume to start fresh")
+        return
+    meta = ckpt.read_meta()
+    if meta is None:  # damaged: restore_latest falls back to an older one and checks it
+        return
+    meta = runs.CheckpointMeta.from_dict(meta)
+    check_resume(meta, cfg, fingerprint)  # before reading arrays of a wrong shape
+    started_from = meta.train_config.get("init_from", "scratch")
+    if tc.init_from != "scratch" and tc.init_from != started_from:
+        raise ValueError(f"--init_from={tc.init_from}: --out_dir={tc.out_dir} already holds a run (checkpoint of "
+                         f"step {latest}, started from {started_from}), which would resume and ignore "
+                         "--init_from. Use a new --out_dir to start from --init_from, or drop --init_from to "
+                         "resume that run")
+
+
+def restore_latest(ckpt: Checkpointer, step: TrainStep, cfg: GPTConfig, fingerprint: dict,
+                   train_loader: data_lib.TokenLoader, nan: NanPolicy) -> tuple[Any, int] | None:
+    """(state, step) of the newest checkpoint in out_dir that restores, with the loader and NaN counts
+    restored too; None to start fresh (there is none; check_run_folder has checked the rest)."""
+    if ckpt.latest_step() is None:
         return None
-    if (meta := ckpt.read_meta()) is not None:
-        check_resume(runs.CheckpointMeta.from_dict(meta), cfg, fingerprint)  # before reading arrays of a wrong shape
     complete = ckpt.all_steps()
     try:  # the newest checkpoint that restores; each damaged one is skipped with a warning
         state, meta, at = ckpt.restore(sharding.with_shardings(step.abstract, step.shardings))
@@ -171,16 +210,17 @@ def restore_latest(ckpt: Checkpointer, step: TrainStep, cfg: GPTConfig, fingerpr
 
 
 def check_resume(meta: runs.CheckpointMeta, cfg: GPTConfig, fingerprint: dict) -> None:
-    """A checkpoint only resumes the run that wrote it: same architecture, same data."""
+    """A checkpoint only resumes the run that wrote it: same data, same architecture. The data first: other
+    data may also change the vocabulary, and "the model config changed" would hide the cause."""
+    old = meta.data or {}
+    if fingerprint and old and (old.get("dir") != fingerprint["dir"] or old.get("shards") != fingerprint["shards"]):
+        raise ValueError(f"cannot resume: the data changed (checkpoint trained on {old.get('dir')}, now "
+                         f"{fingerprint['dir']}, or its shards differ); use the original --data or a new --out_dir")
     saved = meta.model
     if diff := saved.arch_diff(cfg):
         detail = ", ".join(f"{f}: checkpoint {getattr(saved, f)} vs now {getattr(cfg, f)}" for f in diff)
         raise ValueError(f"cannot resume: the model config changed ({detail}); use the original flags or "
                          f"a new --out_dir")
-    old = meta.data or {}
-    if fingerprint and old and (old.get("dir") != fingerprint["dir"] or old.get("shards") != fingerprint["shards"]):
-        raise ValueError(f"cannot resume: the data changed (checkpoint trained on {old.get('dir')}, now "
-                         f"{fingerprint['dir']}, or its shards differ); use the original --data or a new --out_dir")
 
 
 def init_params(tc: TrainConfig, cfg: GPTConfig, step: TrainStep, state):
@@ -206,12 +246,20 @@ def init_params(tc: TrainConfig, cfg: GPTConfig, step: TrainStep, state):
 
 
 def sample_prompt(tc: TrainConfig, cfg: GPTConfig, tokenizer: Tokenizer) -> list[int]:
-    """The sample prompt's ids, checked now rather than at the first sample, 250 steps in."""
-    ids = tokenizer.encode(tc.sample_prompt or ("Hello, I'm a language model," if tokenizer.name == "gpt2" else "\n"))
-    new = min(tc.sample_tokens, cfg.block_size - 1)
-    if tc.sample_every and not 1 <= len(ids) <= cfg.block_size - new:
-        raise ValueError(f"--sample_prompt has {len(ids)} tokens; with --sample_tokens={new} it must "
-                         f"have 1 to {cfg.block_size - new} tokens to fit block_size {cfg.block_size}")
+    """The sample prompt's ids, checked now rather than at the first sample, 250 steps in; [] without samples
+    (--sample_every=0): a prompt nobody uses must not stop a run."""
+    if not tc.sample_every:
+        return []
+    default = "Hello, I'm a language model," if tokenizer.name == "gpt2" else "\n"
+    flag = f"--sample_prompt={tc.sample_prompt!r}" if tc.sample_prompt else f"--sample_prompt (empty: {default!r})"
+    fix = "set --sample_prompt, or --sample_every=0 for no samples"
+    try:
+        ids = tokenizer.encode(tc.sample_prompt or default)
+    except ValueError as e:  # a character the char-level vocabulary lacks
+        raise ValueError(f"{flag}: {e}; {fix}") from None
+    if not 1 <= len(ids) < cfg.block_size:
+        raise ValueError(f"{flag} has {len(ids)} tokens; a sample needs 1 to {cfg.block_size - 1}, to leave room in "
+                         f"block_size {cfg.block_size} for new tokens; {fix}")
     return ids
 
 
@@ -231,6 +279,11 @@ def log_start(t: Trainer) -> None:
     log(f"model {tc.preset}: {n_params:,} params, vocab {cfg.vocab_size}, T={tc.block_size}, dtype {cfg.dtype} | "
         f"mesh {dict(t.mesh.shape)} | batch {tc.total_batch_size:,} tokens = {tc.micro_batch_size} x "
         f"{tc.block_size} x {t.step.grad_accum} accum | {tc.max_steps} steps")
+    if jax.default_backend() == "cpu" and tc.preset in GPT2_SIZES:
+        log(f"note: {tc.preset} on a CPU: a step is --total_batch_size={tc.total_batch_size:,} tokens, "
+            f"{t.step.grad_accum} micro-steps of {tc.micro_batch_size} x {tc.block_size}; it may take minutes or "
+            "hours (an estimate follows the first micro-steps). A smaller --total_batch_size makes shorter steps, "
+            f"e.g. --total_batch_size={tc.micro_batch_size * tc.block_size}")
     if peak_flops(jax.devices()[0]):
         log(mfu_banner(flops_per_token(cfg, tc.block_size), jax.devices()[0], jax.device_count()))
 

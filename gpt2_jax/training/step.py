@@ -3,7 +3,9 @@ and for the planner's ahead-of-time compiles (for devices that need not be attac
 
 One `jax.jit` train step with explicit in/out shardings does a whole optimizer step: the gradients of
 `grad_accum` micro-batches are summed inside it with `lax.scan`, then clipped and applied. Its state
-argument is donated, so params and optimizer state are updated in place.
+argument is donated, so params and optimizer state are updated in place. With grad_accum > 1 the same step
+also comes in parts (MicroSteps: a jitted micro-step per micro-batch, then the update), which the loop runs
+so that a stop signal need not wait for a whole long step.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ def optim_config(tc: TrainConfig) -> OptimConfig:
                        eps=tc.eps, grad_clip=tc.grad_clip)
 
 
+def _loss_fn(model_def, vocab_limit: int | None, dropout: bool, unroll):
+    """(params, x, y, key) -> the mean loss of one micro-batch (x, y: (micro_batch, T))."""
+    def loss_fn(params, x, y, key):
+        return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key if dropout else None,
+                                                 unroll=unroll)
+
+    return loss_fn
+
+
+def _apply(ts: TrainState, state, loss, grads):
+    """Clip and apply the mean gradient to `ts` (a copy of `state`); a non-finite loss or gradient leaves the
+    state as it was, and the host decides to stop or go on. Returns (the new state, scalar metrics)."""
+    grad_norm = optax.tree.norm(grads)
+    ts.opt.update(ts.model, grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nnx.state(ts), state)
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
 def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, dropout: bool,
                     vocab_limit: int | None = None, unroll: Unroll | None = None):
     repl = sharding.replicated(batch_sharding.mesh)
@@ -49,9 +70,7 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
         # overwrite `state` too, and a non-finite step could not be undone.
         ts = nnx.merge(graphdef, state, copy=True)
         model_def, params = nnx.split(ts.model)
-
-        def loss_fn(params, x, y, key):
-            return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key, unroll=unroll)
+        loss_fn = _loss_fn(model_def, vocab_limit, dropout, unroll)
 
         def micro_step(carry, batch):
             loss_sum, grad_sum = carry
@@ -61,17 +80,52 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
         keys = jax.random.split(rng, grad_accum) if dropout else None
         zeros = jax.tree.map(jnp.zeros_like, params)
         (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), (x, y, keys))
-        loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
-        grad_norm = optax.tree.norm(grads)
-        ts.opt.update(ts.model, grads)
-        # A non-finite loss or gradient leaves the state as it was; the host decides to stop or go on.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nnx.state(ts), state)
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        return _apply(ts, state, loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads))
 
     return jax.jit(train_step, donate_argnums=0,
                    in_shardings=(state_shardings, batch_sharding, batch_sharding, repl),
                    out_shardings=(state_shardings, repl))
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroSteps:
+    """The train step in parts, for a loop that may stop between micro-steps (a long step, grad_accum > 1):
+    `acc = zeros(state)`, then for i in range(grad_accum) `acc, loss_i = micro(state, acc, x, y, i, rng)`, then
+    `state, metrics = apply(state, acc)`. The same arithmetic, in the same order, as the fused step's scan.
+    `acc` is donated to each call; `state` only to `apply`, so dropping `acc` midway leaves the state whole."""
+
+    zeros: Callable  # state -> acc: {"loss": 0, "grads": zeros like the params}
+    micro: Callable  # (state, acc, x, y, i, rng) -> (acc + micro-batch i's loss and gradient, its loss)
+    apply: Callable  # (state, acc) -> (state, metrics), as the fused step's
+
+
+def make_micro_steps(graphdef, state_shardings, batch_sharding, grad_accum: int, dropout: bool,
+                     vocab_limit: int | None = None, unroll=None) -> MicroSteps:
+    repl = sharding.replicated(batch_sharding.mesh)
+    acc_sh = {"loss": repl, "grads": state_shardings["model"]}
+
+    def zeros(state):
+        params = nnx.split(nnx.merge(graphdef, state).model)[1]
+        return {"loss": jnp.zeros((), jnp.float32), "grads": jax.tree.map(jnp.zeros_like, params)}
+
+    def micro(state, acc, x, y, i, rng):
+        model_def, params = nnx.split(nnx.merge(graphdef, state).model)
+        key = jax.random.split(rng, grad_accum)[i] if dropout else None
+        xi, yi = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (x, y))
+        loss_fn = _loss_fn(model_def, vocab_limit, dropout, unroll)
+        loss, grads = jax.value_and_grad(loss_fn)(params, xi, yi, key)
+        return {"loss": acc["loss"] + loss, "grads": jax.tree.map(jnp.add, acc["grads"], grads)}, loss
+
+    def apply(state, acc):
+        ts = nnx.merge(graphdef, state, copy=True)
+        return _apply(ts, state, acc["loss"] / grad_accum, jax.tree.map(lambda g: g / grad_accum, acc["grads"]))
+
+    return MicroSteps(
+        zeros=jax.jit(zeros, in_shardings=(state_shardings,), out_shardings=acc_sh),
+        micro=jax.jit(micro, donate_argnums=1, in_shardings=(state_shardings, acc_sh, batch_sharding,
+                                                             batch_sharding, repl, repl), out_shardings=(acc_sh, repl)),
+        apply=jax.jit(apply, donate_argnums=0, in_shardings=(state_shardings, acc_sh),
+                      out_shardings=(state_shardings, repl)))
 
 
 def make_eval_step(graphdef, state_shardings, batch_sharding, vocab_limit: int | None = None):
@@ -96,6 +150,7 @@ class TrainStep:
     batch_sharding: NamedSharding  # of a train batch (grad_accum, micro_batch, T)
     fn: Callable  # (state, x, y, rng) -> (state, metrics)
     batch_shape: tuple[int, int, int]  # (grad_accum, micro_batch, T)
+    micro_steps: MicroSteps | None = None  # `fn` in parts, for grad_accum > 1 (a loop that may stop midway)
 
     def abstract_args(self) -> tuple:
         """`fn`'s arguments as ShapeDtypeStructs with their shardings: `step.fn.lower(*step.abstract_args())`."""
@@ -122,6 +177,8 @@ def build_step(tc: TrainConfig, cfg: GPTConfig, mesh, vocab_limit: int | None = 
     batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
     fn = make_train_step(graphdef, shardings, batch_sh, grad_accum, dropout=cfg.dropout > 0, vocab_limit=vocab_limit,
                          unroll=unroll)
+    parts = (make_micro_steps(graphdef, shardings, batch_sh, grad_accum, dropout=cfg.dropout > 0,
+                              vocab_limit=vocab_limit, unroll=unroll) if grad_accum > 1 else None)
     return TrainStep(graphdef, abstract, shardings, tx, oc, grad_accum, batch_sh, fn,
-                     batch_shape=(grad_accum, tc.micro_batch_size, tc.block_size))
+                     batch_shape=(grad_accum, tc.micro_batch_size, tc.block_size), micro_steps=parts)
 
