@@ -161,3 +161,16 @@ def test_tpu_refusal_becomes_does_not_fit(tmp_path):
     assert rc == 1 and not p["fits"] and "RESOURCE_EXHAUSTED" in p["error"]
     assert p["budget_bytes"] == int(15.75 * 2**30) and p["need_bytes"] > p["budget_bytes"]
     assert "DOES NOT FIT" in out and "try: --remat=full" in out
+
+
+def test_an_impossible_size_is_refused_by_arithmetic_before_compiling(capsys, monkeypatch):
+    """806B params x 12 bytes of params + AdamW state cannot fit any host: the planner says so from the shapes
+    alone (it used to trace and compile for minutes), and suggests only what could help: more devices."""
+    from gpt2_jax.plan import compile as plan_compile
+
+    monkeypatch.setattr(plan_compile, "_lower", lambda *a, **k: pytest.fail("compiled an impossible size"))
+    code = plan.main(["--target=local", "--preset=gpt2", "--n_layer=1000", "--n_embd=8192", "--n_head=64"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "refused by arithmetic, not compiled: 806B params x 12 bytes (params + AdamW) / 1 shards" in out
+    assert "DOES NOT FIT" in out and "--remat" not in out and "--mesh=fsdp:N" in out

@@ -70,7 +70,7 @@ def report(config: TrainConfig, target: Target, p: Plan, grad_accum: int = 1) ->
                   f"  total        {gib(p.need_bytes):>12}  of {gib(target.budget_bytes)} "
                   f"({target.budget_note})"]
     else:
-        lines += [f"compiler refused: {p.error}"]
+        lines += [f"{'refused by arithmetic, not compiled' if p.by_arithmetic else 'compiler refused'}: {p.error}"]
     if p.fits:
         lines.append(f"FITS, {gib(target.budget_bytes - p.need_bytes)} to spare "
                      f"({100 * p.need_bytes / target.budget_bytes:.0f}% used)")

@@ -29,7 +29,7 @@ class Plan:
     need_bytes: int  # arguments + outputs - aliased + temporaries + code
     budget_bytes: int
     memory: dict = dataclasses.field(default_factory=dict)  # argument/output/alias/temp/code bytes
-    error: str = ""  # the compiler's RESOURCE_EXHAUSTED message, if it refused
+    error: str = ""  # the compiler's RESOURCE_EXHAUSTED message, if it refused (or the arithmetic's, see below)
     attention: str = ""
     custom_calls: list = dataclasses.field(default_factory=list)
     flops_per_step: float | None = None
@@ -38,6 +38,7 @@ class Plan:
     flops_6n: float = 0.0  # 6N + 12LHQT per token x tokens per step (metrics.flops_per_token)
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {"count", "bytes"} per step
     suggestions: list = dataclasses.field(default_factory=list)
+    by_arithmetic: bool = False  # refused before compiling: the params and AdamW state alone do not fit
 
 
 def resolved(config: TrainConfig, target: Target, grad_accum: int = 1):
@@ -63,6 +64,28 @@ def _lower(tc, cfg, mesh, vocab_limit: int | None, unroll):
     return step.fn.lower(*step.abstract_args())
 
 
+STATE_BYTES_PER_PARAM = 12  # float32 params + AdamW's two float32 moments: what the arguments hold at least
+
+
+def _too_big_to_compile(tc, cfg, mesh, target: Target) -> Plan | None:
+    """A refusal by arithmetic, before anything is traced: the params and AdamW state alone (12 bytes a
+    parameter, split over the fsdp and tensor axes) exceed the device's memory. Tracing and compiling a model
+    that size would take minutes to say the same (or never finish)."""
+    from gpt2_jax.model import count_params  # noqa: PLC0415
+
+    n = count_params(cfg)
+    need = STATE_BYTES_PER_PARAM * n // (mesh.shape["fsdp"] * mesh.shape["tensor"])
+    if need <= target.budget_bytes:
+        return None
+    p = Plan(tc.remat, tc.micro_batch_size, False, need, target.budget_bytes,
+             by_arithmetic=True,
+             error=f"{n / 1e9:.3g}B params x {STATE_BYTES_PER_PARAM} bytes (params + "
+                   f"AdamW) / {mesh.shape['fsdp'] * mesh.shape['tensor']} shards = {gib(need)} per device, more than "
+                   f"{gib(target.budget_bytes)}")
+    p.suggestions = suggestions(tc, mesh, p)
+    return p
+
+
 def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flops: bool = True) -> Plan:
     """Compile the train step of `config` (its remat policy and micro-batch; 0: the trainer's default) for
     `target`, with `grad_accum` micro-batches per step, and read the result."""
@@ -72,6 +95,8 @@ def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flo
 
     tc, cfg, vocab_limit = resolved(config, target, grad_accum)
     mesh = make_mesh(tc.mesh, target.devices)
+    if (refused := _too_big_to_compile(tc, cfg, mesh, target)) is not None:
+        return refused
     lowered = _lower(tc, cfg, mesh, vocab_limit, Unroll.for_platform(target.platform, cfg))  # the target's unrolling
     tokens = tc.total_batch_size
     p = Plan(tc.remat, tc.micro_batch_size, False, 0, target.budget_bytes,
@@ -134,9 +159,12 @@ def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
 
 
 def suggestions(tc, mesh, p: Plan) -> list[str]:
-    """What to change, most effective first."""
+    """What to change, most effective first (where the params and AdamW state alone do not fit, only more
+    devices to split them over can help)."""
     out = []
-    if tc.remat == "none":
+    if p.by_arithmetic:
+        pass
+    elif tc.remat == "none":
         out.append("--remat=full (recompute each block in the backward pass: activations of one block "
                    "instead of all) or --remat=dots (keep the matmul outputs)")
     elif tc.remat == "dots":
@@ -147,7 +175,7 @@ def suggestions(tc, mesh, p: Plan) -> list[str]:
         out.append(f"--mesh=fsdp:{n} (split params and AdamW state over the {n} devices"
                    + (f": {gib(args)} of arguments per device now)" if args else ")"))
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (micro := _micro_estimate(tc, p, dp)) is not None:
+    if not p.by_arithmetic and (micro := _micro_estimate(tc, p, dp)) is not None:
         accum = tc.total_batch_size // (micro * tc.block_size)
         out.append(f"--micro_batch_size={micro} --grad_accum={accum} (same tokens per step; an estimate from "
                    f"temporaries growing in proportion to the micro-batch: --search compiles to check)")
