@@ -165,7 +165,7 @@ def test_tpu_refusal_becomes_does_not_fit(tmp_path):
 
 def test_an_impossible_size_is_refused_by_arithmetic_before_compiling(capsys, monkeypatch):
     """806B params x 12 bytes of params + AdamW state cannot fit any host: the planner says so from the shapes
-    alone (it used to trace and compile for minutes), and suggests only what could help: more devices."""
+    alone (it used to trace and compile for minutes), and suggests only what could help: splitting the state."""
     from gpt2_jax.plan import compile as plan_compile
 
     monkeypatch.setattr(plan_compile, "_lower", lambda *a, **k: pytest.fail("compiled an impossible size"))
@@ -173,4 +173,5 @@ def test_an_impossible_size_is_refused_by_arithmetic_before_compiling(capsys, mo
     out = capsys.readouterr().out
     assert code == 1
     assert "refused by arithmetic, not compiled: 806B params x 12 bytes (params + AdamW) / 1 shards" in out
-    assert "DOES NOT FIT" in out and "--remat" not in out and "--mesh=fsdp:N" in out
+    assert "DOES NOT FIT" in out and "try: --remat" not in out and "try: --micro_batch_size" not in out
+    assert "try: --mesh=fsdp:8 (split params and AdamW state over the 8 devices)" in out  # the session's 8 devices
