@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gpt2_jax import pallas_attention
+
 # Maps attention probabilities (B, nh, T, S) before they weight the values; `block` is the index of the
 # query block they belong to (0 unless the implementation splits the queries into blocks).
 Dropout = Callable[..., jax.Array]
@@ -104,4 +106,6 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "cudnn": Implementation(lambda q, k, v, _: _fused(q, k, v, "cudnn"), dropout=False),
     "blocked": Implementation(lambda q, k, v, dropout: blocked_attention(q, k, v, dropout), dropout=True),
     "einsum": Implementation(lambda q, k, v, dropout: einsum_attention(q, k, v, None, dropout), dropout=True),
+    # Pallas TPU splash attention, per shard of the step's mesh; XLA's path where no mesh is set
+    "splash": Implementation(lambda q, k, v, _: pallas_attention.splash_attention(q, k, v), dropout=False),
 }

@@ -75,7 +75,8 @@ class _NoDiskFullTracebacks(logging.Filter):
                     or any(m in record.getMessage() for m in DISK_FULL))
 
 
-logging.getLogger("absl").addFilter(_NoDiskFullTracebacks())
+for _logger in ("absl", "asyncio"):  # asyncio: tensorstore's failed writes in futures nobody awaited any more
+    logging.getLogger(_logger).addFilter(_NoDiskFullTracebacks())
 
 
 def abstract_like(tree: PyTree) -> PyTree:

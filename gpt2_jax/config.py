@@ -17,7 +17,7 @@ PADDED_VOCAB_SIZE = 50304  # next multiple of 128: faster matmuls, the extra row
 
 # Fields that define the network's shapes. Two configs that differ here cannot share weights.
 ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
-ATTENTION = ("xla", "cudnn", "blocked", "einsum")  # attention.py's implementations (attention.IMPLEMENTATIONS)
+ATTENTION = ("xla", "cudnn", "blocked", "einsum", "splash")  # attention.py's implementations (attention.IMPLEMENTATIONS)
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
 REMAT = ("none", "full", "dots")  # activation checkpointing policies
 PLATFORMS = ("cpu", "gpu", "tpu")  # train.py --platform (launch.py maps them to JAX_PLATFORMS names)
@@ -46,7 +46,8 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
     # How the network is computed, not what it is: changing these keeps weights compatible.
     dtype: str = "float32"  # compute dtype ("bfloat16" on GPU/TPU); params are always float32
-    attention: str = "xla"  # "xla" | "cudnn" (flash attention on NVIDIA) | "blocked" (CPU) | "einsum" (reference)
+    # "xla" | "cudnn" (flash attention on NVIDIA) | "blocked" (CPU) | "einsum" (reference) | "splash" (Pallas, TPU)
+    attention: str = "xla"
     remat: str = "none"  # activation checkpointing per block: "none" | "full" | "dots" (save matmuls)
 
     def __post_init__(self):
@@ -139,6 +140,8 @@ def default_attention(backend: str, dtype: str) -> str:
     """The fastest attention for a platform (jax.default_backend()) and compute dtype."""
     if backend == "gpu" and dtype != "float32":
         return "cudnn"  # flash attention; cuDNN has no float32 kernel
+    if backend == "tpu" and dtype != "float32":
+        return "splash"  # Pallas flash attention that skips masked blocks (pallas_attention.py)
     return "blocked" if backend == "cpu" else "xla"
 
 # XLA flags for NVIDIA GPUs, set by train.py --platform=gpu (and by `python -m gpt2_jax.plan` for GPU targets, so

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gpt2_jax import sharding
 from gpt2_jax.attention import attention, probs_dropout
 from gpt2_jax.config import GPTConfig
 from gpt2_jax.loss import head_logits, lm_head_loss
@@ -243,7 +244,8 @@ class GPT(nnx.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {max_len}; crop the input to the "
                              f"last {max_len} tokens")
         positions = pos + jnp.arange(T)
-        x = self.wte(idx) + self.wpe(positions)[None]  # (B, T, C)
+        # Split by batch under a mesh: propagation would follow the table's `embed` split (sharding.py).
+        x = sharding.constrain_batch(self.wte(idx) + self.wpe(positions)[None])  # (B, T, C)
         keys = (None,) * 2 if dropout_rng is None else tuple(jax.random.split(dropout_rng))
         x = self.drop(x, deterministic=dropout_rng is None, rngs=keys[0])
 

@@ -235,9 +235,10 @@ def test_remat_saves_activation_memory():
 
 
 @pytest.mark.parametrize("backend,dtype,expected", [("cpu", "", "blocked"), ("gpu", "", "cudnn"),
-                                                    ("gpu", "float32", "xla"), ("tpu", "", "xla")])
+                                                    ("gpu", "float32", "xla"), ("tpu", "", "splash"),
+                                                    ("tpu", "float32", "xla")])
 def test_trainer_default_attention_per_platform(backend, dtype, expected):
-    """`--attention` empty: cuDNN on GPUs in bf16 (it has no float32 kernel), blocked on CPU, else XLA's."""
+    """`--attention` empty: cuDNN on GPUs and splash (Pallas) on TPUs in bf16, blocked on CPU, else XLA's."""
     assert resolve(TrainConfig(dtype=dtype), backend, 1).attention == expected
     assert resolve(TrainConfig(dtype=dtype, attention="einsum"), backend, 1).attention == "einsum"  # explicit wins
 

@@ -156,11 +156,15 @@ def test_small_model_fits_v5e_8_data_parallel(tmp_path):
 def test_tpu_refusal_becomes_does_not_fit(tmp_path):
     # 4096 sequences: the tiny model needs 21.8 GiB of temporaries per chip (1024 fit, in 6.6 GiB, since
     # the chunked cross-entropy no longer holds the whole float32 logits).
+    # XLA attention: splash, the TPU default, fits 4096 (12.7 GiB).
     rc, out, p = run_plan(tmp_path, "--target=v5e-8", "--mesh=data:8", "--preset=gpt2", "--micro_batch_size=4096",
-                          *TINY)
+                          "--attention=xla", *TINY)
     assert rc == 1 and not p["fits"] and "RESOURCE_EXHAUSTED" in p["error"]
     assert p["budget_bytes"] == int(15.75 * 2**30) and p["need_bytes"] > p["budget_bytes"]
     assert "DOES NOT FIT" in out and "try: --remat=full" in out
+    # The largest buffers, from XLA's memory-usage report: the (B, H, T, T) scores lead.
+    assert p["largest_buffers"] and "1024,1024]" in p["largest_buffers"][0], p["largest_buffers"]
+    assert "largest buffers (XLA's memory-usage report):" in out
 
 
 def test_an_impossible_size_is_refused_by_arithmetic_before_compiling(capsys, monkeypatch):
@@ -175,3 +179,40 @@ def test_an_impossible_size_is_refused_by_arithmetic_before_compiling(capsys, mo
     assert "refused by arithmetic, not compiled: 806B params x 12 bytes (params + AdamW) / 1 shards" in out
     assert "DOES NOT FIT" in out and "try: --remat" not in out and "try: --micro_batch_size" not in out
     assert "try: --mesh=fsdp:8 (split params and AdamW state over the 8 devices)" in out  # the session's 8 devices
+
+
+@pytest.fixture(scope="module")
+def tiny_v5e_plans(tmp_path_factory) -> dict:
+    """The tiny 2-layer model at micro-batch 64, T=1024, on v5e-8 with the default attention (splash):
+    {"data:8": plan, "fsdp:8": plan}. Two compiles, ~30-60 s each on 2 cores."""
+    plans = {}
+    for mesh in ("data:8", "fsdp:8"):
+        folder = tmp_path_factory.mktemp(mesh.replace(":", ""))
+        rc, _, plans[mesh] = run_plan(folder, "--target=v5e-8", f"--mesh={mesh}", "--preset=gpt2",
+                                      "--micro_batch_size=64", *TINY)
+        assert rc == 0, plans[mesh]
+    return plans
+
+
+@needs("v5e-8")
+def test_fsdp_activations_are_split_by_batch(tiny_v5e_plans):
+    # Before the batch constraint on the embedding output (sharding.constrain_batch), FSDP ran every block on
+    # the whole batch on every chip: 8x the activations of data:8.
+    data, fsdp = tiny_v5e_plans["data:8"], tiny_v5e_plans["fsdp:8"]
+    assert fsdp["memory"]["temp"] <= 1.1 * data["memory"]["temp"], (fsdp["memory"], data["memory"])
+    assert data["budget_bytes"] == int(15.75 * 2**30)  # what libtpu allows on a v5e, not the 16 GiB of HBM
+
+
+@needs("v5e-8")
+def test_tpu_step_holds_the_pallas_kernel(tiny_v5e_plans):
+    for p in tiny_v5e_plans.values():
+        assert "tpu_custom_call" in p["custom_calls"] and p["attention"].startswith("Pallas TPU splash"), p
+
+
+@pytest.mark.slow  # the 48-layer step: 4-8 minutes on 2 shared cores
+@needs("v5e-8")
+def test_gpt2_xl_trains_on_one_v5e_8_with_fsdp_and_remat(tmp_path):
+    # Before the batch constraint: 16.51 GiB of temporaries, refused. After: 8.27 GiB in all with splash.
+    rc, out, p = run_plan(tmp_path, "--target=v5e-8", "--preset=gpt2-xl", "--mesh=fsdp:8", "--remat=full",
+                          "--micro_batch_size=64")
+    assert rc == 0 and p["fits"] and "tpu_custom_call" in p["custom_calls"], out

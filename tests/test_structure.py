@@ -15,9 +15,11 @@ PACKAGE = ROOT / "gpt2_jax"
 # never in a cycle.
 LAYERS = [
     ["config", "storage", "distributed", "tokenizer"],
+    ["sharding"],
+    ["pallas_attention"],
     ["attention", "loss"],
     ["model"],
-    ["convert", "checkpoint", "data", "sharding", "optim", "metrics"],
+    ["convert", "checkpoint", "data", "optim", "metrics"],
     ["runs", "runlock"],
     ["evaluate", "hellaswag", "generate", "plot"],
     ["training"],

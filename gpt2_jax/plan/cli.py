@@ -33,6 +33,7 @@ from pathlib import Path
 
 from gpt2_jax.launch import cpu_if_no_accelerator
 from gpt2_jax.plan.compile import REMATS, Plan, plan_one, resolved, search
+from gpt2_jax.plan.hlo import fsdp_traffic
 from gpt2_jax.plan.hardware import MissingExtra, Target, TargetSpec, gib, load_target, missing_extra, parse_target
 from gpt2_jax.training.settings import TrainConfig, add_flags
 
@@ -71,6 +72,8 @@ def report(config: TrainConfig, target: Target, p: Plan, grad_accum: int = 1) ->
                   f"({target.budget_note})"]
     else:
         lines += [f"{'refused by arithmetic, not compiled' if p.by_arithmetic else 'compiler refused'}: {p.error}"]
+        if p.largest_buffers:
+            lines += ["largest buffers (XLA's memory-usage report):"] + [f"  {b}" for b in p.largest_buffers]
     if p.fits:
         lines.append(f"FITS, {gib(target.budget_bytes - p.need_bytes)} to spare "
                      f"({100 * p.need_bytes / target.budget_bytes:.0f}% used)")
@@ -92,6 +95,9 @@ def report(config: TrainConfig, target: Target, p: Plan, grad_accum: int = 1) ->
     if p.memory:
         coll = ", ".join(f"{k} x{v['count']} ({gib(v['bytes'])})" for k, v in sorted(p.collectives.items()))
         lines.append(f"collectives per step per device: {coll or 'none'}")
+        if (fsdp := fsdp_traffic(p.collectives)) and mesh.shape["fsdp"] > 1:
+            lines.append(f"  FSDP weight gathers: {gib(fsdp)} (all-gathers and, on TPU, the collective-permute "
+                         f"rings XLA turns them into)")
     return "\n".join(lines)
 
 

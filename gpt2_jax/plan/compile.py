@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
+from pathlib import Path
 
 from gpt2_jax.plan.hardware import Target, gib, load_target, parse_target
 from gpt2_jax.plan.hlo import _first_line, _parse_exhausted, attention_kernel, collectives, custom_calls
@@ -30,6 +32,7 @@ class Plan:
     budget_bytes: int
     memory: dict = dataclasses.field(default_factory=dict)  # argument/output/alias/temp/code bytes
     error: str = ""  # the compiler's RESOURCE_EXHAUSTED message, if it refused (or the arithmetic's, see below)
+    largest_buffers: list = dataclasses.field(default_factory=list)  # if it refused: "size: shapes", largest first
     attention: str = ""
     custom_calls: list = dataclasses.field(default_factory=list)
     flops_per_step: float | None = None
@@ -109,6 +112,7 @@ def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flo
         p.error = _first_line(str(e), "RESOURCE_EXHAUSTED")
         p.need_bytes, budget = _parse_exhausted(str(e))
         p.budget_bytes = budget or target.budget_bytes
+        p.largest_buffers = largest_buffers(lowered)
     else:
         m = compiled.memory_analysis()
         p.memory = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
@@ -130,6 +134,26 @@ def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flo
     return p
 
 
+def largest_buffers(lowered, n: int = 8) -> list[str]:
+    """The largest buffers of a compile the compiler refused for lack of memory: compiled again with
+    `xla_dump_to`, which writes XLA's memory-usage report even then. ["4.00GiB: 5×bf16[2,1,512,...]", ...]."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            lowered.compile({"xla_dump_to": folder})
+        except Exception:  # noqa: BLE001, S110 -- refused again, as expected: the report is written
+            pass
+        reports = sorted(Path(folder).glob("*memory-usage-report.txt"))
+        text = reports[0].read_text() if reports else ""
+    rows = []  # "  cumulative;  size;  offset;  n values;  shapes" after the first dashed line
+    for line in text.split("-" * 20, 1)[-1].splitlines() if text else []:
+        parts = [c.strip() for c in line.split(";")]
+        if len(parts) == 5:
+            rows.append(f"{parts[1]}: {parts[4]}")
+        elif rows:
+            break
+    return rows[:n]
+
+
 def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
     """FLOPs of one optimizer step, all devices together.
 
@@ -137,8 +161,9 @@ def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
     grad_accum scan would be counted as one layer and one micro-batch. So the FLOPs are counted on a CPU
     lowering of the same step with the layers unrolled and one micro-batch, times grad_accum (the
     optimizer update, ~10 FLOPs per parameter, is then counted grad_accum times: noise). The attention
-    is lowered as "xla" there (cuDNN has no CPU lowering), i.e. counted over the full T x T scores, as the
-    compiled kernels for XLA attention compute them. The compiled program's own count, where the backend
+    is lowered as "xla" there (cuDNN and the Pallas TPU kernels have no CPU lowering), i.e. counted over the
+    full T x T scores, as the compiled kernels for XLA attention compute them (splash skips the masked
+    blocks: it computes a little over half of them). The compiled program's own count, where the backend
     gives one (TPU), is a lower bound only for the same reason, and is not used.
     """
     import jax  # noqa: PLC0415
@@ -149,7 +174,7 @@ def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
     grad_accum = tc.total_batch_size // (tc.micro_batch_size * tc.block_size)
     one = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size, mesh="data:1")
     mesh = make_mesh("data:1", jax.devices("cpu")[:1])
-    attention = "xla" if cfg.attention == "cudnn" else cfg.attention
+    attention = "xla" if cfg.attention in ("cudnn", "splash") else cfg.attention
     unroll = Unroll(layers=True, loss_chunks=True)  # every loop unrolled: XLA counts a loop body once
     cost = _lower(one, cfg.replace(attention=attention), mesh, vocab_limit, unroll).cost_analysis()
     flops = (cost or {}).get("flops")

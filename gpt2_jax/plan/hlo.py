@@ -19,6 +19,10 @@ def attention_kernel(custom_calls: list[str], implementation: str) -> str:
     fmha = [c for c in custom_calls if c.startswith("__cudnn$fmha")]
     if fmha:
         return f"cuDNN flash attention ({', '.join(fmha)})"
+    if "tpu_custom_call" in custom_calls and implementation == "splash":
+        return "Pallas TPU splash attention (tpu_custom_call), per shard"
+    if implementation == "splash":
+        return "XLA -- no Pallas kernel (tpu_custom_call) in the program!"
     missing = " -- no cuDNN attention in the program!" if implementation == "cudnn" else ""
     return f"XLA ({implementation} attention as matmuls and fusions, no flash kernel){missing}"
 
@@ -95,3 +99,9 @@ def _parse_exhausted(message: str) -> tuple[int, int | None]:
     need = next((int(a) for a, label in amounts if "exceed" not in label and "available" not in label), 0)
     avail = next((int(a) for a, label in amounts if "available" in label), None)
     return need, avail
+
+
+def fsdp_traffic(collectives: dict) -> int:
+    """Bytes per step of FSDP's weight gathers: all-gathers, and the collective-permutes that XLA's TPU
+    backend turns them into (rings of neighbour exchanges), as `collectives` counts them."""
+    return sum(collectives.get(k, {}).get("bytes", 0) for k in ("all-gather", "collective-permute"))

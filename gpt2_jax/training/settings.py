@@ -107,8 +107,8 @@ class TrainConfig:
     dropout: float = _flag(-1.0, f"dropout rate (-1: the preset's; {_C['dropout']:g} for char on CPU)", low=0.0, below=1.0)
     dtype: str = _flag("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on gpu/tpu, float32 on cpu)",
                        choices=DTYPES)
-    attention: str = _flag("", "xla | cudnn | blocked | einsum (empty: cudnn on gpu with bfloat16, blocked on "
-                                "cpu, else xla)", choices=ATTENTION)
+    attention: str = _flag("", "xla | cudnn | blocked | einsum | splash (empty: cudnn on gpu and splash on tpu "
+                                "with bfloat16, blocked on cpu, else xla)", choices=ATTENTION)
     remat: str = _flag("none", "activation checkpointing per block: none | full | dots", choices=REMAT)
     data_order: str = _flag("shuffle", "order of the train windows: shuffle (a seeded permutation per epoch, from "
                             "--seed) | sequential (contiguous stretches, build-nanogpt's order)",

@@ -41,11 +41,15 @@ def optim_config(tc: TrainConfig) -> OptimConfig:
                        eps=tc.eps, grad_clip=tc.grad_clip)
 
 
-def _loss_fn(model_def, vocab_limit: int | None, dropout: bool, unroll):
-    """(params, x, y, key) -> the mean loss of one micro-batch (x, y: (micro_batch, T))."""
+def _loss_fn(model_def, vocab_limit: int | None, dropout: bool, unroll, mesh):
+    """(params, x, y, key) -> the mean loss of one micro-batch (x, y: (micro_batch, T)).
+
+    Traced with `mesh` as the context: activations split by batch (sharding.constrain_batch) and the Pallas
+    attention's shard_map find it there (jax.sharding.use_abstract_mesh: jax.set_mesh does not work under jit)."""
     def loss_fn(params, x, y, key):
-        return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key if dropout else None,
-                                                 unroll=unroll)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key if dropout else None,
+                                                     unroll=unroll)
 
     return loss_fn
 
@@ -70,7 +74,7 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
         # overwrite `state` too, and a non-finite step could not be undone.
         ts = nnx.merge(graphdef, state, copy=True)
         model_def, params = nnx.split(ts.model)
-        loss_fn = _loss_fn(model_def, vocab_limit, dropout, unroll)
+        loss_fn = _loss_fn(model_def, vocab_limit, dropout, unroll, batch_sharding.mesh)
 
         def micro_step(carry, batch):
             loss_sum, grad_sum = carry
@@ -112,7 +116,7 @@ def make_micro_steps(graphdef, state_shardings, batch_sharding, grad_accum: int,
         model_def, params = nnx.split(nnx.merge(graphdef, state).model)
         key = jax.random.split(rng, grad_accum)[i] if dropout else None
         xi, yi = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (x, y))
-        loss_fn = _loss_fn(model_def, vocab_limit, dropout, unroll)
+        loss_fn = _loss_fn(model_def, vocab_limit, dropout, unroll, batch_sharding.mesh)
         loss, grads = jax.value_and_grad(loss_fn)(params, xi, yi, key)
         return {"loss": acc["loss"] + loss, "grads": jax.tree.map(jnp.add, acc["grads"], grads)}, loss
 
@@ -130,7 +134,8 @@ def make_micro_steps(graphdef, state_shardings, batch_sharding, grad_accum: int,
 
 def make_eval_step(graphdef, state_shardings, batch_sharding, vocab_limit: int | None = None):
     def eval_step(state, x, y):
-        return nnx.merge(graphdef, state).model.loss(x, y, vocab_limit)
+        with jax.sharding.use_abstract_mesh(batch_sharding.mesh.abstract_mesh):  # as in the train step
+            return nnx.merge(graphdef, state).model.loss(x, y, vocab_limit)
 
     return jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding, batch_sharding),
                    out_shardings=sharding.replicated(batch_sharding.mesh))
