@@ -141,7 +141,9 @@ def test_load_run_restores_only_the_model(tmp_path, char_data, monkeypatch):
     from gpt2_jax.runs import load_run
     from gpt2_jax.training import run
 
-    summary = run(tiny_train_config(tmp_path / "run", char_data, max_steps=2, mesh="data:1"))
+    # 64 wide: at 32 wide what a restore reads besides the params (metadata, whole chunks) measured 24% of
+    # them, past the 1.2 bound below; at 64 wide, 1%.
+    summary = run(tiny_train_config(tmp_path / "run", char_data, n_embd=64, max_steps=2, mesh="data:1"))
     restored = []  # the trees Checkpointer.restore returns to load_run
     real_restore = Checkpointer.restore
 
@@ -161,7 +163,6 @@ def test_load_run_restores_only_the_model(tmp_path, char_data, monkeypatch):
     params = nnx.state(model, nnx.Param)
     assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(nnx.state(model))) == len(jax.tree.leaves(params))
     size = sum(x.nbytes for x in jax.tree.leaves(params))
-    print("READ", read, size)
     assert read < 1.2 * size, (read, size)  # AdamW's two moments (2 * size) stayed on disk
     assert_trees_equal(params, summary["params"])
 
