@@ -1,5 +1,5 @@
-"""Fixtures of tests/: the GPT-2 BPE check, a small BPE training run shared by several modules, and a
-local GCS emulator (gs:// on 127.0.0.1, see gcs_emulator.py).
+"""Fixtures of tests/: the GPT-2 BPE check, the char data of the tiny training runs (tiny.py), a small BPE
+training run shared by several modules, and a local GCS emulator (gs:// on 127.0.0.1, see gcs_emulator.py).
 (The shared folder's fixtures -- shared_dir, tiny_shakespeare, hellaswag_file -- are in the root conftest.py.)
 """
 
@@ -15,6 +15,8 @@ import pytest
 # Before gcsfs or google-auth is imported anywhere: no test may look for cloud credentials or a metadata
 # server, and gcsfs's bucket-layout gRPC probe stays off (see gcs_emulator.OFFLINE_ENV).
 os.environ.update(gcs_emulator.OFFLINE_ENV)
+
+import tiny  # noqa: E402  (imports gpt2_jax)
 
 
 @pytest.fixture(scope="session")
@@ -85,11 +87,7 @@ def gcs_dir(gcs_emulator_env, request) -> str:
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """Char-level shards of the first 100K characters of the bundled corpus, for the train.py runs of
-    test_reliability.py and test_bucket_run.py."""
-    from gpt2_jax import data as data_lib
-
-    folder = tmp_path_factory.mktemp("char-data")
-    data_lib.prepare_text_string(data_lib.default_corpus()[:100_000], folder, tokenizer="char")
-    return folder
+def char_data(tmp_path_factory) -> Path:
+    """The char data of tiny.py (char-level shards of the bundled corpus's first 100K characters), made once
+    per session: the data of every test's tiny training run (tiny.tiny_train_config)."""
+    return tiny.write_char_data(tmp_path_factory.mktemp("char-data"))

@@ -18,6 +18,7 @@ from gpt2_jax.config import GPTConfig
 from gpt2_jax.loss import cross_entropy
 from gpt2_jax.model import GPT
 from gpt2_jax.training.settings import TrainConfig, resolve
+from tiny import TINY_MODEL, tiny_model
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")
@@ -33,8 +34,6 @@ BF16_ATOL = 2e-2
 BF16_LOSS_ATOL = 2e-2
 # Remat recomputes the same float32 ops; XLA may fuse them differently (measured: loss equal, grads 1.5e-8).
 REMAT_ATOL = 1e-5
-
-TINY = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +118,7 @@ def test_model_sends_attention_dropout_through_the_blocked_path(monkeypatch):
     calls, real = [], attention_lib.blocked_attention
     monkeypatch.setattr(attention_lib, "blocked_attention",
                         lambda q, k, v, dropout=None: calls.append(dropout is not None) or real(q, k, v, dropout))
-    cfg = TINY.replace(dropout=0.2, attention="blocked", block_size=160)
+    cfg = TINY_MODEL.replace(dropout=0.2, attention="blocked", block_size=160)
     _, with_dropout, _ = loss_and_grads(cfg, dropout_rng=jax.random.key(3))
     _, without, _ = loss_and_grads(cfg)
     assert calls == [True, False]  # traced once per call (the layers share one scan body)
@@ -140,9 +139,9 @@ def test_cudnn_causal_training_path_matches_reference(T):
 def test_kv_cache_decode_matches_full_forward_per_implementation(impl):
     """Prefill 5 tokens, then decode one at a time: the logits equal one full forward pass of the plain
     einsum model. A "cudnn" model decodes in float32 on any platform (its masked path is XLA's)."""
-    idx = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY.vocab_size)
-    full = GPT(TINY.replace(attention="einsum"), rngs=nnx.Rngs(0))(idx)
-    model = GPT(TINY.replace(attention=impl), rngs=nnx.Rngs(0))  # the same weights: the same seed
+    idx = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY_MODEL.vocab_size)
+    full = tiny_model(attention="einsum")(idx)
+    model = tiny_model(attention=impl)  # the same weights: the same seed
     for layers in (None, model.split_layers()):  # the stacked weights, or split once for a decode loop
         decode = nnx.jit(lambda m, x, c, p, layers=layers: m.decode(x, c, p, layers))
         cache = model.init_cache(2, 16)
@@ -161,7 +160,7 @@ def test_cudnn_with_float32_compute_is_a_clear_error():
 
 
 def loss_and_grads(cfg: GPTConfig, weight_scale: float = 1.0, dropout_rng=None):
-    """Loss and gradients of a TINY model: the same weights for any dtype/attention/remat, with the
+    """Loss and gradients of a tiny model: the same weights for any dtype/attention/remat, with the
     matrices scaled by `weight_scale` (at GPT-2's init scale the logits are nearly flat and the loss is
     ln(vocab) whatever the arithmetic; scaled up, the loss depends on every value)."""
     model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -175,14 +174,14 @@ def loss_and_grads(cfg: GPTConfig, weight_scale: float = 1.0, dropout_rng=None):
 
 
 def test_bfloat16_keeps_float32_params_and_loss_close_to_float32():
-    f32_model, f32_loss, _ = loss_and_grads(TINY, weight_scale=10.0)
-    bf16_model, bf16_loss, bf16_grads = loss_and_grads(TINY.replace(dtype="bfloat16"), weight_scale=10.0)
+    f32_model, f32_loss, _ = loss_and_grads(TINY_MODEL, weight_scale=10.0)
+    bf16_model, bf16_loss, bf16_grads = loss_and_grads(TINY_MODEL.replace(dtype="bfloat16"), weight_scale=10.0)
     params = nnx.state(bf16_model, nnx.Param)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(bf16_grads))
     same = jax.tree.map(np.array_equal, params, nnx.state(f32_model, nnx.Param))
     assert all(jax.tree.leaves(same))  # same weights: only the compute dtype differs
-    assert float(f32_loss) > np.log(TINY.vocab_size) + 0.3  # logits are far from flat
+    assert float(f32_loss) > np.log(TINY_MODEL.vocab_size) + 0.3  # logits are far from flat
     assert bf16_loss.dtype == jnp.float32
     assert abs(float(bf16_loss) - float(f32_loss)) <= BF16_LOSS_ATOL  # measured 1.1e-3
     assert float(bf16_loss) != float(f32_loss)  # the bf16 path really ran in bf16
@@ -191,11 +190,11 @@ def test_bfloat16_keeps_float32_params_and_loss_close_to_float32():
 def test_bfloat16_rounds_matmul_inputs_but_keeps_the_residual_stream_float32():
     """As under torch autocast (nanoGPT): embeddings and the residual sums stay float32, LayerNorms hand
     the compute dtype to the matmuls, and the matmuls run in bfloat16."""
-    model = GPT(TINY.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model = tiny_model(dtype="bfloat16")
     assert model.wte(jnp.zeros((1, 4), jnp.int32)).dtype == jnp.float32
     assert model.wpe(jnp.arange(4)).dtype == jnp.float32
     block = nnx.merge(nnx.graphdef(model.h), model.split_layers()[0])  # one block, unstacked
-    x = jax.random.normal(jax.random.key(4), (1, 4, TINY.n_embd), jnp.float32)
+    x = jax.random.normal(jax.random.key(4), (1, 4, TINY_MODEL.n_embd), jnp.float32)
     assert block(x)[0].dtype == jnp.float32
     assert block.ln_1(x).dtype == jnp.bfloat16
     assert block.attn.c_attn(block.ln_1(x)).dtype == jnp.bfloat16
@@ -208,7 +207,8 @@ def test_bfloat16_rounds_matmul_inputs_but_keeps_the_residual_stream_float32():
 def test_remat_gives_same_loss_and_grads(remat, dropout, impl):
     """Recomputing a block in the backward pass must not change anything, dropout masks included
     (blocked: T=160, three query blocks, each with its own dropout mask)."""
-    cfg = TINY.replace(dropout=dropout, attention=impl, block_size=160 if impl == "blocked" else TINY.block_size)
+    cfg = TINY_MODEL.replace(dropout=dropout, attention=impl,
+                             block_size=160 if impl == "blocked" else TINY_MODEL.block_size)
     rng = jax.random.key(3) if dropout else None
     _, loss, grads = loss_and_grads(cfg, dropout_rng=rng)
     _, loss_r, grads_r = loss_and_grads(cfg.replace(remat=remat), dropout_rng=rng)
@@ -219,7 +219,7 @@ def test_remat_gives_same_loss_and_grads(remat, dropout, impl):
 def test_remat_saves_activation_memory():
     """XLA's buffer plan for the gradient: remat must shrink the temporaries. (It silently stops doing
     so if the layer loop is unrolled: XLA then schedules the recomputation early and keeps everything.)"""
-    cfg = TINY.replace(n_layer=4, block_size=64)
+    cfg = TINY_MODEL.replace(n_layer=4, block_size=64)
     x = jnp.zeros((8, cfg.block_size), jnp.int32)
 
     def temp_bytes(remat: str) -> int:

@@ -49,8 +49,8 @@ FLAGS = {**reliability.FLAGS, "max_steps": STEPS, "keep_checkpoints": 2, "tensor
          "local_device_count": 2}
 
 
-def flags(data_dir, out_dir, **overrides) -> list[str]:
-    return reliability.flags(data_dir, out_dir, **{**FLAGS, **overrides})
+def flags(data, out_dir, **overrides) -> list[str]:
+    return reliability.flags(data, out_dir, **{**FLAGS, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +92,12 @@ def params_of(model) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
-def test_train_kill_resume_and_tools_in_a_bucket(tmp_path, data_dir, env, gcs_dir, capsys):
+def test_train_kill_resume_and_tools_in_a_bucket(tmp_path, char_data, env, gcs_dir, capsys):
     reference = tmp_path / "reference"  # the same flags, a local out_dir, never interrupted
-    train(flags(data_dir, reference), env, tmp_path / "ref.txt")
+    train(flags(char_data, reference), env, tmp_path / "ref.txt")
 
     run = f"{gcs_dir}/run"
-    args = flags(data_dir, run)
+    args = flags(char_data, run)
     with TrainProcess(args, env=env, stderr_path=tmp_path / "1.txt") as p:
         deadline = time.monotonic() + TIMEOUT
         while not committed_steps(env, run) and p.proc.poll() is None and time.monotonic() < deadline:
@@ -132,7 +132,7 @@ def test_train_kill_resume_and_tools_in_a_bucket(tmp_path, data_dir, env, gcs_di
     assert sample.main([f"--init_from={run}", "--num_samples=1", "--max_new_tokens=8", "--temperature=0",
                         "--prompt=The"]) == 0
     assert "--- sample 0 ---\nThe" in capsys.readouterr().out
-    assert evaluate_cli.main(["loss", f"--init_from={run}", f"--data={data_dir}", "--batch_size=8",
+    assert evaluate_cli.main(["loss", f"--init_from={run}", f"--data={char_data}", "--batch_size=8",
                               "--block_size=32", "--max_batches=2", "--no_progress", f"--out={run}/eval.json"]) == 0
     assert json.loads(epath.Path(f"{run}/eval.json").read_text())["batches"] == 2
 
@@ -149,12 +149,12 @@ def test_train_kill_resume_and_tools_in_a_bucket(tmp_path, data_dir, env, gcs_di
     assert epath.Path(f"{run}/loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_missing_bucket_fails_before_compiling(data_dir, gcs_emulator_env, monkeypatch):
+def test_missing_bucket_fails_before_compiling(char_data, gcs_emulator_env, monkeypatch):
     def no_compile(*args, **kwargs):
         raise AssertionError("setup went on to build the train step")
 
     monkeypatch.setattr(trainer, "build_step", no_compile)
-    tc = TrainConfig(**{**FLAGS, "local_device_count": 0, "mesh": ""}, data=str(data_dir),
+    tc = TrainConfig(**{**FLAGS, "local_device_count": 0, "mesh": ""}, data=str(char_data),
                      out_dir="gs://no-such-bucket/run")
     t0 = time.monotonic()
     with pytest.raises(OSError, match=r"--out_dir=gs://no-such-bucket/run \(bucket 'no-such-bucket'\) \(no such "
@@ -164,7 +164,7 @@ def test_missing_bucket_fails_before_compiling(data_dir, gcs_emulator_env, monke
     assert not [n for n in objects(gcs_emulator_env, "") if n.startswith("no-such-bucket")]
 
 
-def test_unreachable_storage_fails_within_the_probe_timeout(tmp_path, data_dir, env):
+def test_unreachable_storage_fails_within_the_probe_timeout(tmp_path, char_data, env):
     """Nothing listens on the storage port: train.py stops with the bucket and the connection error,
     after GPT2_JAX_STORAGE_TIMEOUT seconds (gcsfs alone would retry for ~33 s), before compiling."""
     with socket.socket() as s:
@@ -172,7 +172,7 @@ def test_unreachable_storage_fails_within_the_probe_timeout(tmp_path, data_dir, 
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     bad = {**env, "STORAGE_EMULATOR_HOST": closed, "TENSORSTORE_GCS_HTTP_URL": closed, "GPT2_JAX_STORAGE_TIMEOUT": "4"}
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "train.py", *flags(data_dir, f"gs://{gcs_emulator.BUCKET}/unreachable")],
+    r = subprocess.run([sys.executable, "train.py", *flags(char_data, f"gs://{gcs_emulator.BUCKET}/unreachable")],
                        cwd=ROOT, env=bad, capture_output=True, text=True, timeout=TIMEOUT)
     elapsed = time.monotonic() - t0
     assert r.returncode == 1, r.stderr[-3000:]

@@ -22,9 +22,10 @@ import train
 from gpt2_jax import data as data_lib
 from gpt2_jax import evaluate, export, plot, sample
 from gpt2_jax.tokenizer import read_meta
+from tiny import TINY_MODEL, TINY_RUN, tiny_train_config, train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(n_layer=1, n_head=2, n_embd=32, block_size=32)
+ONE_LAYER = dict(n_layer=1, mesh="data:1")  # the tiny run (tiny.py) with 1 layer, on one device
 
 
 def _fails(main, argv, capsys, status: int) -> str:
@@ -42,13 +43,12 @@ def _fails(main, argv, capsys, status: int) -> str:
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     """A tiny random GPT-2 as an HF folder (config.json + model.safetensors; 128 tokens, more than the char
-    data_dir has), written with numpy in HF's names and layouts (building a GPT eagerly costs ~20 s on a loaded 2-core machine)."""
+    data has), written with numpy in HF's names and layouts (building a GPT eagerly costs ~20 s on a loaded 2-core machine)."""
     from safetensors.numpy import save_file
 
-    from gpt2_jax.config import GPTConfig
     from gpt2_jax.convert import config_to_hf
 
-    cfg = GPTConfig(**TINY, vocab_size=128)
+    cfg = TINY_MODEL.replace(n_layer=1, vocab_size=128)
     C, T, V = cfg.n_embd, cfg.block_size, cfg.vocab_size
     shapes = {"wte.weight": (V, C), "wpe.weight": (T, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
     for name, shape in {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
@@ -161,15 +161,12 @@ def test_text_that_is_not_utf8_names_the_file(content, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(data_dir, tmp_path_factory) -> Path:
+def tiny_run(char_data, tmp_path_factory) -> Path:
     """A 2-step char-level training run (in this process), checkpointed at steps 1 and 2."""
     from gpt2_jax.training import run
-    from gpt2_jax.training.settings import TrainConfig
 
     out = tmp_path_factory.mktemp("run") / "out"
-    run(TrainConfig(preset="char", **TINY, micro_batch_size=8, max_steps=2, warmup_steps=1, data=str(data_dir),
-                    out_dir=str(out), eval_every=0, sample_every=0, checkpoint_every=1, tensorboard=False,
-                    dropout=0.0, dtype="float32", attention="xla", mesh="data:1", compile_cache="off"))
+    run(tiny_train_config(out, char_data, **ONE_LAYER, max_steps=2, checkpoint_every=1, compile_cache="off"))
     return out
 
 
@@ -251,13 +248,8 @@ def _can_mount_tmpfs(tmp_path) -> bool:
         return False
 
 
-TRAIN_FLAGS = ["--platform=cpu", "--preset=char", *(f"--{k}={v}" for k, v in TINY.items()), "--micro_batch_size=8",
-               "--warmup_steps=1", "--eval_every=0", "--sample_every=0", "--tensorboard=false", "--dropout=0",
-               "--dtype=float32", "--attention=xla", "--mesh=data:1"]
-
-
 @pytest.mark.slow
-def test_train_on_a_full_disk_stops_with_one_line(data_dir, tmp_path):
+def test_train_on_a_full_disk_stops_with_one_line(char_data, tmp_path):
     """train.py with its out_dir on a real 700 KiB filesystem (a tmpfs in a private mount namespace:
     `unshare -rm`), where the first checkpoint (~330 KiB) fits and the second does not: one line naming the
     folder and the free space, exit 1, and checkpoint 1 intact (the folder is copied out before the
@@ -266,8 +258,9 @@ def test_train_on_a_full_disk_stops_with_one_line(data_dir, tmp_path):
     small.mkdir()
     if not _can_mount_tmpfs(small):
         pytest.skip("no private mount namespace here (unshare -rm + mount tmpfs); the patched test covers it")
-    train_cmd = " ".join([sys.executable, "train.py", *TRAIN_FLAGS, f"--data={data_dir}", f"--out_dir={small}/out",
-                          "--max_steps=6", "--checkpoint_every=1"])
+    train_cmd = " ".join([sys.executable, "train.py", *train_flags({
+        **TINY_RUN, **ONE_LAYER, "platform": "cpu", "data": char_data, "out_dir": f"{small}/out", "max_steps": 6,
+        "checkpoint_every": 1})])
     r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=700k tmpfs {small} && {train_cmd}; "
                         f"status=$?; cp -r {small}/out {kept}; exit $status"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -290,13 +283,13 @@ def test_train_on_a_full_disk_stops_with_one_line(data_dir, tmp_path):
 # ------------------------------------------------------------------------------------- results files
 
 
-def _evaluate(hf_folder, data_dir, out) -> list[str]:
-    return ["loss", "--init_from", str(hf_folder), "--data", str(data_dir), "--max_batches=1", "--no_progress",
+def _evaluate(hf_folder, data, out) -> list[str]:
+    return ["loss", "--init_from", str(hf_folder), "--data", str(data), "--max_batches=1", "--no_progress",
             "--out", str(out)]
 
 
 @pytest.mark.parametrize("where", ["a folder", "under a file"])
-def test_unusable_results_file_fails_before_the_work(where, data_dir, tmp_path, capsys):
+def test_unusable_results_file_fails_before_the_work(where, char_data, tmp_path, capsys):
     """evaluate --out / plot --out that cannot be written: exit 2 and one line, before the evaluation runs
     (it used to run to the end, then lose the results to a traceback). --init_from names no model at all:
     had the evaluation started, the error would be that one."""
@@ -304,16 +297,16 @@ def test_unusable_results_file_fails_before_the_work(where, data_dir, tmp_path, 
     out = tmp_path if where == "a folder" else tmp_path / "file" / "results.json"
     message = f"--out {out} is a folder; pass a file name in it" if where == "a folder" else \
         f"--out {out}: cannot write in {out.parent} ("
-    err = _fails(evaluate.main, _evaluate(tmp_path / "no-model", data_dir, out), capsys, 2)
+    err = _fails(evaluate.main, _evaluate(tmp_path / "no-model", char_data, out), capsys, 2)
     assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1
     err = _fails(plot.main, [str(tmp_path / "no-run"), "--out", str(out)], capsys, 2)
     assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written, no probe left
 
 
-def test_results_file_folder_is_made(hf_folder, data_dir, tmp_path, capsys):
+def test_results_file_folder_is_made(hf_folder, char_data, tmp_path, capsys):
     out = tmp_path / "new" / "sub" / "loss.json"
-    assert evaluate.main(_evaluate(hf_folder, data_dir, out)) == 0
+    assert evaluate.main(_evaluate(hf_folder, char_data, out)) == 0
     assert json.loads(out.read_text())["batches"] == 1
     run = tmp_path / "run"
     run.mkdir()
@@ -471,12 +464,11 @@ def _c_attn_shapes(step_dir: Path) -> set[tuple]:
 
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
-def test_a_run_saved_before_the_c_attn_layout_change_loads_and_resumes(tiny_run, data_dir, tmp_path, capsys):
+def test_a_run_saved_before_the_c_attn_layout_change_loads_and_resumes(tiny_run, char_data, tmp_path, capsys):
     """Runs saved before c_attn became (C, 3, n_head, head_dim) used to fail with a shape error. Restoring reads
     the array metadata, finds the old shapes, reads them as saved and reshapes: export gives the same file as
     from the same run in the new layout, and training resumes, writing the new layout."""
     from gpt2_jax.training import run
-    from gpt2_jax.training.settings import TrainConfig
 
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old)
@@ -490,10 +482,7 @@ def test_a_run_saved_before_the_c_attn_layout_change_loads_and_resumes(tiny_run,
         (tmp_path / "hf-new" / "model.safetensors").read_bytes()
 
     with pytest.warns(UserWarning, match="reshaped on restore"):
-        summary = run(TrainConfig(preset="char", **TINY, micro_batch_size=8, max_steps=3, warmup_steps=1,
-                                  data=str(data_dir), out_dir=str(old), eval_every=0, sample_every=0,
-                                  checkpoint_every=1, tensorboard=False, dropout=0.0, dtype="float32",
-                                  attention="xla", mesh="data:1"))
+        summary = run(tiny_train_config(old, char_data, **ONE_LAYER, max_steps=3, checkpoint_every=1))
     assert summary["start_step"] == 2 and summary["step"] == 3
     assert _c_attn_shapes(old / "checkpoints" / "3") == {(1, 32, 3, 2, 16)}
 

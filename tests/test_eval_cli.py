@@ -20,6 +20,7 @@ from flax import nnx
 
 from gpt2_jax import data as data_lib
 from gpt2_jax.evaluate import main, shard_batches
+from tiny import TINY_MODEL, tiny_train_config
 
 HELLASWAG_LIMIT = 20  # the in-loop limit of the bpe_run fixture (tests/conftest.py)
 # The CLI's loss: float32 logits and logsumexp over 50257 ids, averaged over a few hundred tokens;
@@ -141,11 +142,11 @@ def test_hellaswag_in_the_training_loop_equals_the_cli(bpe_run, hellaswag_file, 
 
 
 def test_hellaswag_refuses_a_char_level_model(hellaswag_file, capsys, tmp_path):
-    from gpt2_jax import GPT, GPTConfig, export_hf
+    from gpt2_jax import GPT, export_hf
     from gpt2_jax.runs import TOKENIZER_FILE
 
     tokenizer = data_lib.Tokenizer.char("abcdefghij ")
-    cfg = GPTConfig(block_size=16, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_embd=8)
+    cfg = TINY_MODEL.replace(vocab_size=tokenizer.vocab_size)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))  # shapes only: the values
     model = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state))  # don't matter here
     folder = export_hf(model, tmp_path / "char-hf")
@@ -160,16 +161,14 @@ def test_in_loop_val_loss_equals_the_cli_on_tiny_shakespeare(tiny_shakespeare, c
     """The trainer's in-loop val loss covers the whole val split (111K characters, far below
     --eval_tokens) with the windows `evaluate loss` reads, so on the same checkpoint the two agree: both
     average the same per-token float32 losses, in batches of the same shape (measured difference ~1e-7)."""
-    from gpt2_jax.training.settings import TrainConfig
     from gpt2_jax.metrics import read_metrics
     from gpt2_jax.training import run
 
     data = tmp_path / "data"
     assert data_lib.main(["text", str(tiny_shakespeare), "--out", str(data), "--tokenizer", "char"]) == 0
     B, T = 16, 64
-    run(TrainConfig(preset="char", n_layer=1, n_head=2, n_embd=32, block_size=T, micro_batch_size=B, max_steps=3,
-                    data=str(data), out_dir=str(tmp_path / "run"), eval_every=3, sample_every=0,
-                    tensorboard=False, dtype="float32", attention="xla", mesh="data:1"))
+    run(tiny_train_config(tmp_path / "run", data, n_layer=1, block_size=T, micro_batch_size=B,
+                          total_batch_size=B * T, eval_every=3, mesh="data:1"))
     in_loop = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
     code, result, err = cli(capsys, tmp_path, "loss", f"--init_from={tmp_path / 'run'}", f"--data={data}",
                             f"--batch_size={B}", f"--block_size={T}")

@@ -24,9 +24,9 @@ import torch
 from flax import nnx
 
 from gpt2_jax import GPT, export_hf, load_hf
-from gpt2_jax.config import GPTConfig
 from gpt2_jax.generate import filter_logits, generate, next_token
 from gpt2_jax.sample import main
+from tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234
@@ -114,7 +114,7 @@ def tiny_model() -> GPT:
     and positions: embeddings N(0, 0.3^2), matrices N(0, 1/fan_in), LayerNorm gains 1 + N(0, 0.1^2),
     biases N(0, 0.1^2). (At GPT-2's init scale a tiny random model soon repeats one token forever,
     which every window rule reproduces; the test below checks that this one tells rules apart.)"""
-    model = GPT(GPTConfig(block_size=WINDOW, vocab_size=96, n_layer=2, n_head=2, n_embd=32), rngs=nnx.Rngs(0))
+    model = GPT(TINY_MODEL.replace(block_size=WINDOW, vocab_size=96), rngs=nnx.Rngs(0))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))
 
     def draw(i: int, path, a: jax.Array) -> jax.Array:

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from gpt2_jax import GPT, GPTConfig
+from gpt2_jax import GPT
 from gpt2_jax.evaluate import main
 from gpt2_jax.hellaswag import download_hellaswag, evaluate_hellaswag, load_hellaswag, pack_batch, render_example
+from tiny import TINY_MODEL
 
-TINY = GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+TINY = TINY_MODEL.replace(block_size=128, vocab_size=50257)  # GPT-2's ids; rows here are up to 86 tokens
 N_EXAMPLES = 50
 # float32 throughout; the two implementations sum in different orders (fused XLA kernels vs torch ops),
 # which moves a per-token loss of ~10.8 (= ln 50257) by ~1e-6, and a summed ending loss (<= ~30 tokens)
@@ -154,7 +155,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 8, jax.devices()
     encode = tiktoken.get_encoding("gpt2").encode_ordinary
     examples = load_hellaswag(sys.argv[1], limit=16)
-    model = GPT(GPTConfig(block_size=128, vocab_size=50257, n_layer=2, n_head=2, n_embd=32), rngs=nnx.Rngs(0))
+    model = GPT(GPTConfig.from_dict(json.loads(sys.argv[2])), rngs=nnx.Rngs(0))  # TINY
     # The project's mesh with params split on their mlp/heads dims (kept as placed), batch over data:4.
     tp_mesh = make_mesh("data:4,tensor:2")
     graphdef, state = nnx.split(model)
@@ -178,7 +179,7 @@ def test_sharded_matches_unsharded(hellaswag_file, gpt2_bpe):
     # A fresh process with 8 fake devices: the result must not depend on the device count the root
     # conftest.py gives this pytest process (JAX fixes it when its backend starts).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(hellaswag_file)], env=env,
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(hellaswag_file), TINY.to_json()], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -12,10 +12,11 @@ from gpt2_jax import sharding
 from gpt2_jax.config import GPTConfig
 from gpt2_jax.loss import cross_entropy, loss_chunk_len
 from gpt2_jax.model import GPT
+from tiny import TINY_MODEL
 
 # vocab 96 padded to 128: the padded ids must stay out of the softmax. T=10 in chunks of 3 positions:
 # four chunks, the last one a single position plus two rows of padding.
-PADDED = GPTConfig(block_size=16, vocab_size=128, n_layer=2, n_head=2, n_embd=32, dtype="float32")
+PADDED = TINY_MODEL.replace(block_size=16, vocab_size=128, dtype="float32")
 VOCAB_LIMIT, B, T, CHUNK = 96, 3, 10, 3
 # Float32, the same math in another order (each row's logsumexp computed directly instead of through
 # optax's log-softmax, the embedding gradient summed over chunks): measured <= 4.5e-7 relative per tensor
@@ -129,7 +130,7 @@ def test_chunk_length_follows_the_logits_size():
 def test_chunked_loss_never_holds_the_full_logits():
     """XLA's buffer plan of the loss gradient: the plain path keeps the (B, T, vocab) float32 logits (and
     copies of them) for its backward pass, the chunked one only a chunk's."""
-    cfg = GPTConfig(block_size=256, vocab_size=4096, n_layer=1, n_head=2, n_embd=32, dtype="float32")
+    cfg = TINY_MODEL.replace(block_size=256, vocab_size=4096, n_layer=1, dtype="float32")
     graphdef, params = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)))
     x = jnp.zeros((4, cfg.block_size), jnp.int32)
     logits_bytes = x.size * cfg.vocab_size * 4  # 16 MiB

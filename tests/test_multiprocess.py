@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 from test_reliability import TrainProcess, free_port, timeline
+from tiny import TINY_RUN
 
 STEPS = 8
 LOSS_ATOL = 1e-5
-FLAGS = dict(platform="cpu", preset="gpt2", n_layer=1, n_head=2, n_embd=32, block_size=64, micro_batch_size=8,
-             total_batch_size=8 * 64, max_steps=STEPS, warmup_steps=2, max_lr=1e-3, dropout=0.0, dtype="float32",
-             attention="xla", eval_every=4, eval_tokens=8 * 64 * 4, hellaswag_every=4, hellaswag_limit=8,
-             sample_every=4, sample_tokens=8, checkpoint_every=4, tensorboard=False, mesh="data:8")
+# The tiny run (tests/tiny.py) as a 1-layer GPT-2 BPE model with a context of 64, every periodic task every 4 steps.
+FLAGS = dict(TINY_RUN, platform="cpu", preset="gpt2", n_layer=1, block_size=64, total_batch_size=8 * 64,
+             max_steps=STEPS, warmup_steps=2, max_lr=1e-3, eval_every=4, eval_tokens=8 * 64 * 4, hellaswag_every=4,
+             hellaswag_limit=8, sample_every=4, sample_tokens=8, checkpoint_every=4, mesh="data:8")
 
 
 def launch(tmp_path, name, data, hellaswag_file, out, processes: int, env) -> list[TrainProcess]:

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt2_jax.config import GPTConfig
-from gpt2_jax.model import GPT
 from gpt2_jax.optim import OptimConfig, decay_mask, lr_at, lr_schedule
+from tiny import tiny_model
 
 C = OptimConfig()  # the GPT-2 124M recipe: max 6e-4, min 6e-5, warmup 715, 19073 steps
 
@@ -34,8 +33,7 @@ def test_schedule_midpoint_is_halfway_between_max_and_min():
 
 def test_decay_mask_covers_exactly_the_2d_params():
     """nanoGPT's rule, on HF's layout: the tensors that are >= 2-D per layer, and no others."""
-    cfg = GPTConfig(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=8)
-    params = nnx.state(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    params = nnx.state(tiny_model(n_layer=3), nnx.Param)
     mask = decay_mask(params)
     pairs = list(zip(jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(params), strict=True))
     assert len(pairs) == 16

@@ -37,6 +37,7 @@ from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.metrics import read_metrics
 from gpt2_jax.runs import load_run
 from gpt2_jax.training import run
+from tiny import TINY_RUN, train_flags
 
 # A damaged checkpoint makes tensorstore call back into orbax's closed event loop after the failed
 # read: Python reports an ignored "Event loop is closed". Harmless (see tests/test_checkpoint.py).
@@ -48,16 +49,13 @@ STEPS = 16  # long enough that a signal sent after step 3 lands well before the 
 LOSS_ATOL = 1e-5  # another mesh or process count: another reduction order (see tests/test_train.py)
 PARAM_RTOL = 1e-5
 
-# A 1-layer char model; the reference run checkpoints every 4 steps and keeps 3.
-FLAGS = dict(platform="cpu", preset="char", n_layer=1, n_head=2, n_embd=32, block_size=32, micro_batch_size=8,
-             total_batch_size=8 * 32, max_steps=STEPS, warmup_steps=2, eval_every=0, sample_every=0,
-             checkpoint_every=4, keep_checkpoints=3, tensorboard=False, dropout=0.0, dtype="float32",
-             attention="xla", mesh="data:8")
+# The tiny char run with 1 layer, on 8 devices; the reference run checkpoints every 4 steps and keeps 3.
+FLAGS = dict(TINY_RUN, platform="cpu", n_layer=1, max_steps=STEPS, warmup_steps=2, checkpoint_every=4,
+             keep_checkpoints=3, mesh="data:8")
 
 
-def flags(data_dir, out_dir, **overrides) -> list[str]:
-    values = {**FLAGS, "data": data_dir, "out_dir": out_dir, "local_device_count": 8, **overrides}
-    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+def flags(data, out_dir, **overrides) -> list[str]:
+    return train_flags({**FLAGS, "data": data, "out_dir": out_dir, "local_device_count": 8, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +179,10 @@ def max_rel_err(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir, env) -> Path:
+def reference(tmp_path_factory, char_data, env) -> Path:
     """An uninterrupted 8-device run of STEPS steps: checkpoints at 8, 12, 16."""
     out = tmp_path_factory.mktemp("reference")
-    p = train(flags(data_dir, out), env, out / "stderr.txt")
+    p = train(flags(char_data, out), env, out / "stderr.txt")
     assert p.proc.returncode == 0, p.stderr[-3000:]
     assert complete_steps(out) == [8, 12, 16]  # keep_checkpoints=3 removed the older ones
     return out
@@ -199,13 +197,13 @@ def copy_run(reference, out_dir) -> Path:
 # --- 1. SIGTERM / SIGINT ----------------------------------------------------------------------------
 
 
-def test_signal_stops_cleanly_second_signal_at_once_then_resume(tmp_path, data_dir, env, reference):
+def test_signal_stops_cleanly_second_signal_at_once_then_resume(tmp_path, char_data, env, reference):
     """SIGTERM: the step finishes, a checkpoint of it is written, exit 143 with how to resume. Then, in
     the resumed run, two signals at once (SIGINT and SIGTERM while the process is stopped, so both are
     pending together): exit at once, with 130 or 143 by which is handled second. The third start resumes
     from the newest complete checkpoint and ends bit-identical to the uninterrupted run."""
     out = tmp_path / "run"
-    with TrainProcess(flags(data_dir, out), env=env, stderr_path=tmp_path / "1.txt") as p:
+    with TrainProcess(flags(char_data, out), env=env, stderr_path=tmp_path / "1.txt") as p:
         p.wait_for(rf"^step +3/{STEPS} ")
         p.send(signal.SIGTERM)
         assert p.finish() == 128 + signal.SIGTERM, p.stderr[-3000:]
@@ -216,7 +214,7 @@ def test_signal_stops_cleanly_second_signal_at_once_then_resume(tmp_path, data_d
     assert complete_steps(out)[-1] == stopped  # the step it stopped after, not the last periodic one
     assert_no_traceback_of_ours(p.stderr)
 
-    with TrainProcess(flags(data_dir, out), env=env, stderr_path=tmp_path / "2.txt") as p:
+    with TrainProcess(flags(char_data, out), env=env, stderr_path=tmp_path / "2.txt") as p:
         p.wait_for(rf"resumed from .* at step {stopped}$")
         p.wait_for(rf"^step +{stopped + 2}/{STEPS} ")
         p.send(signal.SIGSTOP, signal.SIGINT, signal.SIGTERM, signal.SIGCONT)
@@ -227,7 +225,7 @@ def test_signal_stops_cleanly_second_signal_at_once_then_resume(tmp_path, data_d
     assert all(n.isdigit() or n.endswith(".orbax-checkpoint-tmp") for n in names), names
     newest = complete_steps(out)[-1]
 
-    p = train(flags(data_dir, out), env, tmp_path / "3.txt")
+    p = train(flags(char_data, out), env, tmp_path / "3.txt")
     assert p.proc.returncode == 0, p.stderr[-3000:]
     p.wait_for(rf"resumed from .* at step {newest}$")  # the newest complete one: it restores cleanly
     assert "Could not restore" not in p.stderr
@@ -256,7 +254,7 @@ class CheckpointWatcher(threading.Thread):
             time.sleep(0.001)
 
 
-def test_kill_9_resumes_from_last_complete_checkpoint_bit_identical(tmp_path, data_dir, env, reference):
+def test_kill_9_resumes_from_last_complete_checkpoint_bit_identical(tmp_path, char_data, env, reference):
     """SIGKILL mid-run (a checkpoint every 2 steps, keep_checkpoints=1, so saves and deletions overlap the
     kill): the next start resumes from the newest complete checkpoint, never a partial one, and ends
     with the same params, data position and per-step losses as the uninterrupted run (metrics.jsonl
@@ -264,7 +262,7 @@ def test_kill_9_resumes_from_last_complete_checkpoint_bit_identical(tmp_path, da
     there is always a complete checkpoint once the first was written: the old one is removed only
     after the newer one is complete."""
     out = tmp_path / "run"
-    args = flags(data_dir, out, checkpoint_every=2, keep_checkpoints=1)
+    args = flags(char_data, out, checkpoint_every=2, keep_checkpoints=1)
     watcher = CheckpointWatcher(out)
     watcher.start()
     try:
@@ -317,7 +315,7 @@ def damage(step_dir: Path, how: str) -> None:
             f.unlink()
 
 
-def test_damaged_checkpoints_fall_back_with_a_warning_or_stop_with_an_error(tmp_path, data_dir, env, reference):
+def test_damaged_checkpoints_fall_back_with_a_warning_or_stop_with_an_error(tmp_path, char_data, env, reference):
     """Newest checkpoint truncated, the one before missing a file: train.py warns about each (naming the
     step, its folder and the error), resumes from the one before those and ends bit-identical to the
     uninterrupted run; the damaged steps are replaced, keep_checkpoints old ones kept. With every
@@ -325,7 +323,7 @@ def test_damaged_checkpoints_fall_back_with_a_warning_or_stop_with_an_error(tmp_
     out = copy_run(reference, tmp_path / "run")
     damage(out / "checkpoints" / "16", "truncate")
     damage(out / "checkpoints" / "12", "delete")
-    p = train(flags(data_dir, out), env, tmp_path / "1.txt")
+    p = train(flags(char_data, out), env, tmp_path / "1.txt")
     assert p.proc.returncode == 0, p.stderr[-3000:]
     for step in (16, 12):
         assert re.search(rf"Could not restore checkpoint step {step} \(.*checkpoints/{step}\): \w+", p.stderr), \
@@ -337,7 +335,7 @@ def test_damaged_checkpoints_fall_back_with_a_warning_or_stop_with_an_error(tmp_
 
     for step, how in ((8, "delete"), (12, "truncate"), (16, "truncate")):
         damage(out / "checkpoints" / str(step), how)
-    p = train(flags(data_dir, out), env, tmp_path / "2.txt")
+    p = train(flags(char_data, out), env, tmp_path / "2.txt")
     assert p.proc.returncode == 1, p.stderr[-3000:]
     assert re.search(r"error: cannot resume: None of the 3 checkpoints in .*checkpoints could be restored", p.stderr)
     assert all(f"step {s} (" in p.stderr for s in (8, 12, 16)) and "to start over" in p.stderr
@@ -347,20 +345,20 @@ def test_damaged_checkpoints_fall_back_with_a_warning_or_stop_with_an_error(tmp_
 # --- 4. another device count or mesh ----------------------------------------------------------------
 
 
-def test_resume_on_other_device_counts_and_meshes(tmp_path, data_dir, reference):
+def test_resume_on_other_device_counts_and_meshes(tmp_path, char_data, reference):
     """Steps 1-8 on 8 devices (the reference run), 9-12 on 1 device (data:1), 13-16 on 4 devices with
     FSDP (data:2,fsdp:2): the same losses and final params as the uninterrupted 8-device run (1e-5)."""
     base = dict(FLAGS)
     one = tmp_path / "one"
     (one / "checkpoints").mkdir(parents=True)
     shutil.copytree(reference / "checkpoints" / "8", one / "checkpoints" / "8")
-    summary = run(TrainConfig(**{**base, "data": str(data_dir), "out_dir": str(one), "mesh": "data:1"}))
+    summary = run(TrainConfig(**{**base, "data": str(char_data), "out_dir": str(one), "mesh": "data:1"}))
     assert summary["start_step"] == 8
 
     four = tmp_path / "four"
     (four / "checkpoints").mkdir(parents=True)
     shutil.copytree(one / "checkpoints" / "12", four / "checkpoints" / "12")
-    summary = run(TrainConfig(**{**base, "data": str(data_dir), "out_dir": str(four), "mesh": "data:2,fsdp:2"}))
+    summary = run(TrainConfig(**{**base, "data": str(char_data), "out_dir": str(four), "mesh": "data:2,fsdp:2"}))
     assert summary["start_step"] == 12
     kernel = summary["params"]["h"]["mlp"]["c_fc"]["kernel"][...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)  # really sharded
@@ -383,9 +381,9 @@ def test_resume_on_other_device_counts_and_meshes(tmp_path, data_dir, reference)
 NAN = dict(max_lr=1e10, warmup_steps=1, max_steps=3, checkpoint_every=1, keep_checkpoints=5)
 
 
-def test_nan_stop_keeps_last_good_checkpoint(tmp_path, data_dir, env):
+def test_nan_stop_keeps_last_good_checkpoint(tmp_path, char_data, env):
     out = tmp_path / "run"
-    p = train(flags(data_dir, out, **NAN, on_nan="stop"), env, tmp_path / "stderr.txt")
+    p = train(flags(char_data, out, **NAN, on_nan="stop"), env, tmp_path / "stderr.txt")
     assert p.proc.returncode == 1, p.stderr[-3000:]
     assert re.search(r"error: non-finite loss or gradient norm at step 2 \(loss nan.*the update was not applied. "
                      r"Last good checkpoint: step 1 in .*checkpoints\. .*--on_nan=skip", p.stderr), p.stderr[-3000:]
@@ -394,9 +392,9 @@ def test_nan_stop_keeps_last_good_checkpoint(tmp_path, data_dir, env):
     assert sorted(timeline(out)) == [1]
 
 
-def test_nan_skip_drops_the_update_counts_it_and_goes_on(tmp_path, data_dir, env):
+def test_nan_skip_drops_the_update_counts_it_and_goes_on(tmp_path, char_data, env):
     out = tmp_path / "run"
-    p = train(flags(data_dir, out, **NAN, on_nan="skip"), env, tmp_path / "stderr.txt")
+    p = train(flags(char_data, out, **NAN, on_nan="skip"), env, tmp_path / "stderr.txt")
     assert p.proc.returncode == 0, p.stderr[-3000:]  # training went on to the end
     p.wait_for(r"^step 3: non-finite loss or gradient norm; update skipped \(--on_nan=skip, 2 skipped so far\)")
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -413,11 +411,11 @@ def test_nan_skip_drops_the_update_counts_it_and_goes_on(tmp_path, data_dir, env
     assert meta3["skipped_steps"] == 2 and where(meta3) > where(meta1)
 
 
-def test_nan_skip_stops_after_max_skips_in_a_row(tmp_path, data_dir, env):
+def test_nan_skip_stops_after_max_skips_in_a_row(tmp_path, char_data, env):
     """--on_nan=skip is not a licence to skip forever: more than --max_skips non-finite steps in a row stop
     the run as --on_nan=stop does (exit status 1, the last good checkpoint kept)."""
     out = tmp_path / "run"
-    p = train(flags(data_dir, out, **NAN, on_nan="skip", max_skips=1), env, tmp_path / "stderr.txt")
+    p = train(flags(char_data, out, **NAN, on_nan="skip", max_skips=1), env, tmp_path / "stderr.txt")
     assert p.proc.returncode == 1, p.stderr[-3000:]
     p.wait_for(r"^step 2: .*update skipped \(--on_nan=skip, 1 skipped so far\), 1 in a row of at most --max_skips=1")
     assert re.search(r"error: non-finite loss or gradient norm at 2 steps in a row \(2-3\), more than --max_skips=1: "
@@ -455,10 +453,10 @@ def nan_at(monkeypatch, steps) -> None:
     monkeypatch.setattr(trainer, "make_train_step", make_train_step)
 
 
-def test_nan_skip_count_restarts_after_a_finite_step(tmp_path, data_dir, monkeypatch, capsys):
+def test_nan_skip_count_restarts_after_a_finite_step(tmp_path, char_data, monkeypatch, capsys):
     """--max_skips counts CONSECUTIVE skips: NaN at steps 2, 3, 5, 6 with --max_skips=2 runs to the end
     (4 skips, never more than 2 in a row), while NaN at 2, 3, 4 stops at step 4."""
-    config = dict(FLAGS, data=str(data_dir), max_steps=7, checkpoint_every=0, on_nan="skip", max_skips=2)
+    config = dict(FLAGS, data=str(char_data), max_steps=7, checkpoint_every=0, on_nan="skip", max_skips=2)
     nan_at(monkeypatch, {2, 3, 5, 6})
     summary = run(TrainConfig(**config, out_dir=str(tmp_path / "gaps")))
     assert (summary["step"], summary["skipped_steps"]) == (7, 4)
@@ -474,26 +472,26 @@ def test_nan_skip_count_restarts_after_a_finite_step(tmp_path, data_dir, monkeyp
         run(TrainConfig(**config, out_dir=str(tmp_path / "streak")))
 
 
-def test_max_skips_must_not_be_negative(tmp_path, data_dir):
+def test_max_skips_must_not_be_negative(tmp_path, char_data):
     with pytest.raises(ValueError, match=r"--max_skips=-1 is negative.*\(0: no limit\)"):
-        run(TrainConfig(**dict(FLAGS, data=str(data_dir), out_dir=str(tmp_path), on_nan="skip", max_skips=-1)))
+        run(TrainConfig(**dict(FLAGS, data=str(char_data), out_dir=str(tmp_path), on_nan="skip", max_skips=-1)))
 
 
 # --- 6. resume checks on the command line -----------------------------------------------------------
 
 
-def test_cli_resume_with_changed_model_or_data(tmp_path, data_dir, env, reference):
+def test_cli_resume_with_changed_model_or_data(tmp_path, char_data, env, reference):
     out = copy_run(reference, tmp_path / "run")
-    p = train(flags(data_dir, out, n_embd=64), env, tmp_path / "1.txt")
+    p = train(flags(char_data, out, n_embd=64), env, tmp_path / "1.txt")
     assert p.proc.returncode == 1
     assert "error: cannot resume: the model config changed (n_embd: checkpoint 32 vs now 64)" in p.stderr, p.stderr
     assert_no_traceback_of_ours(p.stderr)
 
     other = tmp_path / "other-data"
-    shutil.copytree(data_dir, other)  # the same tokens in another folder: still another dataset
+    shutil.copytree(char_data, other)  # the same tokens in another folder: still another dataset
     p = train(flags(other, out), env, tmp_path / "2.txt")
     assert p.proc.returncode == 1
-    assert re.search(rf"error: cannot resume: the data changed \(checkpoint trained on {re.escape(str(data_dir))}, "
+    assert re.search(rf"error: cannot resume: the data changed \(checkpoint trained on {re.escape(str(char_data))}, "
                      rf"now {re.escape(str(other))}", p.stderr), p.stderr
     assert_no_traceback_of_ours(p.stderr)
     assert complete_steps(out) == [8, 12, 16]  # untouched
@@ -508,7 +506,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(tmp_path, data_dir, reference):
+def test_two_processes_train_like_one(tmp_path, char_data, reference):
     """Two processes with 4 CPU devices each (gloo collectives) == one process with 8 devices: losses
     and final params to 1e-5. Only process 0 logs, writes metrics.jsonl and plots; both save their
     shards of each checkpoint, which one process restores."""
@@ -518,7 +516,7 @@ def test_two_processes_train_like_one(tmp_path, data_dir, reference):
     procs = []
     try:
         for i in range(2):
-            args = flags(data_dir, out, local_device_count=4, distributed=True, num_processes=2, process_id=i,
+            args = flags(char_data, out, local_device_count=4, distributed=True, num_processes=2, process_id=i,
                          coordinator_address=f"127.0.0.1:{port}")
             procs.append(TrainProcess(args, env=env, stderr_path=tmp_path / f"{i}.txt"))
         codes = [p.finish(2 * TIMEOUT) for p in procs]
@@ -551,7 +549,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def test_processes_follow_process_0_when_their_listings_differ(tmp_path, data_dir, reference):
+def test_processes_follow_process_0_when_their_listings_differ(tmp_path, char_data, reference):
     """Resume, start fresh and which step to restore are decided by process 0 and broadcast: with a
     process that sees no checkpoint, both resume from step 8 and end equal to the uninterrupted run."""
     out = tmp_path / "run"
@@ -564,7 +562,7 @@ def test_processes_follow_process_0_when_their_listings_differ(tmp_path, data_di
     procs = []
     try:
         for i in range(2):
-            args = flags(data_dir, out, local_device_count=4, distributed=True, num_processes=2, process_id=i,
+            args = flags(char_data, out, local_device_count=4, distributed=True, num_processes=2, process_id=i,
                          coordinator_address=f"127.0.0.1:{port}")
             procs.append(TrainProcess(args, env=env, stderr_path=tmp_path / f"{i}.txt", script=STALE_LISTING))
         codes = [p.finish(2 * TIMEOUT) for p in procs]

@@ -12,14 +12,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from gpt2_jax import sharding
-from gpt2_jax.config import GPTConfig
 from gpt2_jax.model import GPT
+from tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_c_attn_is_split_on_its_heads_dim():
-    cfg = GPTConfig(block_size=16, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
+    cfg = TINY_MODEL.replace(block_size=16, vocab_size=128, n_head=4, n_embd=64)  # 4 heads: 2 per tensor shard
     abstract = nnx.state(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
     shardings = sharding.state_shardings(abstract, sharding.make_mesh("data:4,tensor:2"))
     attn = shardings["h"]["attn"]

@@ -15,6 +15,7 @@ import pytest
 from gpt2_jax import data as data_lib
 from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.training import run
+from tiny import tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tolerances. Sharded and single-device steps run the same float32 math with different reduction
@@ -25,23 +26,6 @@ PARAM_RTOL = 1e-5
 # Adam's normalisation of tiny gradients; 1e-4 on losses of ~4 is far below any recipe difference.
 TRAJECTORY_ATOL = 1e-4
 TRAJECTORY_PARAM_RTOL = 1e-4  # the same noise on the final params, relative L2 over all of them (see max_rel_err)
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("char-data")
-    data_lib.prepare_text_string(data_lib.default_corpus()[:200_000], folder, tokenizer="char")
-    return folder
-
-
-def tiny(out_dir, data_dir, **overrides) -> TrainConfig:
-    """A 2-layer char model that trains in seconds on a CPU."""
-    base = dict(preset="char", n_layer=2, n_head=2, n_embd=32, block_size=32, micro_batch_size=8,
-                total_batch_size=8 * 32, max_steps=3, warmup_steps=1, data=str(data_dir), out_dir=str(out_dir),
-                eval_every=0, sample_every=0, checkpoint_every=0, tensorboard=False, dropout=0.0,
-                dtype="float32", attention="xla")
-    base.update(overrides)
-    return TrainConfig(**base)
 
 
 def losses(out_dir) -> list[float]:
@@ -64,14 +48,14 @@ def max_rel_err(a, b) -> float:
 @pytest.fixture(scope="module")
 def single_device_run(tmp_path_factory, char_data):
     out = tmp_path_factory.mktemp("single")
-    return out, run(tiny(out, char_data, mesh="data:1"))
+    return out, run(tiny_train_config(out, char_data, mesh="data:1"))
 
 
 @pytest.mark.parametrize("mesh", ["data:8", "data:2,fsdp:4", "data:4,tensor:2"])
 def test_sharded_step_equals_single_device(mesh, tmp_path, char_data, single_device_run):
     assert len(jax.devices()) == 8
     ref_out, ref = single_device_run
-    summary = run(tiny(tmp_path, char_data, mesh=mesh))
+    summary = run(tiny_train_config(tmp_path, char_data, mesh=mesh))
     np.testing.assert_allclose(losses(tmp_path), losses(ref_out), atol=LOSS_ATOL, rtol=0)
     assert len(losses(tmp_path)) == 3
     assert max_rel_err(summary["params"], ref["params"]) <= PARAM_RTOL
@@ -81,8 +65,10 @@ def test_sharded_step_equals_single_device(mesh, tmp_path, char_data, single_dev
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path, char_data):
-    accum = run(tiny(tmp_path / "accum", char_data, micro_batch_size=8, total_batch_size=4 * 8 * 32, max_steps=2))
-    big = run(tiny(tmp_path / "big", char_data, micro_batch_size=32, total_batch_size=4 * 8 * 32, max_steps=2))
+    accum = run(tiny_train_config(tmp_path / "accum", char_data, micro_batch_size=8, total_batch_size=4 * 8 * 32,
+                                  max_steps=2))
+    big = run(tiny_train_config(tmp_path / "big", char_data, micro_batch_size=32, total_batch_size=4 * 8 * 32,
+                                max_steps=2))
     np.testing.assert_allclose(losses(tmp_path / "accum"), losses(tmp_path / "big"), atol=LOSS_ATOL, rtol=0)
     assert max_rel_err(accum["params"], big["params"]) <= PARAM_RTOL
 
@@ -119,8 +105,8 @@ def test_trajectory_matches_torch_reference(tmp_path, char_data):
     from gpt2_jax.training.settings import model_config, resolve
 
     B, T, steps, warmup, max_lr = 8, 32, 5, 2, 3e-3
-    tc = tiny(tmp_path / "jax", char_data, micro_batch_size=B, block_size=T, total_batch_size=B * T,
-              max_steps=steps, warmup_steps=warmup, max_lr=max_lr, data_order="sequential")
+    tc = tiny_train_config(tmp_path / "jax", char_data, micro_batch_size=B, block_size=T, total_batch_size=B * T,
+                           max_steps=steps, warmup_steps=warmup, max_lr=max_lr, data_order="sequential")
     cfg = model_config(resolve(tc, "cpu", 1), data_lib.Tokenizer.load(char_data).vocab_size)
     init = GPT(cfg, rngs=nnx.Rngs(7))
     summary = run(dataclasses.replace(tc, init_from=str(export_hf(init, tmp_path / "init")), mesh="data:1"))
@@ -164,11 +150,12 @@ def test_trajectory_matches_torch_reference(tmp_path, char_data):
 
 def test_resume_is_bit_identical(tmp_path, char_data):
     """6 straight steps == 3 steps, a restart from the step-3 checkpoint, 3 more steps."""
-    straight = run(tiny(tmp_path / "straight", char_data, max_steps=6, checkpoint_every=3, keep_checkpoints=5))
+    straight = run(tiny_train_config(tmp_path / "straight", char_data, max_steps=6, checkpoint_every=3,
+                                     keep_checkpoints=5))
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "3", resumed_dir / "checkpoints" / "3")
-    resumed = run(tiny(resumed_dir, char_data, max_steps=6, checkpoint_every=3))
+    resumed = run(tiny_train_config(resumed_dir, char_data, max_steps=6, checkpoint_every=3))
     assert resumed["start_step"] == 3
     assert losses(resumed_dir) == losses(tmp_path / "straight")[3:]
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), resumed["params"], straight["params"])
@@ -180,51 +167,51 @@ def test_resume_is_bit_identical(tmp_path, char_data):
 
 def test_missing_data_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
-        run(tiny(tmp_path, tmp_path / "nope"))
+        run(tiny_train_config(tmp_path, tmp_path / "nope"))
 
 
 def test_vocab_smaller_than_data(tmp_path, char_data):
     with pytest.raises(ValueError, match=r"--vocab_size=50 is smaller than the data's vocabulary"):
-        run(tiny(tmp_path, char_data, vocab_size=50))
+        run(tiny_train_config(tmp_path, char_data, vocab_size=50))
 
 
 def test_batch_not_divisible_by_data_axis(tmp_path, char_data):
     with pytest.raises(ValueError, match=r"--micro_batch_size=6 is not divisible by the 8 data-parallel devices"):
-        run(tiny(tmp_path, char_data, micro_batch_size=6, total_batch_size=6 * 32, mesh="data:8"))
+        run(tiny_train_config(tmp_path, char_data, micro_batch_size=6, total_batch_size=6 * 32, mesh="data:8"))
 
 
 def test_total_batch_not_multiple(tmp_path, char_data):
     with pytest.raises(ValueError, match=r"--total_batch_size=1000 is not a multiple"):
-        run(tiny(tmp_path, char_data, total_batch_size=1000))
+        run(tiny_train_config(tmp_path, char_data, total_batch_size=1000))
 
 
 def test_unknown_preset(tmp_path, char_data):
     with pytest.raises(ValueError, match=r"--preset='gpt5' is unknown"):
-        run(tiny(tmp_path, char_data, preset="gpt5"))
+        run(tiny_train_config(tmp_path, char_data, preset="gpt5"))
 
 
 def test_bad_mesh(tmp_path, char_data):
     with pytest.raises(ValueError, match=r"unknown axis 'model'"):
-        run(tiny(tmp_path, char_data, mesh="model:8"))
+        run(tiny_train_config(tmp_path, char_data, mesh="model:8"))
 
 
 def test_resume_with_changed_model_names_the_field(tmp_path, char_data):
-    run(tiny(tmp_path, char_data, max_steps=1))
+    run(tiny_train_config(tmp_path, char_data, max_steps=1))
     with pytest.raises(ValueError, match=r"n_embd: checkpoint 32 vs now 64"):
-        run(tiny(tmp_path, char_data, max_steps=2, n_embd=64))
+        run(tiny_train_config(tmp_path, char_data, max_steps=2, n_embd=64))
 
 
 def test_resume_with_changed_data_names_the_dir(tmp_path, char_data):
-    run(tiny(tmp_path, char_data, max_steps=1))
+    run(tiny_train_config(tmp_path, char_data, max_steps=1))
     other = tmp_path / "other-data"
-    data_lib.prepare_text_string(data_lib.default_corpus()[:100_000], other, tokenizer="char")
+    data_lib.prepare_text_string(data_lib.default_corpus()[:150_000], other, tokenizer="char")  # same chars, more
     with pytest.raises(ValueError, match=r"the data changed .*other-data"):
-        run(tiny(tmp_path, other, max_steps=2))
+        run(tiny_train_config(tmp_path, other, max_steps=2))
 
 
 def test_resume_flag_without_checkpoint(tmp_path, char_data):
     with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint"):
-        run(tiny(tmp_path, char_data, resume=True))
+        run(tiny_train_config(tmp_path, char_data, resume=True))
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -276,10 +263,10 @@ def test_cli_tiny_shakespeare(tmp_path, tiny_shakespeare):
 
 
 def test_init_from_training_run_starts_from_its_params(tmp_path, char_data):
-    first = run(tiny(tmp_path / "first", char_data, max_steps=2))
+    first = run(tiny_train_config(tmp_path / "first", char_data, max_steps=2))
     # max_lr ~ 0: the new run's params stay (numerically) where the first run ended.
-    second = run(tiny(tmp_path / "second", char_data, max_steps=1, init_from=str(tmp_path / "first"), max_lr=1e-30,
-                      weight_decay=0.0))
+    second = run(tiny_train_config(tmp_path / "second", char_data, max_steps=1, init_from=str(tmp_path / "first"),
+                                   max_lr=1e-30, weight_decay=0.0))
     assert max_rel_err(second["params"], first["params"]) < 1e-6
     assert second["start_step"] == 0  # a fresh run (new optimizer), not a resume
 
@@ -302,14 +289,15 @@ def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
     from gpt2_jax.model import GPT
     from gpt2_jax.training.settings import model_config, resolve
 
-    tc = resolve(tiny(tmp_path / "x", char_data), "cpu", 1)
+    tc = resolve(tiny_train_config(tmp_path / "x", char_data), "cpu", 1)
     vocab = data_lib.Tokenizer.load(char_data).vocab_size
     model = GPT(model_config(tc, vocab), rngs=nnx.Rngs(3))
     nnx.update(model, jax.tree.map(lambda p: p * 4.0, nnx.state(model, nnx.Param)))  # logits far from 0
     init = export_hf(model, tmp_path / "init")
-    run(tiny(tmp_path / "plain", char_data, init_from=str(init), max_steps=1, eval_every=1, eval_tokens=512))
-    run(tiny(tmp_path / "padded", char_data, init_from=str(init), max_steps=1, eval_every=1, eval_tokens=512,
-             vocab_size=vocab + 28))
+    run(tiny_train_config(tmp_path / "plain", char_data, init_from=str(init), max_steps=1, eval_every=1,
+                          eval_tokens=512))
+    run(tiny_train_config(tmp_path / "padded", char_data, init_from=str(init), max_steps=1, eval_every=1,
+                          eval_tokens=512, vocab_size=vocab + 28))
     rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
             for name in ("plain", "padded")}
     assert rows["plain"][0]["loss"] == pytest.approx(rows["padded"][0]["loss"], rel=1e-6)
