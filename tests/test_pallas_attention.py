@@ -47,7 +47,7 @@ def on_mesh(fn, mesh):
             return fn(*args)
 
     sh = sharding.batch_sharding(mesh, ndim=4)
-    return jax.jit(traced, in_shardings=(sh,) * 3)
+    return jax.jit(traced, in_shardings=(sh,) * 3, out_shardings=sh)
 
 
 def mesh_of(spec: str):

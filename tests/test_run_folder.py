@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import pytest
 from test_reliability import TrainProcess, complete_steps, flags, timeline
+from tiny import tiny_train_config
 
 from gpt2_jax import data as data_lib
 from gpt2_jax import runlock, storage
@@ -31,12 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
 
 
-def tiny(out_dir, data_dir, **overrides) -> TrainConfig:
-    base = dict(preset="char", n_layer=1, n_head=2, n_embd=32, block_size=32, micro_batch_size=8,
-                total_batch_size=8 * 32, max_steps=2, warmup_steps=1, data=str(data_dir), out_dir=str(out_dir),
-                eval_every=0, sample_every=0, checkpoint_every=0, tensorboard=False, dropout=0.0,
-                dtype="float32", attention="xla")
-    return TrainConfig(**{**base, **overrides})
+def tiny(out_dir, data, **overrides) -> TrainConfig:
+    """The shared tiny run with one layer and two steps."""
+    return tiny_train_config(out_dir, data, **{"n_layer": 1, "max_steps": 2, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +64,15 @@ def files_under(folder: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_a_second_trainer_on_the_folder_exits_at_once_naming_the_holder(tmp_path, data_dir, env):
+def test_a_second_trainer_on_the_folder_exits_at_once_naming_the_holder(tmp_path, char_data, env):
     """The issue's case: a run, then a second with another --n_layer on the same folder. The second exits 1
     before doing anything, naming the first (host, pid, start time); the first goes on, its checkpoints intact."""
     out = tmp_path / "run"
-    with TrainProcess(flags(data_dir, out, max_steps=10_000), env=env, stderr_path=tmp_path / "1.txt") as first:
+    with TrainProcess(flags(char_data, out, max_steps=10_000), env=env, stderr_path=tmp_path / "1.txt") as first:
         first.wait_for(r"^step +9/")
         before = complete_steps(out)
         t0 = time.monotonic()
-        second = train_py(*flags(data_dir, out, n_layer=3), env=env)
+        second = train_py(*flags(char_data, out, n_layer=3), env=env)
         assert second.returncode == 1, second.stderr[-3000:]
         assert time.monotonic() - t0 < 60
         message = second.stderr.strip().splitlines()[-1]
@@ -90,28 +88,28 @@ def test_a_second_trainer_on_the_folder_exits_at_once_naming_the_holder(tmp_path
     assert not (out / runlock.LOCK_FILE).exists()  # released at exit
 
 
-def test_a_held_folder_refuses_a_run_and_keeps_its_files(tmp_path, data_dir):
+def test_a_held_folder_refuses_a_run_and_keeps_its_files(tmp_path, char_data):
     out = tmp_path / "run"
-    run(tiny(out, data_dir))
+    run(tiny(out, char_data))
     held = runlock.LocalLock(storage.run_path(out))  # another trainer, as far as the run can tell
     try:
         before = files_under(out)
         with pytest.raises(runlock.RunFolderBusy, match=rf"--out_dir={out} is in use by another trainer \(host "
                                                         rf"{socket.gethostname()}, pid {os.getpid()}, started "):
-            run(tiny(out, data_dir, n_layer=3, max_steps=4))
+            run(tiny(out, char_data, n_layer=3, max_steps=4))
         assert files_under(out) == before
     finally:
         held.release()
-    run(tiny(out, data_dir, max_steps=3))  # free again: it resumes
+    run(tiny(out, char_data, max_steps=3))  # free again: it resumes
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, data_dir, capsys):
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, char_data, capsys):
     out = tmp_path / "run"
     out.mkdir()
     pid = dead_pid()
     (out / runlock.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": pid,
                                                      "started_at": "2020-01-01T00:00:00+00:00"}))
-    summary = run(tiny(out, data_dir))
+    summary = run(tiny(out, char_data))
     assert summary["step"] == 2
     assert f"taking over the lock of a trainer that is gone (host {socket.gethostname()}, pid {pid}, started " \
            "2020-01-01T00:00:00+00:00)" in capsys.readouterr().out
@@ -152,11 +150,11 @@ def test_bucket_lock_one_holder_takeover_when_expired_or_dead_and_lost_lease(gcs
     assert (folder / runlock.LOCK_FILE).exists()  # the new holder's, not deleted
 
 
-def test_a_bucket_run_refuses_a_held_folder(tmp_path, data_dir, gcs_dir):
+def test_a_bucket_run_refuses_a_held_folder(tmp_path, char_data, gcs_dir):
     lock = runlock.acquire(storage.run_path(gcs_dir))
     try:
         with pytest.raises(runlock.RunFolderBusy, match=f"--out_dir={gcs_dir} is in use by another trainer"):
-            run(tiny(gcs_dir, data_dir))
+            run(tiny(gcs_dir, char_data))
     finally:
         lock.release()
 
@@ -164,28 +162,28 @@ def test_a_bucket_run_refuses_a_held_folder(tmp_path, data_dir, gcs_dir):
 # --- 2. what the user asked for is never silently dropped ---------------------------------------
 
 
-def test_init_from_on_a_folder_that_holds_a_run_is_an_error(tmp_path, data_dir):
+def test_init_from_on_a_folder_that_holds_a_run_is_an_error(tmp_path, char_data):
     first, second = tmp_path / "first", tmp_path / "second"
-    run(tiny(first, data_dir))
-    run(tiny(second, data_dir))
+    run(tiny(first, char_data))
+    run(tiny(second, char_data))
     before = files_under(second)
     with pytest.raises(ValueError, match=rf"--init_from={first}: --out_dir={second} already holds a run "
                                          r"\(checkpoint of step 2, started from scratch\).*Use a new --out_dir to "
                                          r"start from --init_from, or drop --init_from to resume that run"):
-        run(tiny(second, data_dir, max_steps=4, init_from=str(first)))
+        run(tiny(second, char_data, max_steps=4, init_from=str(first)))
     assert files_under(second) == before
     # The same command again resumes a run that started from --init_from.
     tuned = tmp_path / "tuned"
-    run(tiny(tuned, data_dir, init_from=str(first)))
-    assert run(tiny(tuned, data_dir, init_from=str(first), max_steps=3))["start_step"] == 2
+    run(tiny(tuned, char_data, init_from=str(first)))
+    assert run(tiny(tuned, char_data, init_from=str(first), max_steps=3))["start_step"] == 2
 
 
 @pytest.mark.slow
-def test_a_resume_past_max_steps_says_so(tmp_path, data_dir, env):
+def test_a_resume_past_max_steps_says_so(tmp_path, char_data, env):
     out = tmp_path / "run"
-    run(tiny(out, data_dir, max_steps=3))
+    run(tiny(out, char_data, max_steps=3))
     before = files_under(out)
-    r = train_py(*flags(data_dir, out, max_steps=2, mesh="", local_device_count=0), env=env)
+    r = train_py(*flags(char_data, out, max_steps=2, mesh="", local_device_count=0), env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"nothing to train: the run in {out} is at step 3 and --max_steps=2; raise --max_steps" in r.stdout
     assert files_under(out) == before  # no config.json with max_steps=2, no plot, no checkpoint
@@ -218,10 +216,10 @@ def test_the_warmup_help_says_so(capsys):
     assert "10% of max_steps, at most 715 for GPT-2 sizes and 100 for char on CPU" in help_text
 
 
-def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, data_dir, capsys):
+def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, char_data, capsys):
     """`--preset=gpt2 --platform=cpu`: 2**19 tokens a step. The run says so at the start, and how long a step
     takes after its first micro-steps (here a 1-layer GPT-2 of 4 micro-steps a step)."""
-    run(tiny(tmp_path / "run", data_dir, preset="gpt2", total_batch_size=4 * 8 * 32, max_steps=1))
+    run(tiny(tmp_path / "run", char_data, preset="gpt2", total_batch_size=4 * 8 * 32, max_steps=1))
     out = " ".join(capsys.readouterr().out.split())
     assert ("note: gpt2 on a CPU: a step is --total_batch_size=1,024 tokens, 4 micro-steps of 8 x 32; it may take "
             "minutes or hours") in out and "e.g. --total_batch_size=256" in out
@@ -230,13 +228,13 @@ def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, dat
                      out), out
 
 
-def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_path, data_dir, monkeypatch, capsys):
+def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_path, char_data, monkeypatch, capsys):
     """SIGTERM during micro-step 2 of step 3 (of 4 micro-steps): the run stops after that micro-step, drops
     the partial step, checkpoints step 2 with its loader position; the same command then ends bit-identical
     to a run never stopped (the split steps compute what the fused step does: test_train.py checks the
     numbers against torch)."""
     flags_ = dict(total_batch_size=4 * 8 * 32, max_steps=4, dropout=0.1)
-    straight = run(tiny(tmp_path / "straight", data_dir, **flags_))
+    straight = run(tiny(tmp_path / "straight", char_data, **flags_))
     calls = []
 
     def signalling(make):
@@ -254,7 +252,7 @@ def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_pat
     from gpt2_jax.training import step as step_lib
     with monkeypatch.context() as m:
         m.setattr(step_lib, "make_micro_steps", signalling(step_lib.make_micro_steps))
-        stopped = run(tiny(tmp_path / "run", data_dir, **flags_))
+        stopped = run(tiny(tmp_path / "run", char_data, **flags_))
     out = capsys.readouterr()
     assert stopped["interrupted"] == "SIGTERM" and stopped["step"] == 2
     assert len(calls) == 10  # no micro-step after the signal's
@@ -262,7 +260,7 @@ def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_pat
             "is dropped); checkpoint saved in") in out.out
     assert "SIGTERM: finishing this micro-step, dropping the partial step and writing a checkpoint" in out.err
     assert complete_steps(tmp_path / "run") == [2]
-    resumed = run(tiny(tmp_path / "run", data_dir, **flags_))
+    resumed = run(tiny(tmp_path / "run", char_data, **flags_))
     assert resumed["start_step"] == 2 and resumed["step"] == 4
     assert timeline(tmp_path / "run") == timeline(tmp_path / "straight")
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), resumed["params"],
@@ -315,10 +313,10 @@ def test_the_default_bpe_prompt_fits_a_short_block(gpt2_bpe):
     assert len(ids) == 8
 
 
-def test_a_changed_data_folder_is_named_before_the_model(tmp_path, data_dir, no_newline_data):
+def test_a_changed_data_folder_is_named_before_the_model(tmp_path, char_data, no_newline_data):
     """Other data may change the vocabulary too: the error names the data, not "the model config changed"."""
     out = tmp_path / "run"
-    run(tiny(out, data_dir))
+    run(tiny(out, char_data))
     with pytest.raises(ValueError, match=rf"cannot resume: the data changed .*{no_newline_data.name}"):
         run(tiny(out, no_newline_data, max_steps=3, sample_every=1))
 
