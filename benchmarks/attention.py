@@ -4,7 +4,7 @@
     python benchmarks/attention.py --batch=2 --heads=12 --seq=1024          # a GPT-2 124M layer
 
 One layer's attention on random (B, T, nh, hs) inputs: the gradient of sum(attention(q, k, v) * g) with
-respect to q, k and v, jitted, for `model.attention`'s "xla" (jax.nn.dot_product_attention), "einsum"
+respect to q, k and v, jitted, for `attention.attention`'s "xla" (jax.nn.dot_product_attention), "einsum"
 and "blocked" implementations ("cudnn" too on a GPU in bf16), and torch's
 `scaled_dot_product_attention(is_causal=True)` with `.backward()` on the same inputs. Each is warmed up;
 then `--repeats` rounds call them in turn, and the fastest and median times are printed, with each

@@ -1,6 +1,6 @@
 """Attention implementations, the bfloat16 compute path and rematerialisation against plain references.
 
-`model.attention` has four implementations ("xla": jax.nn.dot_product_attention's XLA path, "cudnn":
+`attention.attention` has its implementations ("xla": jax.nn.dot_product_attention's XLA path, "cudnn":
 cuDNN flash attention, "blocked": causal query blocks that skip most of the masked half, "einsum": the
 model's own plain version); each must equal softmax(QK^T/sqrt(hs))V
 computed here in float64 numpy, on the causal training path and on the decode path (a query block at

@@ -2,7 +2,7 @@
 losses, resume checks and multi-process runs, each through `train.py` as a user runs it.
 
 Anything involving a signal, a kill or a second process runs train.py in a subprocess with 8 fake CPU
-devices (`--local_device_count=8`); the other tests call `trainer.run` in this pytest process (8 fake
+devices (`--local_device_count=8`); the other tests call `training.run` in this pytest process (8 fake
 devices, root conftest.py). Every subprocess has a timeout. The subprocesses share a JAX persistent
 compilation cache (a temp folder), which only saves compile time: a cached executable is the same
 program, so bit-for-bit comparisons between runs are unaffected.

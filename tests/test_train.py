@@ -305,7 +305,7 @@ def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
 
 
 def test_cpu_default_is_the_small_char_model():
-    """`python train.py` on a CPU trains the measured small config (trainer.CPU_CHAR); flags still win, the
+    """`python train.py` on a CPU trains the measured small config (config.RECIPES["char/cpu"]); flags still win, the
     micro-batch is a multiple of the devices, and GPU/TPU keep the char preset at full size."""
     from gpt2_jax.training.settings import CPU_CHAR, resolve
 
