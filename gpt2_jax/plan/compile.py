@@ -233,13 +233,13 @@ def search(config: TrainConfig, target: Target, grad_accum: int = 1, remats: tup
 def largest_micro_batch(config: TrainConfig, target: Target, grad_accum: int = 1,
                         log=lambda line: print(line, flush=True)) -> Plan:
     """The plan of the largest micro-batch of (data-parallel devices) x 2^k that fits with `config`'s remat
-    policy; a Plan with micro_batch_size 0 when none does. Starts from its micro_batch_size (0: 16 per
-    device), doubling while it fits and halving while it does not: a handful of compiles. train.py
+    policy; a Plan with micro_batch_size 0 when none does. Starts from its micro_batch_size (0: the trainer's
+    default, config.RECIPES: 16 per device for GPT-2 sizes), doubling while it fits and halving while it does not: a handful of compiles. train.py
     --micro_batch_size=0 on a GPU or TPU calls this for --target=local (auto_micro_batch)."""
     from gpt2_jax import sharding  # noqa: PLC0415
 
     dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh, target.devices))
-    start = (config.micro_batch_size or 16 * dp) / dp
+    start = resolved(config, target, grad_accum)[0].micro_batch_size / dp
     micro, fitting = dp * 2 ** max(0, round(math.log2(max(start, 1)))), None
     tried: dict[int, bool] = {}
     while micro not in tried and dp <= micro <= 2**14:
@@ -271,7 +271,7 @@ def auto_micro_batch(config: TrainConfig) -> tuple[int, str]:
     accum = 2 if tc.total_batch_size > tc.micro_batch_size * tc.block_size else 1
     best = largest_micro_batch(config, target, accum, log=None)
     micro = best.micro_batch_size
-    # The micro-batch must divide a fixed total (--total_batch_size, or 2**19 tokens for GPT-2 sizes); otherwise
+    # The micro-batch must divide a fixed total (--total_batch_size, or the recipe's for GPT-2 sizes); otherwise
     # the total is one micro-batch and follows it.
     fixed_total = config.total_batch_size or (tc.total_batch_size if config.preset in GPT2_SIZES else 0)
     dp = data_parallel_size(mesh)
