@@ -139,7 +139,7 @@ BAD_VALUES = [
     ("platform", "cuda", "is unknown; choose one of cpu, gpu, tpu or empty"),
     ("preset", "gpt5", "is unknown; choose one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, char"),
     ("dtype", "float64", "is unknown; choose one of float32, bfloat16, float16 or empty"),
-    ("attention", "flash", "is unknown; choose one of xla, cudnn, blocked, einsum or empty"),
+    ("attention", "flash", "is unknown; choose one of xla, cudnn, blocked, einsum, splash or empty"),
     ("remat", "", "is unknown; choose one of none, full, dots;"),  # no "auto" for remat: its default is "none"
     ("on_nan", "ignore", "is unknown; choose one of stop, skip;"),
 ]
