@@ -41,6 +41,11 @@ if _SESSION_CACHE:
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# The tests of this process compile the same programs again and again (every tiny training run traces its step
+# anew): JAX's persistent cache, in this session's folder, turns each repeat into a read (a 2-step tiny run:
+# ~12 s -> ~2 s). train.py subprocesses keep their own entries there (programs for other device counts).
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.environ["GPT2_JAX_CACHE"], "jax-compile"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def pytest_unconfigure(config):

@@ -20,7 +20,8 @@ ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias"
 ATTENTION = ("xla", "cudnn", "blocked", "einsum", "splash")  # attention.py's implementations (attention.IMPLEMENTATIONS)
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
 REMAT = ("none", "full", "dots")  # activation checkpointing policies
-PLATFORMS = ("cpu", "gpu", "tpu")  # train.py --platform (launch.py maps them to JAX_PLATFORMS names)
+PLATFORMS = ("cpu", "gpu", "tpu")  # --platform (backends.py maps them to JAX_PLATFORMS names)
+PLATFORM_HELP = ("JAX backend: cpu | gpu | tpu (empty: the GPU or TPU this machine has, else the CPU)")  # every CLI's
 
 
 def finite_float(text: str) -> float:

@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from gpt2_jax import hellaswag
+from gpt2_jax.backends import add_platform_flag, pin_platform
 from gpt2_jax.data import EvalWindows
 from gpt2_jax.loss import token_losses
 from gpt2_jax.model import GPT
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="compute dtype (logits and losses stay float32)")
         sub.add_argument("--out", default=None, help="write the results to this JSON file")
         sub.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+        add_platform_flag(sub)
     ls.add_argument("--data", required=True, help="token-shard folder (its val split) or a UTF-8 text file")
     ls.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (default: 8)")
     ls.add_argument("--block_size", type=int, default=0, help="tokens per row (default: the model's context)")
@@ -173,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if problem := pin_platform(args.platform):  # before any JAX backend starts
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         result = (_loss_command if args.command == "loss" else hellaswag.command)(args)
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # OSError: FileNotFoundError, NotADirectoryError

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from etils import epath
 
+from gpt2_jax.backends import add_platform_flag, pin_platform
 from gpt2_jax.convert import export_hf, export_vocab_size
 from gpt2_jax.runs import CHECKPOINTS, CONFIG_FILE, TOKENIZER_FILE, load_run, write_tokenizer
 from gpt2_jax.storage import is_remote, run_path
@@ -85,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="a training run's --out_dir (or its checkpoints/ folder)")
     parser.add_argument("--to", required=True, help="the HF folder to write (created if missing)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
+    add_platform_flag(parser)
     args = parser.parse_args(argv)
+    if problem := pin_platform(args.platform):  # before any JAX backend starts
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         folder, info = export_run(args.out_dir, args.to, args.step)
     except (OSError, ValueError, RuntimeError) as e:  # OSError: FileNotFoundError, NotADirectoryError

@@ -2,74 +2,21 @@
 processes of a multi-host run. JAX and XLA read their settings when they start, so train.py calls
 `start_jax` before anything imports JAX.
 
-Without --platform, a machine where no GPU or TPU is visible runs on the CPU outright (JAX_PLATFORMS=cpu):
-JAX would otherwise try every installed plugin first, and the CUDA plugin and libtpu print tracebacks and
-warnings about hardware that is not there (a newcomer reads that as a broken install).
+Which backend, and what to say when it cannot run here: backends.py (the tools share it).
 """
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 import sys
-import tempfile
 
+from gpt2_jax.backends import INSTALL_HINT, JAX_PLATFORMS, cpu_if_no_accelerator, has_plugin, missing_backend
 from gpt2_jax.config import GPU_XLA_FLAGS
 from gpt2_jax.training.settings import TrainConfig
 
-JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform (config.PLATFORMS) -> JAX_PLATFORMS
-INSTALL_HINT = {"gpu": 'pip install "gpt2-jax[gpu]"  (JAX with CUDA)', "tpu": 'pip install "gpt2-jax[tpu]"'}
-# Device files of the accelerators JAX can use, by --platform: NVIDIA GPUs; TPU chips (v2-v4 and v5p:
-# /dev/accel*; v5e and v6e: VFIO groups).
-DEVICE_FILES = {"gpu": ("/dev/nvidia[0-9]*",), "tpu": ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*")}
-ACCELERATOR_DEVICES = DEVICE_FILES["gpu"] + DEVICE_FILES["tpu"]
-# The modules that give JAX a backend, by --platform: the CUDA plugin (12 or 13, as a jax_plugins entry or the
-# older top-level package); libtpu.
-PLUGINS = {"gpu": ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12", "jax_cuda13_plugin", "jax_cuda12_plugin"),
-           "tpu": ("libtpu",)}
 # Programs that compile faster than this are not written to the compile cache. JAX's default (1 s) leaves out
 # most of the CPU default run's programs (eval, sampling, the data pipeline's small jits: 0.1-0.9 s each).
 CACHE_MIN_COMPILE_SECS = "0.1"
-
-
-def has_accelerator(platform: str | None = None) -> bool:
-    """Whether this machine shows a GPU or TPU device file (`platform`: of that kind only; a cheap look: no
-    plugin is loaded)."""
-    return any(glob.glob(pattern) for pattern in DEVICE_FILES.get(platform, ACCELERATOR_DEVICES))
-
-
-def has_plugin(platform: str) -> bool:
-    """Whether JAX's backend for --platform=`platform` is installed (found, not imported)."""
-    for name in PLUGINS.get(platform, ()):
-        try:
-            if importlib.util.find_spec(name) is not None:
-                return True
-        except (ImportError, ValueError):  # a parent package that is missing or broken
-            continue
-    return False
-
-
-def missing_backend(platform: str) -> str | None:
-    """Why --platform=`platform` cannot run here, in one line with what to do, before JAX starts (None: it may).
-    No device file: no plugin is loaded to look (libtpu would ask the cloud metadata server, then fail on
-    `coordinator_address`), and the message does not ask to install what is installed."""
-    if platform not in DEVICE_FILES or has_accelerator(platform):
-        return None
-    name, files = platform.upper(), " or ".join(DEVICE_FILES[platform])
-    if has_plugin(platform):
-        return (f"--platform={platform}: no {name} is visible on this machine (no {files}), although JAX's "
-                f"{name} support is installed; run on a machine with a {name} attached, or leave out --platform "
-                "to train on the CPU")
-    return (f"--platform={platform}: no {name} is visible on this machine (no {files}), and JAX's {name} support "
-            f"is not installed; on a {name} machine: {INSTALL_HINT[platform]}")
-
-
-def cpu_if_no_accelerator(env) -> None:
-    """Set JAX_PLATFORMS=cpu in `env` (a dict or os.environ) where none is set and no GPU or TPU is visible, so
-    that no plugin probes hardware that is not there (train.py without --platform; the planner's local target)."""
-    if "JAX_PLATFORMS" not in env and not has_accelerator():
-        env["JAX_PLATFORMS"] = "cpu"
 
 
 def jax_environment(config: TrainConfig, env) -> tuple[dict, list[str]]:
@@ -130,13 +77,12 @@ def check_compile_cache(config: TrainConfig, env: dict, notes: list[str]) -> Non
 def unusable_folder(folder: str) -> str | None:
     """Why a local cache folder cannot be used (made if missing, then written), as the end of a sentence; None
     if it can. A remote one (gs://, which JAX's cache also takes) is not checked here."""
+    from gpt2_jax.storage import probe_folder  # noqa: PLC0415 -- etils is not light
+
     if "://" in folder:
         return None
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".gpt2_jax-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        probe_folder(folder)
     except FileExistsError:
         return "is a file, not a folder"
     except OSError as e:

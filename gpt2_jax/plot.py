@@ -21,6 +21,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gpt2_jax.backends import add_platform_flag, pin_platform
 from gpt2_jax.config import GPT2_VOCAB_SIZE
 from gpt2_jax.metrics import read_metrics
 from gpt2_jax.runs import CONFIG_FILE, METRICS_FILE, PLOT_FILE
@@ -160,12 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.plot", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="a run's output folder (holds metrics.jsonl)")
     parser.add_argument("--out", default=None, help="PNG to write (default: OUT_DIR/loss.png)")
+    add_platform_flag(parser)
     args = parser.parse_args(argv)
     try:
         out = results_file(args.out, "--out") if args.out else None
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if problem := pin_platform(args.platform):  # before any JAX backend starts
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         path = plot_run(args.out_dir, out)
     except (OSError, ValueError) as e:  # no metrics file, an unreadable one

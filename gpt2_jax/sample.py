@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from gpt2_jax.backends import add_platform_flag, pin_platform
 from gpt2_jax.config import finite_float
 
 
@@ -79,6 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (default: float32)")
+    add_platform_flag(parser)
     args = parser.parse_args(argv)
     if args.temperature < 0:
         parser.error(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
@@ -96,6 +98,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)  # bad flags exit here, before JAX starts
+    if problem := pin_platform(args.platform):  # before any JAX backend starts
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     from gpt2_jax.runs import load_model  # noqa: PLC0415
     from gpt2_jax.generate import generate  # noqa: PLC0415
 

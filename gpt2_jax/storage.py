@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -121,6 +122,15 @@ def check_writable(folder: epath.Path, flag: str, timeout: float | None = None) 
                       "name, and that the credentials may write there") from e
 
 
+def probe_folder(folder: str | os.PathLike) -> None:
+    """Make a local folder if missing and check that it can be written (a probe file is written and removed);
+    raises the OSError of the step that failed (FileExistsError where a file is in the way)."""
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".gpt2_jax-probe-")
+    os.close(fd)
+    os.unlink(probe)
+
+
 def results_file(text: str | os.PathLike, flag: str) -> epath.Path:
     """The file a CLI will write its results to (`flag`, e.g. --out), checked before any work, so that an
     evaluation never runs to its end and then loses the results: not a folder, its folder made if missing,
@@ -133,10 +143,7 @@ def results_file(text: str | os.PathLike, flag: str) -> epath.Path:
         check_writable(path.parent, flag)
         return path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".gpt2_jax-probe-{uuid.uuid4().hex[:8]}"
-        probe.write_text("ok")
-        probe.unlink()
+        probe_folder(path.parent)
     except OSError as e:
         raise type(e)(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); pass a path in a "
                       "folder you may write to") from None

@@ -345,9 +345,9 @@ def _unshare_net() -> list[str]:
 def test_platform_without_its_device_is_one_line(platform, tmp_path):
     """--platform=tpu without a TPU used to end in a traceback about coordinator_address; --platform=gpu with the
     CUDA plugin installed but no GPU told the user to install it. Now one line, before JAX loads any plugin."""
-    from gpt2_jax import launch
+    from gpt2_jax import backends
 
-    if launch.has_accelerator(platform):
+    if backends.has_accelerator(platform):
         pytest.skip(f"this machine has a {platform.upper()}")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PLATFORMS", "XLA_"))}
     r = subprocess.run([*_unshare_net(), sys.executable, "train.py", f"--platform={platform}", "--max_steps=1",
@@ -356,24 +356,62 @@ def test_platform_without_its_device_is_one_line(platform, tmp_path):
     assert r.returncode == 1
     name = platform.upper()
     assert r.stderr.startswith(f"--platform={platform}: no {name} is visible on this machine (no /dev/"), r.stderr
-    if launch.has_plugin(platform):  # the plan extra: jax[cuda13] and libtpu
+    if backends.has_plugin(platform):  # the plan extra: jax[cuda13] and libtpu
         assert "although JAX's" in r.stderr and "pip install" not in r.stderr
     else:
-        assert launch.INSTALL_HINT[platform] in r.stderr
+        assert backends.INSTALL_HINT[platform] in r.stderr
     assert len(r.stderr.splitlines()) == 1 and r.stdout == ""
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_backend_messages(monkeypatch):
-    from gpt2_jax import launch
+    from gpt2_jax import backends
 
-    monkeypatch.setattr(launch, "has_accelerator", lambda platform=None: False)
-    monkeypatch.setattr(launch, "has_plugin", lambda platform: False)
-    assert launch.missing_backend("cpu") is None and launch.missing_backend("") is None
-    assert launch.missing_backend("gpu").endswith('is not installed; on a GPU machine: pip install "gpt2-jax[gpu]"'
-                                                  "  (JAX with CUDA)")
-    monkeypatch.setattr(launch, "has_accelerator", lambda platform=None: platform == "gpu")
-    assert launch.missing_backend("gpu") is None and launch.missing_backend("tpu") is not None
+    monkeypatch.setattr(backends, "has_accelerator", lambda platform=None: False)
+    monkeypatch.setattr(backends, "has_plugin", lambda platform: False)
+    assert backends.missing_backend("cpu") is None and backends.missing_backend("") is None
+    assert backends.missing_backend("gpu").endswith('is not installed; on a GPU machine: pip install "gpt2-jax[gpu]"'
+                                                    "  (JAX with CUDA)")
+    monkeypatch.setattr(backends, "has_accelerator", lambda platform=None: platform == "gpu")
+    assert backends.missing_backend("gpu") is None and backends.missing_backend("tpu") is not None
+
+
+@pytest.mark.parametrize("tool", ["sample", "evaluate", "export", "plot"])
+def test_tools_take_platform_as_train_py_does(tool, hf_folder, char_data, tmp_path, capsys, monkeypatch):
+    """sample, evaluate, export and plot take train.py's --platform: a platform without its device is one line
+    and exit 1 before any model is read; an unknown one is a bad flag (exit 2); --platform=cpu runs."""
+    import importlib
+
+    from gpt2_jax import backends
+
+    monkeypatch.setattr(backends, "has_accelerator", lambda platform=None: False)
+    main = importlib.import_module(f"gpt2_jax.{tool}").main
+    argv = {"sample": ["--init_from", str(tmp_path / "none")],
+            "evaluate": ["loss", "--init_from", str(tmp_path / "none"), "--data", str(char_data)],
+            "export": [str(tmp_path / "none"), "--to", str(tmp_path / "hf")],
+            "plot": [str(tmp_path / "none")]}[tool]
+    err = _fails(main, [*argv, "--platform=tpu"], capsys, 1)
+    assert err.startswith("error: --platform=tpu: no TPU is visible on this machine") and len(err.splitlines()) == 1
+    err = _fails(main, [*argv, "--platform=npu"], capsys, 2)
+    assert "--platform: invalid choice: 'npu'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing read or written
+    if tool == "evaluate":
+        assert main(_evaluate(hf_folder, char_data, tmp_path / "loss.json") + ["--platform=cpu"]) == 0
+
+
+@pytest.mark.slow
+def test_a_tool_starts_quietly_with_the_gpu_and_tpu_plugins_installed(hf_folder, char_data, tmp_path):
+    """`python -m gpt2_jax.evaluate` with no --platform and no JAX_PLATFORMS, the plugins installed and no GPU
+    or TPU attached: it runs on the CPU without the plugins' tracebacks and warnings, as train.py does."""
+    from test_compile_setup import PLUGIN_NOISE, quiet_start_env
+
+    r = subprocess.run([sys.executable, "-m", "gpt2_jax.evaluate", *_evaluate(hf_folder, char_data,
+                                                                              tmp_path / "loss.json")],
+                       cwd=ROOT, env=quiet_start_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "loss.json").read_text())["batches"] == 1
+    for noise in PLUGIN_NOISE:
+        assert noise not in r.stderr, f"{noise!r} in the evaluate CLI's stderr:\n{r.stderr[-3000:]}"
 
 
 # ------------------------------------------------------------------------------------- --compile_cache

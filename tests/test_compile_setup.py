@@ -46,30 +46,39 @@ def test_second_run_reads_the_compile_cache(tmp_path):
 # --- a quiet start on a machine without accelerators ------------------------------------------------
 
 
-@pytest.mark.slow
-def test_plain_train_py_starts_quietly_with_the_gpu_and_tpu_plugins_installed(tmp_path):
-    """`python train.py` with no --platform and no JAX_PLATFORMS, where the CUDA plugin and libtpu are installed
-    (the plan extra) but no GPU or TPU is attached: JAX would try both plugins and print the CUDA plugin's
-    traceback ("Unable to load cuPTI") and libtpu's warnings. launch.py sees no device file and picks the CPU."""
+# What JAX's GPU and TPU plugins print when they probe hardware that is not there.
+PLUGIN_NOISE = ("Traceback", "cuPTI", "CUDA", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "libtpu")
+
+
+def quiet_start_env() -> dict:
+    """This process's environment without JAX_*, TPU_* and XLA_* variables (as a user's shell has it); skips
+    where no plugin is installed (nothing could be noisy) or a GPU or TPU is attached (the plugins should load)."""
     import importlib.util
     import pkgutil
 
-    from gpt2_jax import launch
+    from gpt2_jax import backends
 
     plugins = [m.name for m in pkgutil.iter_modules(importlib.import_module("jax_plugins").__path__)] \
         if importlib.util.find_spec("jax_plugins") else []
     if not plugins and importlib.util.find_spec("libtpu") is None:
         pytest.skip("neither a JAX GPU plugin nor libtpu is installed (pip install -e '.[plan]'): nothing to be noisy")
-    if launch.has_accelerator():
+    if backends.has_accelerator():
         pytest.skip("this machine has a GPU or TPU: the plugins are meant to load")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "XLA_"))}
+    return {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "XLA_"))}
+
+
+@pytest.mark.slow
+def test_plain_train_py_starts_quietly_with_the_gpu_and_tpu_plugins_installed(tmp_path):
+    """`python train.py` with no --platform and no JAX_PLATFORMS, where the CUDA plugin and libtpu are installed
+    (the plan extra) but no GPU or TPU is attached: JAX would try both plugins and print the CUDA plugin's
+    traceback ("Unable to load cuPTI") and libtpu's warnings. backends.py sees no device file and picks the CPU."""
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--n_layer=1", "--n_embd=32", "--n_head=2",
                         "--block_size=32", "--max_steps=1", "--eval_every=0", "--sample_every=0", "--tensorboard=false",
                         "--compile_cache=off", f"--out_dir={tmp_path / 'run'}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=quiet_start_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 1/1" in r.stdout
-    for noise in ("Traceback", "cuPTI", "CUDA", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "libtpu"):
+    for noise in PLUGIN_NOISE:
         assert noise not in r.stderr, f"{noise!r} in train.py's stderr:\n{r.stderr[-3000:]}"
 
 

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "gpt2_jax"
 # never in a cycle.
 LAYERS = [
     ["config", "storage", "distributed", "tokenizer"],
-    ["sharding"],
+    ["sharding", "backends"],
     ["pallas_attention"],
     ["attention", "loss"],
     ["model"],

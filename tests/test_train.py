@@ -276,10 +276,10 @@ def test_cli_platform_without_backend(tmp_path):
         pytest.skip("a GPU backend is installed")
     r = _train("--platform=gpu", f"--out_dir={tmp_path}")
     assert r.returncode == 1
-    from gpt2_jax import launch
+    from gpt2_jax import backends
 
     assert "--platform=gpu: no GPU is visible on this machine" in r.stderr, r.stderr
-    assert ('pip install "gpt2-jax[gpu]"' in r.stderr) == (not launch.has_plugin("gpu"))  # no hint when installed
+    assert ('pip install "gpt2-jax[gpu]"' in r.stderr) == (not backends.has_plugin("gpu"))  # no hint when installed
 
 
 def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
@@ -310,10 +310,11 @@ def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
 def test_cpu_default_is_the_small_char_model():
     """`python train.py` on a CPU trains the measured small config (config.RECIPES["char/cpu"]); flags still win, the
     micro-batch is a multiple of the devices, and GPU/TPU keep the char preset at full size."""
-    from gpt2_jax.training.settings import CPU_CHAR, resolve
+    from gpt2_jax.config import RECIPES
+    from gpt2_jax.training.settings import resolve
 
     tc = resolve(TrainConfig(), "cpu", 1)
-    assert {k: getattr(tc, k) for k in CPU_CHAR} == CPU_CHAR
+    assert {k: getattr(tc, k) for k in RECIPES["char/cpu"]} == RECIPES["char/cpu"]
     assert resolve(TrainConfig(), "cpu", 8).micro_batch_size == 16
     mine = resolve(TrainConfig(n_layer=2, warmup_steps=0, dropout=0.1, micro_batch_size=5), "cpu", 8)
     assert (mine.n_layer, mine.warmup_steps, mine.dropout, mine.micro_batch_size) == (2, 0, 0.1, 5)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpt2_jax.launch import cpu_if_no_accelerator
+from gpt2_jax.backends import cpu_if_no_accelerator
 from gpt2_jax.plan.compile import REMATS, Plan, plan_one, resolved, search
 from gpt2_jax.plan.hlo import fsdp_traffic
 from gpt2_jax.plan.hardware import MissingExtra, Target, TargetSpec, gib, load_target, missing_extra, parse_target

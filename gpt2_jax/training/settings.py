@@ -10,11 +10,10 @@ import dataclasses
 import math
 from typing import Any
 
-from gpt2_jax.config import (ADAMW, ATTENTION, DTYPES, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PLATFORMS, PRESETS,
-                             RECIPES, REMAT, GPTConfig, default_attention, preset, recipe)
+from gpt2_jax.config import (ADAMW, ATTENTION, DTYPES, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PLATFORM_HELP,
+                             PLATFORMS, PRESETS, RECIPES, REMAT, GPTConfig, default_attention, preset, recipe)
 
 _G, _C = RECIPES["gpt2"], RECIPES["char/cpu"]  # (for the help texts)
-CPU_CHAR = _C  # the default `python train.py` on a CPU
 
 
 def _power_of_two(n: int) -> str:
@@ -86,7 +85,7 @@ class TrainConfig:
     construction, naming the flag, so that train.py rejects them before JAX starts.
     """
 
-    platform: str = _flag("", "JAX backend: cpu | gpu | tpu (empty: JAX's default)", choices=PLATFORMS)
+    platform: str = _flag("", PLATFORM_HELP, choices=PLATFORMS)
     preset: str = _flag("char", "model size: " + ", ".join(PRESETS), choices=tuple(PRESETS))
     init_from: str = _flag("scratch", "scratch | an HF name (gpt2, gpt2-medium, ...) or folder | a training "
                            "out_dir (local or gs://)")
