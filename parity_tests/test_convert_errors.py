@@ -77,6 +77,7 @@ def test_missing_folder_names_the_path(tmp_path):
         gpt2_jax.load_hf(str(missing))  # a str path too, not sent to the Hub
 
 
+@pytest.mark.slow
 def test_file_instead_of_folder(tiny_dir):
     weights = tiny_dir / "model.safetensors"
     with pytest.raises(NotADirectoryError, match=re.escape(str(weights)) + " is a file; pass the folder"):

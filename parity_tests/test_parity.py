@@ -37,6 +37,7 @@ def jax_logits(jax_model, idx: np.ndarray) -> np.ndarray:
     return np.asarray(nnx.jit(lambda m, x: m(x))(jax_model, jnp.asarray(idx, jnp.int32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", ["odd", "full"])
 def test_logits_match_pairwise(batch, tokens, hf_model, ref_model, jax_model):
     idx = tokens[batch]
@@ -48,6 +49,7 @@ def test_logits_match_pairwise(batch, tokens, hf_model, ref_model, jax_model):
     np.testing.assert_allclose(jx, ref, atol=LOGITS_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_loss_and_gradients_match_reference(tokens, ref_model, jax_model):
     idx = np.ascontiguousarray(tokens["odd"][:, :-1])
     targets = np.ascontiguousarray(tokens["odd"][:, 1:])
@@ -75,6 +77,7 @@ def test_loss_and_gradients_match_reference(tokens, ref_model, jax_model):
         assert rel <= GRAD_RTOL, f"{name}: relative gradient error {rel:.2e}"
 
 
+@pytest.mark.slow
 def test_kv_cache_matches_full_forward(tokens, jax_model):
     idx = jnp.asarray(tokens["odd"], jnp.int32)
     full = jax_logits(jax_model, np.asarray(idx))
@@ -88,6 +91,7 @@ def test_kv_cache_matches_full_forward(tokens, jax_model):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=CACHE_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_hf(tokens, hf_model, jax_model):
     prompt = tokens["odd"][:, :9]
     with torch.no_grad():
@@ -120,6 +124,7 @@ def test_round_trip_torch_reference_jax_is_bit_identical(ref_model, jax_model):
         assert k == k2 and torch.equal(a, b), k
 
 
+@pytest.mark.slow
 def test_padded_vocab_loads_and_exports(hf_dir, tokens, hf_model, tmp_path):
     padded = gpt2_jax.load_hf(hf_dir, vocab_size=50304)
     assert padded.config.vocab_size == 50304

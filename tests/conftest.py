@@ -93,29 +93,9 @@ def char_data(tmp_path_factory) -> Path:
     return tiny.write_char_data(tmp_path_factory.mktemp("char-data"))
 
 
-# The slow lane: `pytest -m "not slow"` (the README's test command, what CI runs) leaves these out; plain
-# `pytest` runs everything (~30 min on 2 cores). Each entry is a test file, or a file::test prefix, that took
-# 15 s or more in a full run on 2 cores (pytest --durations=0): multi-process and bucket end-to-end runs,
-# train.py subprocesses, deviceless TPU compiles of the 124M-class step.
-SLOW = (
-    "tests/test_multiprocess.py", "tests/test_bucket_run.py", "tests/test_benchmarks.py",
-    "tests/test_plan.py::test_fsdp_activations_are_split_by_batch", "tests/test_plan.py::test_tpu_step_holds_the",
-    "tests/test_plan.py::test_small_model_fits_v5e_8", "tests/test_plan.py::test_gpt2_xl",
-    "tests/test_run_folder.py::test_init_from_on", "tests/test_run_folder.py::test_a_stop_signal",
-    "tests/test_run_folder.py::test_a_second_trainer", "tests/test_run_folder.py::test_sample_prompt_is_checked",
-    "tests/test_run_folder.py::test_a_held_folder", "tests/test_run_folder.py::test_a_resume_past",
-    "tests/test_reliability.py::test_two_processes", "tests/test_reliability.py::test_nan_skip_count",
-    "tests/test_reliability.py::test_signal_stops", "tests/test_reliability.py::test_processes_follow",
-    "tests/test_reliability.py::test_kill_9", "tests/test_reliability.py::test_resume_on_other",
-    "tests/test_train.py::test_padded_vocab", "tests/test_train.py::test_init_from_training_run",
-    "tests/test_train.py::test_grad_accumulation", "tests/test_train.py::test_cli_tiny_shakespeare",
-    "tests/test_train.py::test_cli_default_run", "tests/test_train.py::test_resume_is_bit_identical",
-    "tests/test_generate.py::test_cli_on_a_char_level_run", "tests/test_compile_setup.py::test_auto_micro_batch",
-    "tests/test_compile_setup.py::test_second_run_reads", "tests/test_hellaswag.py::test_sharded_matches_unsharded",
-)
-
-
 def pytest_collection_modifyitems(config, items):
+    """An `e2e` test (end to end: train.py runs, several processes, a bucket, a deviceless TPU compile of a
+    real size) is also `slow`: the fast lane (`-m "not slow"`) leaves out both, CI (`-m "not e2e"`) the first."""
     for item in items:
-        if item.nodeid.startswith(SLOW):
+        if item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.slow)

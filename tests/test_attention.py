@@ -60,6 +60,7 @@ def qkv(T: int, S: int, dtype=jnp.float32, B: int = 2, nh: int = 3, hs: int = 16
 
 
 # T = 130 and 200 split into 3 and 4 blocks for "blocked", the last one shorter than the rest.
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "blocked", "einsum"])
 @pytest.mark.parametrize("T", [1, 17, 130, 200])
 def test_causal_training_path_matches_reference(impl, T):
@@ -112,6 +113,7 @@ def test_blocked_dropout_maps_every_block_with_its_own_index():
     np.testing.assert_allclose(out, 2.0 * attention(q, k, v, None, "einsum"), atol=2 * F32_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_model_sends_attention_dropout_through_the_blocked_path(monkeypatch):
     import gpt2_jax.attention as attention_lib  # noqa: PLC0415
 
@@ -135,6 +137,7 @@ def test_cudnn_causal_training_path_matches_reference(T):
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), ref, atol=BF16_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["xla", "blocked", "einsum", "cudnn"])
 def test_kv_cache_decode_matches_full_forward_per_implementation(impl):
     """Prefill 5 tokens, then decode one at a time: the logits equal one full forward pass of the plain
@@ -173,6 +176,7 @@ def loss_and_grads(cfg: GPTConfig, weight_scale: float = 1.0, dropout_rng=None):
     return model, loss, grads
 
 
+@pytest.mark.slow
 def test_bfloat16_keeps_float32_params_and_loss_close_to_float32():
     f32_model, f32_loss, _ = loss_and_grads(TINY_MODEL, weight_scale=10.0)
     bf16_model, bf16_loss, bf16_grads = loss_and_grads(TINY_MODEL.replace(dtype="bfloat16"), weight_scale=10.0)
@@ -187,6 +191,7 @@ def test_bfloat16_keeps_float32_params_and_loss_close_to_float32():
     assert float(bf16_loss) != float(f32_loss)  # the bf16 path really ran in bf16
 
 
+@pytest.mark.slow
 def test_bfloat16_rounds_matmul_inputs_but_keeps_the_residual_stream_float32():
     """As under torch autocast (nanoGPT): embeddings and the residual sums stay float32, LayerNorms hand
     the compute dtype to the matmuls, and the matmuls run in bfloat16."""
@@ -201,12 +206,13 @@ def test_bfloat16_rounds_matmul_inputs_but_keeps_the_residual_stream_float32():
     assert model(jnp.zeros((1, 4), jnp.int32)).dtype == jnp.float32  # logits: bf16 head, cast for the loss
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 @pytest.mark.parametrize("impl", ["xla", "blocked"])
-def test_remat_gives_same_loss_and_grads(remat, dropout, impl):
+def test_remat_gives_same_loss_and_grads(remat, impl, dropout=0.2):
     """Recomputing a block in the backward pass must not change anything, dropout masks included
-    (blocked: T=160, three query blocks, each with its own dropout mask)."""
+    (blocked: T=160, three query blocks, each with its own dropout mask). With dropout on, the same check
+    covers the deterministic path too."""
     cfg = TINY_MODEL.replace(dropout=dropout, attention=impl,
                              block_size=160 if impl == "blocked" else TINY_MODEL.block_size)
     rng = jax.random.key(3) if dropout else None
@@ -216,6 +222,7 @@ def test_remat_gives_same_loss_and_grads(remat, dropout, impl):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=REMAT_ATOL, rtol=0), grads_r, grads)
 
 
+@pytest.mark.slow
 def test_remat_saves_activation_memory():
     """XLA's buffer plan for the gradient: remat must shrink the temporaries. (It silently stops doing
     so if the layer loop is unrolled: XLA then schedules the recomputation early and keeps everything.)"""

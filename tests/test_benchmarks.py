@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gpt2_jax import plan
+
+pytestmark = pytest.mark.e2e  # every test here runs a benchmark script in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 

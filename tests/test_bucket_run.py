@@ -41,6 +41,8 @@ from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.hellaswag import load_hellaswag
 from gpt2_jax.metrics import MetricsLogger, read_metrics
 
+pytestmark = pytest.mark.e2e  # train.py and the tools end to end against the emulated bucket
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds, for any one train.py process
 STEPS = 24  # several checkpoints: in a bucket each save takes long enough for the kill to land mid-run

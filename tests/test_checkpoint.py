@@ -133,6 +133,7 @@ def test_partial_restore_reads_only_the_part(tmp_path):
     assert 0.8 * size < part_read < 1.2 * size, (part_read, size)  # and one tree of the partial one
 
 
+@pytest.mark.slow
 def test_load_run_restores_only_the_model(tmp_path, char_data, monkeypatch):
     """runs.load_run (sample, evaluate, export) reads a run's model without its optimizer state, and the
     params are bit-identical to the ones the run ended with (and saved)."""

@@ -3,7 +3,7 @@ wrong and what to do, with exit status 2 for a bad flag and 1 for anything else,
 nothing is written or lost elsewhere.
 
 The CLIs are driven through their `main(argv)` in this process (train.py's flags too: they are checked before
-JAX starts), except where a subprocess is the point (marked slow). The models are tiny (1 layer, 32 wide).
+JAX starts), except where a subprocess is the point (marked e2e). The models are tiny (1 layer, 32 wide).
 """
 
 import json
@@ -174,6 +174,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", ["run", "config only"])
 def test_export_refuses_another_runs_folder(other, tiny_run, tmp_path, capsys):
     """`export RUN --to OTHER_RUN` used to overwrite the other run's config.json (which then broke its
@@ -189,6 +190,7 @@ def test_export_refuses_another_runs_folder(other, tiny_run, tmp_path, capsys):
     assert _snapshot(target) == before
 
 
+@pytest.mark.slow
 def test_export_writes_files_with_the_usual_mode(tiny_run, tmp_path, capsys):
     """model.safetensors gets the mode any file gets under the umask (safetensors alone makes it 0600); a
     second export into the same folder (an HF folder now) is allowed."""
@@ -248,7 +250,7 @@ def _can_mount_tmpfs(tmp_path) -> bool:
         return False
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_train_on_a_full_disk_stops_with_one_line(char_data, tmp_path):
     """train.py with its out_dir on a real 700 KiB filesystem (a tmpfs in a private mount namespace:
     `unshare -rm`), where the first checkpoint (~330 KiB) fits and the second does not: one line naming the
@@ -340,7 +342,7 @@ def _unshare_net() -> list[str]:
     return ["unshare", "-n"] if ok else []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
 def test_platform_without_its_device_is_one_line(platform, tmp_path):
     """--platform=tpu without a TPU used to end in a traceback about coordinator_address; --platform=gpu with the
@@ -399,7 +401,7 @@ def test_tools_take_platform_as_train_py_does(tool, hf_folder, char_data, tmp_pa
         assert main(_evaluate(hf_folder, char_data, tmp_path / "loss.json") + ["--platform=cpu"]) == 0
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_tool_starts_quietly_with_the_gpu_and_tpu_plugins_installed(hf_folder, char_data, tmp_path):
     """`python -m gpt2_jax.evaluate` with no --platform and no JAX_PLATFORMS, the plugins installed and no GPU
     or TPU attached: it runs on the CPU without the plugins' tracebacks and warnings, as train.py does."""
@@ -445,7 +447,7 @@ def test_unusable_compile_cache_is_a_bad_flag_or_a_warning(where, tmp_path, caps
 # ------------------------------------------------------------------------------------- housekeeping
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_pytest_session_leaves_no_cache_folder(tmp_path):
     """The root conftest.py makes a session's cache folder (GPT2_JAX_CACHE) in the temp folder: and removes it."""
     env = {k: v for k, v in os.environ.items() if k != "GPT2_JAX_CACHE"}
@@ -501,6 +503,7 @@ def _c_attn_shapes(step_dir: Path) -> set[tuple]:
     return {tuple(m.shape) for k, m in ocp.tree.to_flat_dict(tree, sep=".").items() if "c_attn.kernel" in k}
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
 def test_a_run_saved_before_the_c_attn_layout_change_loads_and_resumes(tiny_run, char_data, tmp_path, capsys):
     """Runs saved before c_attn became (C, 3, n_head, head_dim) used to fail with a shape error. Restoring reads

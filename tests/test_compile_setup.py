@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(preset="char", n_layer=2, n_embd=64, n_head=2, block_size=64, mesh="data:1")
 
 
+@pytest.mark.e2e
 def test_second_run_reads_the_compile_cache(tmp_path):
     """Two runs with --compile_cache=DIR: the first writes entries there, the second loads them (JAX logs each
     persistent-cache hit as a warning under JAX_LOG_COMPILES). No timings asserted: the machine is shared."""
@@ -67,7 +68,7 @@ def quiet_start_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "XLA_"))}
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_plain_train_py_starts_quietly_with_the_gpu_and_tpu_plugins_installed(tmp_path):
     """`python train.py` with no --platform and no JAX_PLATFORMS, where the CUDA plugin and libtpu are installed
     (the plan extra) but no GPU or TPU is attached: JAX would try both plugins and print the CUDA plugin's
@@ -85,6 +86,7 @@ def test_plain_train_py_starts_quietly_with_the_gpu_and_tpu_plugins_installed(tm
 # --- --micro_batch_size=0 on GPU/TPU ---------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
     """The planner's `local` target on the CPU, with the memory budget cut to fall between what micro-batches
     of 8 and 16 need: 8 is chosen. (Each size is compiled once: plan_one is memoised here.)"""

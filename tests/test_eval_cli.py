@@ -64,6 +64,7 @@ def direct_loss(model, tokens: np.ndarray, batch_size: int, block_size: int, num
 # ------------------------------------------------------------------------------ loss
 
 
+@pytest.mark.slow
 def test_loss_on_shards_equals_direct_computation(bpe_run, run_model, capsys, tmp_path):
     out, data = bpe_run
     code, result, err = cli(capsys, tmp_path, "loss", f"--init_from={out}", f"--data={data}", "--batch_size=4",
@@ -76,6 +77,7 @@ def test_loss_on_shards_equals_direct_computation(bpe_run, run_model, capsys, tm
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_loss_on_a_text_file_equals_direct_computation(bpe_run, run_model, tiny_shakespeare, capsys, tmp_path):
     import tiktoken
 
@@ -157,6 +159,7 @@ def test_hellaswag_refuses_a_char_level_model(hellaswag_file, capsys, tmp_path):
     assert code == 1 and f"{folder} is char-level" in err
 
 
+@pytest.mark.slow
 def test_in_loop_val_loss_equals_the_cli_on_tiny_shakespeare(tiny_shakespeare, capsys, tmp_path):
     """The trainer's in-loop val loss covers the whole val split (111K characters, far below
     --eval_tokens) with the windows `evaluate loss` reads, so on the same checkpoint the two agree: both

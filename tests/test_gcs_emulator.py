@@ -178,6 +178,7 @@ def test_checkpointer_on_bucket(gcs_emulator_env, gcs_dir):
     assert_trees_equal(again, states[1])
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.environ.get(IN_PRIVATE_NETWORK) == "1", reason="already inside the private network")
 def test_in_private_network(tmp_path):
     """Reruns the tests above in a network namespace with nothing but loopback, emulator included: a client

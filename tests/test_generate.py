@@ -166,6 +166,7 @@ def greedy_reference(model: GPT, prompt: list[int], new_tokens: int, keep: int) 
     return seq, gap
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", [None, WINDOW - 1, WINDOW], ids=["default_half", "block_minus_1", "nanogpt"])
 def test_greedy_past_the_context_matches_full_forward_over_the_window(tiny_model, keep):
     """Prompts of lengths 1, 5 and 16 (a full context) in one batch, 50 new tokens: 4-40 slides each."""
@@ -185,6 +186,7 @@ def test_greedy_past_the_context_matches_full_forward_over_the_window(tiny_model
         assert greedy_reference(tiny_model, prompt, 50, keep - 1)[0] != want
 
 
+@pytest.mark.slow
 def test_sampling_past_the_context_stays_in_the_windows_top_k_and_is_seeded(tiny_model):
     prompts = [[3], [7, 1, 4]]
     with jax.default_matmul_precision("highest"):
@@ -250,6 +252,7 @@ def test_many_samples_never_leave_the_allowed_set(top_k, top_p):
     assert len(seen) == allowed.sum()  # 4096 draws reach every allowed id: it samples, not argmax
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k, top_p, temperature", [(10, None, 1.0), (None, 0.9, 0.5)])
 def test_model_samples_stay_in_top_k_and_nucleus(model, top_k, top_p, temperature):
     """Every token of 8 sampled continuations is in the set computed in numpy from the logits of one
@@ -276,6 +279,7 @@ def test_same_seed_same_tokens_other_seed_other_tokens(model):
     assert not all(np.array_equal(x, z) for x, z in zip(a, c))
 
 
+@pytest.mark.slow
 def test_padded_vocab_ids_are_never_sampled(hf_dir):
     """A padded model (50304 ids) whose padding rows get by far the largest logits: without vocab_limit
     they win every time, with it never."""
@@ -319,6 +323,7 @@ def samples(stdout: str) -> list[str]:
     return [p[:-1] for p in parts]  # each text ends with print's newline
 
 
+@pytest.mark.slow
 def test_cli_greedy_on_an_exported_hf_folder_matches_hf(model, hf_model, tmp_path, gpt2_bpe):
     import tiktoken
 
@@ -349,6 +354,7 @@ def cli(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.e2e
 def test_cli_on_a_char_level_run_uses_its_vocabulary(char_run, capsys, tmp_path):
     from gpt2_jax.runs import load_run
 
@@ -411,6 +417,7 @@ def test_cli_rejects_bad_flags(flags, message, capsys):
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_errors_name_the_problem(char_run, tmp_path, capsys):
     missing = tmp_path / "no-such-run"
     r = run_cli(f"--init_from={missing}")  # a real process: the message, no traceback

@@ -107,10 +107,12 @@ def assert_matches_reference(result: dict, model: GPT, examples: list[dict], enc
 # ------------------------------------------------------------------------------ scores
 
 
+@pytest.mark.slow
 def test_matches_reference_torch(jax_result, tiny_model, examples, encode):
     assert_matches_reference(jax_result, tiny_model, examples, encode)
 
 
+@pytest.mark.slow
 def test_random_model_is_near_chance(jax_result):
     # A random model's pick is close to a fair 1-in-4 guess: correct answers ~ Binomial(50, 0.25), mean
     # 12.5, sd 3.1. [0.05, 0.5] is 2.5..25 correct, about 3.3 sd below and 4 sd above the mean: a
@@ -175,6 +177,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_sharded_matches_unsharded(hellaswag_file, gpt2_bpe):
     # A fresh process with 8 fake devices: the result must not depend on the device count the root
     # conftest.py gives this pytest process (JAX fixes it when its backend starts).

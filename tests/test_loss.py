@@ -63,6 +63,7 @@ def both_losses(cfg: GPTConfig, dropout_rng=None, chunk_len: int = CHUNK):
     return (jax.jit(jax.value_and_grad(f))(params) for f in (chunked, plain))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_chunked_loss_and_grads_equal_the_plain_path(remat, dropout):
@@ -76,6 +77,7 @@ def test_chunked_loss_and_grads_equal_the_plain_path(remat, dropout):
     assert not np.any(grads["wte"]["embedding"][...][VOCAB_LIMIT:])
 
 
+@pytest.mark.slow
 def test_padded_ids_are_left_out_of_the_softmax():
     """With vocab_limit the loss is the softmax over the first 96 ids only: raising the padded rows'
     logits (as HF weights padded with zeros do) does not change it."""
@@ -88,6 +90,7 @@ def test_padded_ids_are_left_out_of_the_softmax():
     assert float(unlimited) > float(before) + 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", ["data:4,tensor:2", "fsdp:8"])
 def test_chunked_loss_on_a_sharded_mesh(mesh_spec):
     """Batch split over the data axes (chunks run along T, so every chunk stays split), vocab over
@@ -113,6 +116,7 @@ def test_chunked_loss_on_a_sharded_mesh(mesh_spec):
     assert max(jax.tree.leaves(errors)) <= F32_RTOL, errors  # measured 7.5e-7
 
 
+@pytest.mark.slow
 def test_bfloat16_chunked_loss_is_close_and_grads_are_float32():
     (loss, grads), (ref_loss, ref_grads) = both_losses(PADDED.replace(dtype="bfloat16"))
     assert loss.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
@@ -127,6 +131,7 @@ def test_chunk_length_follows_the_logits_size():
     assert loss_chunk_len(8, 128, 65) == 128  # a character vocabulary: never chunked
 
 
+@pytest.mark.slow
 def test_chunked_loss_never_holds_the_full_logits():
     """XLA's buffer plan of the loss gradient: the plain path keeps the (B, T, vocab) float32 logits (and
     copies of them) for its backward pass, the chunked one only a chunk's."""

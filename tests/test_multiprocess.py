@@ -17,6 +17,8 @@ import pytest
 from test_reliability import TrainProcess, free_port, timeline
 from tiny import TINY_RUN
 
+pytestmark = pytest.mark.e2e  # several train.py processes, end to end
+
 STEPS = 8
 LOSS_ATOL = 1e-5
 # The tiny run (tests/tiny.py) as a 1-layer GPT-2 BPE model with a context of 64, every periodic task every 4 steps.

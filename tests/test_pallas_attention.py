@@ -6,7 +6,7 @@ attention in float32: the forward within 1e-6 and the gradients within 1e-5 (mea
 T=256: the kernel scales q before the product and sums in blocks, so float32 rounding differs). Under a
 sharded mesh each device computes whole sequences and whole heads: the same numbers as one device.
 The tests run on the 8 fake CPU devices of conftest.py; interpreting the kernel is slow, so those over
-~20 s on 2 cores are marked slow.
+~20 s on 2 cores are marked e2e, and those over 6 s slow.
 """
 
 import jax
@@ -24,7 +24,7 @@ from gpt2_jax.model import GPT
 FWD_ATOL = 1e-6
 GRAD_ATOL = 1e-5
 # One device interprets all 8 sequences in turn (~20-50 s): slow; a shard interprets one or two.
-MESHES = [pytest.param("data:1", marks=pytest.mark.slow), "data:8", "data:2,fsdp:4", "fsdp:4,tensor:2"]
+MESHES = [pytest.param("data:1", marks=pytest.mark.e2e), "data:8", "data:2,fsdp:4", "fsdp:4,tensor:2"]
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +54,7 @@ def mesh_of(spec: str):
     return sharding.make_mesh(spec, jax.devices()[:1] if spec == "data:1" else None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec", MESHES)
 def test_splash_equals_einsum_forward_and_gradients(mesh_spec):
     q, k, v, g = qkv_and_cotangent()
@@ -93,7 +94,7 @@ def test_heads_not_divisible_by_tensor_is_refused():
 TINY = GPTConfig(block_size=128, vocab_size=64, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
 
 
-@pytest.mark.slow  # 50-90 s on 2 cores: the interpreted kernel, forward and backward, in 2 layers
+@pytest.mark.e2e  # 50-90 s on 2 cores: the interpreted kernel, forward and backward, in 2 layers
 @pytest.mark.parametrize("mesh_spec", ["fsdp:8", "data:4,tensor:2"])
 def test_model_loss_and_grads_with_splash_on_a_mesh(mesh_spec):
     """The GPT's loss and gradients with attention='splash' on a sharded mesh equal the einsum model's on one

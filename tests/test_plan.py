@@ -104,6 +104,7 @@ def test_missing_extra_is_named(monkeypatch, capsys):
     assert "install the plan extra" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_local_cpu(tmp_path):
     """`local` compiles for the attached devices, here the CPU, in this process."""
     out = tmp_path / "plan.json"
@@ -115,6 +116,7 @@ def test_local_cpu(tmp_path):
     assert 1.0 <= p["flops_per_step"] / p["flops_6n"] < 1.1
 
 
+@pytest.mark.e2e
 @needs("h100")
 def test_gpt2_124m_fits_h100_with_cudnn(tmp_path):
     rc, out, p = run_plan(tmp_path, "--target=h100", "--preset=gpt2", "--micro_batch_size=16")
@@ -128,6 +130,7 @@ def test_gpt2_124m_fits_h100_with_cudnn(tmp_path):
     assert p["collectives"] == {}  # one device
 
 
+@pytest.mark.e2e
 @needs("h100")
 def test_gpt2_xl_micro_batch_64_does_not_fit_h100(tmp_path):
     rc, out, p = run_plan(tmp_path, "--target=h100", "--preset=gpt2-xl", "--micro_batch_size=64")
@@ -137,6 +140,7 @@ def test_gpt2_xl_micro_batch_64_does_not_fit_h100(tmp_path):
     assert any(s.startswith("--micro_batch_size=") for s in p["suggestions"])
 
 
+@pytest.mark.e2e
 @needs("v5e-8")
 def test_small_model_fits_v5e_8_data_parallel(tmp_path):
     rc, out, p = run_plan(tmp_path, "--target=v5e-8", "--mesh=data:8", "--preset=gpt2", "--micro_batch_size=16",
@@ -152,6 +156,7 @@ def test_small_model_fits_v5e_8_data_parallel(tmp_path):
     assert 4 * n_params <= p["collectives"]["all-reduce"]["bytes"] < 2 * 4 * n_params
 
 
+@pytest.mark.e2e
 @needs("v5e-8")
 def test_tpu_refusal_becomes_does_not_fit(tmp_path):
     # 4096 sequences: the tiny model needs 21.8 GiB of temporaries per chip (1024 fit, in 6.6 GiB, since
@@ -194,6 +199,7 @@ def tiny_v5e_plans(tmp_path_factory) -> dict:
     return plans
 
 
+@pytest.mark.e2e
 @needs("v5e-8")
 def test_fsdp_activations_are_split_by_batch(tiny_v5e_plans):
     # Before the batch constraint on the embedding output (sharding.constrain_batch), FSDP ran every block on
@@ -203,13 +209,14 @@ def test_fsdp_activations_are_split_by_batch(tiny_v5e_plans):
     assert data["budget_bytes"] == int(15.75 * 2**30)  # what libtpu allows on a v5e, not the 16 GiB of HBM
 
 
+@pytest.mark.e2e
 @needs("v5e-8")
 def test_tpu_step_holds_the_pallas_kernel(tiny_v5e_plans):
     for p in tiny_v5e_plans.values():
         assert "tpu_custom_call" in p["custom_calls"] and p["attention"].startswith("Pallas TPU splash"), p
 
 
-@pytest.mark.slow  # the 48-layer step: 4-8 minutes on 2 shared cores
+@pytest.mark.e2e  # the 48-layer step: 4-8 minutes on 2 shared cores
 @needs("v5e-8")
 def test_gpt2_xl_trains_on_one_v5e_8_with_fsdp_and_remat(tmp_path):
     # Before the batch constraint: 16.51 GiB of temporaries, refused. After: 8.27 GiB in all with splash.

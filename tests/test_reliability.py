@@ -197,6 +197,7 @@ def copy_run(reference, out_dir) -> Path:
 # --- 1. SIGTERM / SIGINT ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_signal_stops_cleanly_second_signal_at_once_then_resume(tmp_path, char_data, env, reference):
     """SIGTERM: the step finishes, a checkpoint of it is written, exit 143 with how to resume. Then, in
     the resumed run, two signals at once (SIGINT and SIGTERM while the process is stopped, so both are
@@ -254,6 +255,7 @@ class CheckpointWatcher(threading.Thread):
             time.sleep(0.001)
 
 
+@pytest.mark.e2e
 def test_kill_9_resumes_from_last_complete_checkpoint_bit_identical(tmp_path, char_data, env, reference):
     """SIGKILL mid-run (a checkpoint every 2 steps, keep_checkpoints=1, so saves and deletions overlap the
     kill): the next start resumes from the newest complete checkpoint, never a partial one, and ends
@@ -315,6 +317,7 @@ def damage(step_dir: Path, how: str) -> None:
             f.unlink()
 
 
+@pytest.mark.e2e
 def test_damaged_checkpoints_fall_back_with_a_warning_or_stop_with_an_error(tmp_path, char_data, env, reference):
     """Newest checkpoint truncated, the one before missing a file: train.py warns about each (naming the
     step, its folder and the error), resumes from the one before those and ends bit-identical to the
@@ -345,6 +348,7 @@ def test_damaged_checkpoints_fall_back_with_a_warning_or_stop_with_an_error(tmp_
 # --- 4. another device count or mesh ----------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_resume_on_other_device_counts_and_meshes(tmp_path, char_data, reference):
     """Steps 1-8 on 8 devices (the reference run), 9-12 on 1 device (data:1), 13-16 on 4 devices with
     FSDP (data:2,fsdp:2): the same losses and final params as the uninterrupted 8-device run (1e-5)."""
@@ -381,6 +385,7 @@ def test_resume_on_other_device_counts_and_meshes(tmp_path, char_data, reference
 NAN = dict(max_lr=1e10, warmup_steps=1, max_steps=3, checkpoint_every=1, keep_checkpoints=5)
 
 
+@pytest.mark.e2e
 def test_nan_stop_keeps_last_good_checkpoint(tmp_path, char_data, env):
     out = tmp_path / "run"
     p = train(flags(char_data, out, **NAN, on_nan="stop"), env, tmp_path / "stderr.txt")
@@ -392,6 +397,7 @@ def test_nan_stop_keeps_last_good_checkpoint(tmp_path, char_data, env):
     assert sorted(timeline(out)) == [1]
 
 
+@pytest.mark.e2e
 def test_nan_skip_drops_the_update_counts_it_and_goes_on(tmp_path, char_data, env):
     out = tmp_path / "run"
     p = train(flags(char_data, out, **NAN, on_nan="skip"), env, tmp_path / "stderr.txt")
@@ -411,6 +417,7 @@ def test_nan_skip_drops_the_update_counts_it_and_goes_on(tmp_path, char_data, en
     assert meta3["skipped_steps"] == 2 and where(meta3) > where(meta1)
 
 
+@pytest.mark.e2e
 def test_nan_skip_stops_after_max_skips_in_a_row(tmp_path, char_data, env):
     """--on_nan=skip is not a licence to skip forever: more than --max_skips non-finite steps in a row stop
     the run as --on_nan=stop does (exit status 1, the last good checkpoint kept)."""
@@ -453,6 +460,7 @@ def nan_at(monkeypatch, steps) -> None:
     monkeypatch.setattr(trainer, "make_train_step", make_train_step)
 
 
+@pytest.mark.e2e
 def test_nan_skip_count_restarts_after_a_finite_step(tmp_path, char_data, monkeypatch, capsys):
     """--max_skips counts CONSECUTIVE skips: NaN at steps 2, 3, 5, 6 with --max_skips=2 runs to the end
     (4 skips, never more than 2 in a row), while NaN at 2, 3, 4 stops at step 4."""
@@ -480,6 +488,7 @@ def test_max_skips_must_not_be_negative(tmp_path, char_data):
 # --- 6. resume checks on the command line -----------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_cli_resume_with_changed_model_or_data(tmp_path, char_data, env, reference):
     out = copy_run(reference, tmp_path / "run")
     p = train(flags(char_data, out, n_embd=64), env, tmp_path / "1.txt")
@@ -506,6 +515,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_processes_train_like_one(tmp_path, char_data, reference):
     """Two processes with 4 CPU devices each (gloo collectives) == one process with 8 devices: losses
     and final params to 1e-5. Only process 0 logs, writes metrics.jsonl and plots; both save their
@@ -549,6 +559,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+@pytest.mark.e2e
 def test_processes_follow_process_0_when_their_listings_differ(tmp_path, char_data, reference):
     """Resume, start fresh and which step to restore are decided by process 0 and broadcast: with a
     process that sees no checkpoint, both resume from step 8 and end equal to the uninterrupted run."""

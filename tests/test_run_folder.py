@@ -2,7 +2,7 @@
 holds against what was asked (--init_from, --max_steps), start-up checks that leave nothing behind, and the
 derived defaults that follow the run (warmup, the sample prompt, a GPT-2 size on a CPU).
 
-Subprocess tests (marked slow) run train.py as a user does and check its exit status and message; the others
+Subprocess tests (marked e2e) run train.py as a user does and check its exit status and message; the others
 call `gpt2_jax.training.run` in this process (8 fake CPU devices, root conftest.py) on a 1-layer char model.
 """
 
@@ -63,7 +63,7 @@ def files_under(folder: Path) -> dict[str, int]:
 # --- 1. one trainer per folder -------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_second_trainer_on_the_folder_exits_at_once_naming_the_holder(tmp_path, char_data, env):
     """The issue's case: a run, then a second with another --n_layer on the same folder. The second exits 1
     before doing anything, naming the first (host, pid, start time); the first goes on, its checkpoints intact."""
@@ -88,6 +88,7 @@ def test_a_second_trainer_on_the_folder_exits_at_once_naming_the_holder(tmp_path
     assert not (out / runlock.LOCK_FILE).exists()  # released at exit
 
 
+@pytest.mark.e2e
 def test_a_held_folder_refuses_a_run_and_keeps_its_files(tmp_path, char_data):
     out = tmp_path / "run"
     run(tiny(out, char_data))
@@ -103,6 +104,7 @@ def test_a_held_folder_refuses_a_run_and_keeps_its_files(tmp_path, char_data):
     run(tiny(out, char_data, max_steps=3))  # free again: it resumes
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, char_data, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -162,6 +164,7 @@ def test_a_bucket_run_refuses_a_held_folder(tmp_path, char_data, gcs_dir):
 # --- 2. what the user asked for is never silently dropped ---------------------------------------
 
 
+@pytest.mark.e2e
 def test_init_from_on_a_folder_that_holds_a_run_is_an_error(tmp_path, char_data):
     first, second = tmp_path / "first", tmp_path / "second"
     run(tiny(first, char_data))
@@ -178,7 +181,7 @@ def test_init_from_on_a_folder_that_holds_a_run_is_an_error(tmp_path, char_data)
     assert run(tiny(tuned, char_data, init_from=str(first), max_steps=3))["start_step"] == 2
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_resume_past_max_steps_says_so(tmp_path, char_data, env):
     out = tmp_path / "run"
     run(tiny(out, char_data, max_steps=3))
@@ -200,7 +203,7 @@ def test_warmup_is_a_tenth_of_max_steps_capped_by_the_recipe(preset, backend, ma
     assert resolve(TrainConfig(preset=preset, max_steps=max_steps, warmup_steps=7), backend, 1).warmup_steps == 7
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_short_run_warms_up_within_it(tmp_path, env):
     """The issue's case: `python train.py --max_steps=20` wrote warmup_steps 100 and ended at 2e-4 of its lr."""
     r = train_py("--max_steps=20", "--n_layer=1", "--eval_every=0", "--sample_every=0", "--tensorboard=false",
@@ -216,6 +219,7 @@ def test_the_warmup_help_says_so(capsys):
     assert "10% of max_steps, at most 715 for GPT-2 sizes and 100 for char on CPU" in help_text
 
 
+@pytest.mark.slow
 def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, char_data, capsys):
     """`--preset=gpt2 --platform=cpu`: 2**19 tokens a step. The run says so at the start, and how long a step
     takes after its first micro-steps (here a 1-layer GPT-2 of 4 micro-steps a step)."""
@@ -228,6 +232,7 @@ def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, cha
                      out), out
 
 
+@pytest.mark.e2e
 def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_path, char_data, monkeypatch, capsys):
     """SIGTERM during micro-step 2 of step 3 (of 4 micro-steps): the run stops after that micro-step, drops
     the partial step, checkpoints step 2 with its loader position; the same command then ends bit-identical
@@ -271,7 +276,7 @@ def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_pat
 # --- 4. --out_dir= ------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_empty_out_dir_is_a_usage_error(tmp_path, env):
     r = train_py("--out_dir=", "--max_steps=1", env=env, cwd=tmp_path)
     assert r.returncode == 2
@@ -290,6 +295,7 @@ def no_newline_data(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.e2e
 def test_sample_prompt_is_checked_only_when_sampling(tmp_path, no_newline_data):
     assert run(tiny(tmp_path / "a", no_newline_data, sample_every=0))["step"] == 2
     with pytest.raises(ValueError, match=r"--sample_prompt \(empty: '\\n'\): character '\\n' is not in this "
@@ -324,7 +330,7 @@ def test_a_changed_data_folder_is_named_before_the_model(tmp_path, char_data, no
 # --- 6. a failed start leaves nothing behind -----------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_failed_start_leaves_no_out_dir(tmp_path, no_newline_data, env):
     out = tmp_path / "new" / "run"
     r = train_py(f"--data={no_newline_data}", f"--out_dir={out}", "--sample_every=5", "--max_steps=1", env=env)

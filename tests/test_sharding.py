@@ -29,6 +29,7 @@ def test_c_attn_is_split_on_its_heads_dim():
     assert attn["c_proj"]["kernel"].spec == P(None, "tensor", None)  # rows = the heads' outputs, same order
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data:4,tensor:2", "data:2,tensor:4"])
 def test_tensor_parallel_step_reshuffles_nothing(mesh):
     """The collectives in the trainer's compiled step (benchmarks/collectives.py: 2 layers, 4 heads,

@@ -51,6 +51,7 @@ def single_device_run(tmp_path_factory, char_data):
     return out, run(tiny_train_config(out, char_data, mesh="data:1"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data:8", "data:2,fsdp:4", "data:4,tensor:2"])
 def test_sharded_step_equals_single_device(mesh, tmp_path, char_data, single_device_run):
     assert len(jax.devices()) == 8
@@ -64,6 +65,7 @@ def test_sharded_step_equals_single_device(mesh, tmp_path, char_data, single_dev
         assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
 
 
+@pytest.mark.e2e
 def test_grad_accumulation_equals_one_big_batch(tmp_path, char_data):
     accum = run(tiny_train_config(tmp_path / "accum", char_data, micro_batch_size=8, total_batch_size=4 * 8 * 32,
                                   max_steps=2))
@@ -86,6 +88,7 @@ def lecture_lr(it: int, max_lr: float, min_lr_ratio: float, warmup_steps: int, m
     return min_lr + coeff * (max_lr - min_lr)
 
 
+@pytest.mark.slow
 def test_trajectory_matches_torch_reference(tmp_path, char_data):
     """5 AdamW steps of the trainer vs a plain torch loop that shares only the initial weights: its own
     schedule (lecture_lr), its own batches cut from the raw train shard, torch's AdamW with decay on
@@ -148,6 +151,7 @@ def test_trajectory_matches_torch_reference(tmp_path, char_data):
     assert max_rel_err(trained, reference) <= TRAJECTORY_PARAM_RTOL
 
 
+@pytest.mark.e2e
 def test_resume_is_bit_identical(tmp_path, char_data):
     """6 straight steps == 3 steps, a restart from the step-3 checkpoint, 3 more steps."""
     straight = run(tiny_train_config(tmp_path / "straight", char_data, max_steps=6, checkpoint_every=3,
@@ -195,12 +199,14 @@ def test_bad_mesh(tmp_path, char_data):
         run(tiny_train_config(tmp_path, char_data, mesh="model:8"))
 
 
+@pytest.mark.slow
 def test_resume_with_changed_model_names_the_field(tmp_path, char_data):
     run(tiny_train_config(tmp_path, char_data, max_steps=1))
     with pytest.raises(ValueError, match=r"n_embd: checkpoint 32 vs now 64"):
         run(tiny_train_config(tmp_path, char_data, max_steps=2, n_embd=64))
 
 
+@pytest.mark.slow
 def test_resume_with_changed_data_names_the_dir(tmp_path, char_data):
     run(tiny_train_config(tmp_path, char_data, max_steps=1))
     other = tmp_path / "other-data"
@@ -235,6 +241,7 @@ def test_cli_help_lists_flags_with_defaults():
     assert "--total_batch_size" in r.stdout and "(default: 1.0)" in r.stdout  # grad_clip default shown
 
 
+@pytest.mark.e2e
 def test_cli_default_run_shortened(tmp_path):
     """`python train.py` as the README runs it, shortened by flags: Python's docs, char-level."""
     r = _train(f"--out_dir={tmp_path}", "--max_steps=4", "--n_layer=1", "--sample_tokens=16", "--eval_tokens=512")
@@ -243,6 +250,7 @@ def test_cli_default_run_shortened(tmp_path):
     assert (tmp_path / "checkpoints" / "4").is_dir() and (tmp_path / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_cli_tiny_shakespeare(tmp_path, tiny_shakespeare):
     r = subprocess.run([sys.executable, "-m", "gpt2_jax.data", "text", str(tiny_shakespeare), "--out",
                         str(tmp_path / "data"), "--tokenizer", "char"], capture_output=True, text=True, timeout=300)
@@ -262,6 +270,7 @@ def test_cli_tiny_shakespeare(tmp_path, tiny_shakespeare):
     assert first > 4.0 and last < first - 1.0, (first, last)
 
 
+@pytest.mark.e2e
 def test_init_from_training_run_starts_from_its_params(tmp_path, char_data):
     first = run(tiny_train_config(tmp_path / "first", char_data, max_steps=2))
     # max_lr ~ 0: the new run's params stay (numerically) where the first run ended.
@@ -282,6 +291,7 @@ def test_cli_platform_without_backend(tmp_path):
     assert ('pip install "gpt2-jax[gpu]"' in r.stderr) == (not backends.has_plugin("gpu"))  # no hint when installed
 
 
+@pytest.mark.e2e
 def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
     """HF weights padded with zero rows: the padded ids' logit is 0, and without masking they would take
     probability mass from the real ids. The trainer leaves them out of the softmax, so the padded model's
