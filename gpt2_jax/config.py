@@ -21,7 +21,7 @@ ATTENTION = ("xla", "cudnn", "blocked", "einsum", "splash")  # attention.py's im
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
 REMAT = ("none", "full", "dots")  # activation checkpointing policies
 PLATFORMS = ("cpu", "gpu", "tpu")  # --platform (backends.py maps them to JAX_PLATFORMS names)
-PLATFORM_HELP = ("JAX backend: cpu | gpu | tpu (empty: the GPU or TPU this machine has, else the CPU)")  # every CLI's
+PLATFORM_HELP = "JAX backend: cpu | gpu | tpu (empty: the GPU or TPU this machine has, else the CPU)"  # every CLI's
 
 
 def finite_float(text: str) -> float:

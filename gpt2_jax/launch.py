@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from gpt2_jax.backends import INSTALL_HINT, JAX_PLATFORMS, cpu_if_no_accelerator, has_plugin, missing_backend
+from gpt2_jax.backends import INSTALL_HINT, JAX_PLATFORMS, has_plugin, pin_platform
 from gpt2_jax.config import GPU_XLA_FLAGS
 from gpt2_jax.training.settings import TrainConfig
 
@@ -93,7 +93,7 @@ def unusable_folder(folder: str) -> str | None:
 def start_jax(config: TrainConfig) -> None:
     """Set JAX's environment (jax_environment), pin JAX to one backend and join the other processes, before any
     backend initialises; exit with what to install if the backend is missing."""
-    if problem := missing_backend(config.platform):
+    if problem := pin_platform(config.platform):  # the tools' rule too: JAX_PLATFORMS, or the CPU without a device
         sys.exit(problem)
     env, notes = jax_environment(config, os.environ)
     try:
@@ -101,8 +101,6 @@ def start_jax(config: TrainConfig) -> None:
     except ValueError as e:  # a bad --compile_cache: a bad flag
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if not config.platform:
-        cpu_if_no_accelerator(env)
     os.environ.update(env)
     for note in notes:
         print(note, file=sys.stderr if note.startswith("warning:") else sys.stdout, flush=True)
