@@ -37,6 +37,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import traceback
 import warnings
 from typing import Any
 
@@ -77,6 +79,27 @@ class _NoDiskFullTracebacks(logging.Filter):
 
 for _logger in ("absl", "asyncio"):  # asyncio: tensorstore's failed writes in futures nobody awaited any more
     logging.getLogger(_logger).addFilter(_NoDiskFullTracebacks())
+
+
+def _quiet_abandoned_writes() -> None:
+    """orbax gives up on a save at its first failed write (a full disk) and closes that save's event loop
+    while tensorstore's other writes still run. When they finish, each one's callback meets the closed loop
+    ("RuntimeError: Event loop is closed" from call_soon_threadsafe, through sys.unraisablehook, often before
+    the main thread hears of the failure) and its coroutine is reported as never awaited. Both are leftovers
+    of a save whose failure the Checkpointer reports once; nothing else raises them."""
+    warnings.filterwarnings("ignore", r"coroutine .*write_fragment.* was never awaited", RuntimeWarning)
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        value, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+                and any(f.name == "call_soon_threadsafe" for f in frames)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_quiet_abandoned_writes()
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -240,7 +263,8 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending saves, then releases orbax's threads."""
-        self._manager.close()
+        with _disk_full(self, self._manager.latest_step()):
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

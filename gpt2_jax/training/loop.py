@@ -7,6 +7,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -76,14 +77,13 @@ def train(t: Trainer) -> dict:
                 stop_here(t, step, stopping, step != saved, summary)
                 break
             clock.restart()  # evals, samples and saves are not part of the step time
-    finally:
-        try:
+    finally:  # each step runs even if one before it raised (a full disk fails the wait)
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(stop.restore)  # last: a second signal during the final save still exits at once
+            cleanup.callback(t.lock.release)
+            cleanup.callback(t.logger.close)
+            cleanup.callback(t.ckpt.close)
             t.ckpt.wait()
-            t.ckpt.close()
-            t.logger.close()
-        finally:
-            t.lock.release()
-            stop.restore()  # last: a second signal during the final save still exits at once
     return finish(t, step, summary)
 
 
