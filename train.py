@@ -40,16 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     launch.start_jax(config)
     import jax  # noqa: PLC0415
 
-    if config.micro_batch_size == 0 and jax.default_backend() in ("gpu", "tpu"):
-        from gpt2_jax.plan import auto_micro_batch  # noqa: PLC0415
-
-        micro, note = auto_micro_batch(config)
-        print(note, flush=True)
-        if micro:
-            config = dataclasses.replace(config, micro_batch_size=micro)
-    from gpt2_jax.training import run  # noqa: PLC0415
-
     try:
+        if config.micro_batch_size == 0 and jax.default_backend() in ("gpu", "tpu"):
+            from gpt2_jax.plan import auto_micro_batch  # noqa: PLC0415
+            from gpt2_jax.training.setup import checkpoint_shape  # noqa: PLC0415
+
+            micro, note = auto_micro_batch(checkpoint_shape(config, quiet=True))  # the shape --init_from has
+            print(note, flush=True)
+            if micro:
+                config = dataclasses.replace(config, micro_batch_size=micro)
+        from gpt2_jax.training import run  # noqa: PLC0415
+
         summary = run(config)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:  # OSError: missing files, unreachable bucket
         sys.exit(f"error: {e}")

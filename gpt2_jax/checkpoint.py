@@ -128,8 +128,7 @@ class Checkpointer:
       max_to_keep: keep the newest N complete checkpoints (None keeps all).
       async_save: write to disk in a background thread. `save` returns once the arrays are copied to
         host memory, so the train step may donate or overwrite its buffers right away.
-      read_only: only list and restore: never create, clean up or delete anything (for reading another
-        run's checkpoints, which may be saving right now).
+      read_only: only list and restore: never create, clean up or delete anything (another run's checkpoints).
     """
 
     def __init__(
@@ -262,7 +261,7 @@ class Checkpointer:
         return broadcast_from_primary(meta)  # every process decides on process 0's reading
 
     def close(self) -> None:
-        """Waits for pending saves, then releases orbax's threads."""
+        """Waits for pending saves (raising a failed one's error, as `wait`), then releases orbax's threads."""
         with _disk_full(self, self._manager.latest_step()):
             self._manager.close()
 

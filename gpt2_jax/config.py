@@ -21,6 +21,7 @@ ATTENTION = ("xla", "cudnn", "blocked", "einsum", "splash")  # attention.py's im
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
 REMAT = ("none", "full", "dots")  # activation checkpointing policies
 PLATFORMS = ("cpu", "gpu", "tpu")  # --platform (backends.py maps them to JAX_PLATFORMS names)
+DATA_CACHE_GB = 16.0  # --data=gs://...: shards kept on each machine (FineWeb-Edu 10B: ~100 of 200 MB; a fifth)
 PLATFORM_HELP = "JAX backend: cpu | gpu | tpu (empty: the GPU or TPU this machine has, else the CPU)"  # every CLI's
 
 
@@ -126,15 +127,22 @@ RECIPES: dict[str, dict[str, Any]] = {
     # 3 minutes on 2 cores (benchmarks/convergence.py --corpus bundled; benchmarks/NOTES.md).
     "char/cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, micro_batch_size=12, max_steps=2000,
                      warmup_steps=100, dropout=0.0),
+    # Fine-tuning a checkpoint (--finetune, with --init_from), over any family's row: nanoGPT's
+    # finetune_shakespeare settings (2**15 tokens per step, a constant 3e-5, no warmup, 20 steps, an eval every
+    # 5), with the micro-batch at 8 sequences so that the step splits evenly at any context up to 4096.
+    "finetune": dict(total_batch_size=2**15, micro_batch_size=8, max_steps=20, warmup_steps=0, max_lr=3e-5,
+                     min_lr_ratio=1.0, dropout=0.0, eval_every=5),
 }
 # AdamW and the schedule's shape, the same for every preset (GPT-3 paper, Appendix B).
 ADAMW: dict[str, float] = dict(min_lr_ratio=0.1, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0)
 
 
-def recipe(preset_name: str, backend: str) -> dict[str, Any]:
-    """The RECIPES row of a preset on a backend ("cpu", "gpu", "tpu"): the family's, with its backend's overrides."""
+def recipe(preset_name: str, backend: str, finetune: bool = False) -> dict[str, Any]:
+    """The RECIPES row of a preset on a backend ("cpu", "gpu", "tpu"): the family's, with its backend's overrides,
+    and the fine-tuning row over both for `finetune`."""
     family = "gpt2" if preset_name in GPT2_SIZES else "char"
-    return {**RECIPES[family], **RECIPES.get(f"{family}/{backend}", {})}
+    row = {**RECIPES[family], **RECIPES.get(f"{family}/{backend}", {})}
+    return {**row, **RECIPES["finetune"]} if finetune else row
 
 
 def default_attention(backend: str, dtype: str) -> str:

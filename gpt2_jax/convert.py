@@ -226,13 +226,8 @@ def read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"no weights in {folder}: expected one of {WEIGHT_FILES}")
 
 
-def load_hf(name_or_path: str | os.PathLike, *, vocab_size: int | None = None, **overrides) -> GPT:
-    """A GPT from an HF GPT-2 checkpoint: a Hub name (`gpt2`, `gpt2-medium`, ...) or a local folder.
-
-    `vocab_size=50304` pads the embedding with zero rows. Other keyword arguments override runtime
-    GPTConfig fields (`dtype`, `attention`, `remat`, `dropout`).
-    """
-    folder = resolve_checkpoint(name_or_path)
+def read_hf_config(folder: Path) -> GPTConfig:
+    """The GPTConfig of an HF GPT-2 checkpoint folder, from its config.json alone."""
     config_file = folder / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{folder} has no config.json; is it an HF GPT-2 checkpoint folder?")
@@ -240,7 +235,17 @@ def load_hf(name_or_path: str | os.PathLike, *, vocab_size: int | None = None, *
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from e
-    cfg = config_from_hf(hf_config, where=str(config_file))
+    return config_from_hf(hf_config, where=str(config_file))
+
+
+def load_hf(name_or_path: str | os.PathLike, *, vocab_size: int | None = None, **overrides) -> GPT:
+    """A GPT from an HF GPT-2 checkpoint: a Hub name (`gpt2`, `gpt2-medium`, ...) or a local folder.
+
+    `vocab_size=50304` pads the embedding with zero rows. Other keyword arguments override runtime
+    GPTConfig fields (`dtype`, `attention`, `remat`, `dropout`).
+    """
+    folder = resolve_checkpoint(name_or_path)
+    cfg = read_hf_config(folder)
     if vocab_size is not None and vocab_size < cfg.vocab_size:
         raise ValueError(f"vocab_size={vocab_size} is smaller than the checkpoint's {cfg.vocab_size}; "
                          "it can only pad the embedding (e.g. 50257 -> 50304), never cut it")

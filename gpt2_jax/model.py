@@ -201,6 +201,16 @@ class GPT(nnx.Module):
         x, _ = self._hidden(idx, None, 0, dropout_rng, unroll.layers)
         return lm_head_loss(x, self.wte.embedding[...], targets, vocab_limit, chunk_len, unroll.loss_chunks)
 
+    def crop_block_size(self, block_size: int) -> None:
+        """Keep the first `block_size` learned positions, as nanoGPT does: fine-tuning at a shorter context
+        than the checkpoint's. Every other weight is independent of the context length."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"cannot crop the context to {block_size}: the model has {self.config.block_size} "
+                             "learned positions, and a longer context would need positions it never learned")
+        self.wpe.embedding.set_value(self.wpe.embedding[:block_size])
+        self.wpe.num_embeddings = block_size
+        self.config = self.config.replace(block_size=block_size)
+
     def _unroll(self, unroll: Unroll | None) -> Unroll:
         return Unroll.for_platform(jax.default_backend(), self.config) if unroll is None else unroll
 

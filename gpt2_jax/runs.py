@@ -32,7 +32,7 @@ from flax import nnx
 
 from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import GPT2_VOCAB_SIZE, GPTConfig
-from gpt2_jax.convert import load_hf, resolve_checkpoint
+from gpt2_jax.convert import load_hf, read_hf_config, resolve_checkpoint
 from gpt2_jax.model import GPT
 from gpt2_jax.sharding import with_shardings
 from gpt2_jax.storage import is_remote, run_path
@@ -154,14 +154,46 @@ def load_run(path: str | os.PathLike, step: int | None = None, *, shardings: Any
     return model, tokenizer, meta
 
 
+def source_config(init_from: str) -> GPTConfig:
+    """The model `init_from` holds (shapes included), read from its meta or config.json alone, without its
+    arrays: train.py sets a run's architecture from it before anything is built."""
+    path = run_path(init_from)
+    if is_training_run(path):
+        with _quiet_orbax(), Checkpointer(checkpoints_dir(path), read_only=True) as ckpt:
+            meta = ckpt.read_meta()
+        if meta is None:
+            raise FileNotFoundError(f"no readable checkpoint in {checkpoints_dir(path)}")
+        return CheckpointMeta.from_dict(meta).model
+    _check_hf_source(init_from, path)
+    return read_hf_config(path if is_remote(path) else resolve_checkpoint(init_from))
+
+
+def _check_hf_source(init_from: str, path: epath.Path) -> None:
+    """`init_from`, not a training run, names an HF folder or could be a Hub name; else FileNotFoundError."""
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is neither a training run's out_dir (no {CHECKPOINTS}/ folder) nor an "
+                                "HF checkpoint folder (no config.json)")
+    if not path.exists() and (is_remote(path) or path.is_absolute() or init_from.startswith((".", "~"))):
+        raise FileNotFoundError(f"{path} does not exist; --init_from takes a training run's out_dir, an HF "
+                                "checkpoint folder or an HF GPT-2 name (gpt2, gpt2-medium, ...)")
+
+
 def load_model(init_from: str, *, step: int | None = None, shardings: Any = None, vocab_size: int | None = None,
-               **overrides: Any) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
+               block_size: int | None = None, **overrides: Any) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
     """(model, tokenizer, meta) from `init_from`: a training run, an HF folder or an HF Hub name (see the
     module docstring). `meta` is the checkpoint's for a run, else {"source": the HF folder}.
 
     `vocab_size` pads an HF model's vocabulary with zero rows (e.g. 50304); a run keeps its own.
+    `block_size` below the model's crops its learned positions (GPT.crop_block_size); above is an error.
     `overrides` set runtime GPTConfig fields (dtype, attention, remat). Missing paths raise FileNotFoundError.
     """
+    if block_size is not None:  # loaded whole on one device, cropped, then placed
+        model, tokenizer, meta = load_model(init_from, step=step, vocab_size=vocab_size, **overrides)
+        if block_size != model.config.block_size:
+            model.crop_block_size(block_size)
+        if shardings is not None:
+            nnx.update(model, jax.device_put(nnx.state(model), shardings))
+        return model, tokenizer, meta
     path = run_path(init_from)
     if is_training_run(path):
         if vocab_size is not None:
@@ -170,12 +202,7 @@ def load_model(init_from: str, *, step: int | None = None, shardings: Any = None
     if step is not None:
         raise ValueError(f"--step={step} applies to training runs only; {init_from} is not one "
                          f"(no {CHECKPOINTS}/ folder)")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is neither a training run's out_dir (no {CHECKPOINTS}/ folder) nor an "
-                                "HF checkpoint folder (no config.json)")
-    if not path.exists() and (is_remote(path) or path.is_absolute() or init_from.startswith((".", "~"))):
-        raise FileNotFoundError(f"{path} does not exist; --init_from takes a training run's out_dir, an HF "
-                                "checkpoint folder or an HF GPT-2 name (gpt2, gpt2-medium, ...)")
+    _check_hf_source(init_from, path)
     if is_remote(path):  # an HF folder in a bucket: safetensors and transformers read local files
         with tempfile.TemporaryDirectory(prefix="gpt2_jax-hf-") as tmp:
             for f in path.iterdir():

@@ -2,7 +2,8 @@
 type, `etils.epath.Path` (orbax's too). Every path a user may point at a bucket (--out_dir, a run given to
 --init_from, sample / evaluate / export / plot, export's --to, --hellaswag_data) goes through `run_path`.
 
-Not here: `--data`. Token shards are memory-mapped, so they stay a local folder (on every host of a pod).
+`--data` too, in its own way: token shards are memory-mapped, so a dataset in a bucket is fetched shard by
+shard into a local cache folder of each host (`gpt2_jax.data.remote`).
 
 Object stores have no append and no rename: files that grow (metrics.jsonl, TensorBoard events) are written
 locally and copied whole (metrics.MetricsLogger); an object appears complete when its upload finishes, so

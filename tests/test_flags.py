@@ -28,7 +28,7 @@ def parse_error(argv, capsys) -> str:
 
 
 def test_bool_flags_are_the_ones_expected():
-    assert BOOL_FLAGS == ["resume", "tensorboard"]
+    assert BOOL_FLAGS == ["finetune", "resume", "tensorboard"]
 
 
 @pytest.mark.parametrize("argv, value", [([], "auto"), (["--distributed"], "true"), (["--distributed=true"], "true"),
@@ -63,7 +63,7 @@ def test_init_distributed_joins_the_pod_on_tpu_unless_told_not_to(monkeypatch, f
 
 @pytest.mark.parametrize("name", BOOL_FLAGS)
 def test_bare_bool_flag_is_true(name):
-    config = parse_flags([f"--{name}", "--max_steps=3"])  # bare, followed by another flag
+    config = parse_flags(["--init_from=gpt2", f"--{name}", "--max_steps=3"])  # bare, followed by another flag
     assert getattr(config, name) is True and config.max_steps == 3
 
 
@@ -71,8 +71,9 @@ def test_bare_bool_flag_is_true(name):
 @pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("False", False), ("1", True),
                                          ("0", False), ("yes", True), ("no", False), ("on", True), ("off", False)])
 def test_bool_flag_with_a_value(name, text, value):
-    assert getattr(parse_flags([f"--{name}={text}"]), name) is value
-    assert getattr(parse_flags([f"--{name}", text]), name) is value  # the value as the next argument
+    source = ["--init_from=gpt2"]  # (--finetune needs one)
+    assert getattr(parse_flags([*source, f"--{name}={text}"]), name) is value
+    assert getattr(parse_flags([*source, f"--{name}", text]), name) is value  # the value as the next argument
 
 
 def test_bool_flag_with_a_bad_value(capsys):

@@ -2,6 +2,7 @@
 
     python -m gpt2_jax.data fineweb-edu --out data/fineweb10B     # FineWeb-Edu 10BT, GPT-2 BPE
     python -m gpt2_jax.data text input.txt --out data/shakespeare --tokenizer char
+    python -m gpt2_jax.data fineweb-edu --out gs://BUCKET/fineweb10B  # straight to a bucket (train.py --data=gs://...)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gpt2_jax import storage
 from gpt2_jax.config import finite_float
 from gpt2_jax.data.prepare import DEFAULT_SHARD_SIZE, prepare_fineweb, prepare_text
 from gpt2_jax.data.shards import SPLITS
@@ -63,11 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tx.add_argument("--val_fraction", type=finite_float, default=0.1)
     tx.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard")
     args = parser.parse_args(argv)
-    if problem := _out_problem(Path(args.out)):
+    if not storage.is_remote(args.out) and (problem := _out_problem(Path(args.out))):
         print(f"error: --out {args.out} {problem}; pass a folder for the dataset (it is created if missing)",
               file=sys.stderr)
         return 2
     try:
+        storage.check_writable(storage.run_path(args.out), "--out")  # a bucket: before any work
         if args.command == "fineweb-edu":
             meta = prepare_fineweb(args.out, args.shard_size, num_proc=args.num_proc)
         else:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gpt2_jax.data.remote import LazyShard
 from gpt2_jax.data.shards import open_split, read_windows
 
 # The in-loop val loss of build-nanogpt: 20 steps of 64 x 1024 tokens on 8 GPUs.
@@ -104,6 +105,10 @@ class SequentialCursor:
         self.position += B * T
         return np.stack([np.full(rows, self.shard_index, dtype=np.int64), starts], axis=1)
 
+    def next_shard(self) -> int:
+        """The shard after the current one (a remote dataset fetches it ahead)."""
+        return (self.shard_index + 1) % len(self.sizes)
+
     def state(self) -> dict[str, Any]:
         return {"shard_index": self.shard_index, "position": self.position}
 
@@ -173,6 +178,12 @@ class ShuffledCursor:
         self.epoch, self.shard_pos, self.index = self._settle(
             self.epoch, self.shard_pos, self.index + self.batch_size)
         return where
+
+    def next_shard(self) -> int:
+        """The shard after the current one in this epoch's order, or the next epoch's first."""
+        n = len(self.sizes)
+        epoch, pos = (self.epoch, self.shard_pos + 1) if self.shard_pos + 1 < n else (self.epoch + 1, 0)
+        return int(_shard_order(self.seed, epoch, n)[pos])
 
     def state(self) -> dict[str, Any]:
         return {"order": self.order, "seed": self.seed, "seq_len": self.seq_len,
@@ -268,8 +279,11 @@ class TokenLoader:
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, y): int32, (batch_size // process_count, seq_len) each; y is x shifted by one."""
         where = self.cursor.next_rows(self.row0, self.rows)  # (B/P, 2)
-        return read_windows(self.shards, self.names, where, self.seq_len, self.vocab_size,
-                            self.data_dir)
+        batch = read_windows(self.shards, self.names, where, self.seq_len, self.vocab_size,
+                             self.data_dir)
+        if isinstance(upcoming := self.shards[self.cursor.next_shard()], LazyShard):
+            upcoming.prefetch()  # a remote dataset: the next shard comes while this one is read
+        return batch
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self

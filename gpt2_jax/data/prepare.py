@@ -1,7 +1,7 @@
 """Text -> tokens -> the uint16 ``.npy`` shards of a dataset folder (format: `gpt2_jax.data.shards`).
 
-Each file is written atomically (temp file in the same folder, fsync, ``os.replace``) and
-meta.json comes last, so a killed prep never leaves a folder that looks complete: readers trust
+Each file is written atomically (temp file in the same folder, fsync, ``os.replace``; in a bucket, gs://...,
+a whole upload) and meta.json comes last, so a killed prep never leaves a folder that looks complete: readers trust
 meta.json only.
 """
 
@@ -13,6 +13,8 @@ import multiprocessing
 import os
 import re
 import secrets
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
+from gpt2_jax import storage
 from gpt2_jax.tokenizer import META_FILE, Tokenizer
 
 SHARD_NAME = re.compile(r"(train|val)_\d{6}\.npy")
@@ -29,7 +32,15 @@ MAX_UINT16 = 2**16
 
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """write(file) into a temp file beside `path`, fsync it, then rename it over `path`."""
+    """write(file) into a temp file beside `path`, fsync it, then rename it over `path`. In a bucket: into a
+    local temp file, then uploaded (an object appears whole, when its upload ends)."""
+    if storage.is_remote(path):
+        with tempfile.TemporaryFile() as f:
+            write(f)
+            f.seek(0)
+            with path.open("wb") as dst:
+                shutil.copyfileobj(f, dst, 16 * 2**20)
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open()
     try:
@@ -55,8 +66,8 @@ def _save_shard(out: Path, name: str, tokens: np.ndarray) -> None:
 
 def _begin_output(out_dir: str | os.PathLike) -> Path:
     """Create `out_dir` and clear an old dataset there: meta.json first, so it never vouches for
-    new shards; old shards, so none is left over; temp files of a killed run."""
-    out = Path(out_dir)
+    new shards; old shards, so none is left over; temp files of a killed run. `out_dir` may be gs://..."""
+    out = storage.run_path(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)
     for path in out.iterdir():

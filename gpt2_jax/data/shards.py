@@ -7,6 +7,9 @@ A dataset directory::
     DIR/train_000001.npy   ...
     DIR/meta.json          tokenizer, vocab_size, eot_token, chars, {shard name: num tokens}
 
+A dataset in a bucket is read through its local cache folder (`gpt2_jax.data.remote`): meta.json and
+source.json, and the shards fetched so far.
+
 meta.json comes last (see `gpt2_jax.data.prepare`), so readers trust meta.json only: `read_meta`
 (in `gpt2_jax.tokenizer`, which `Tokenizer.load` needs) reads it, `open_split` checks every shard
 against it, and `read_windows` checks every token it reads against the model's vocabulary.
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from gpt2_jax.data.remote import LazyShard, ShardCache, is_cache
 from gpt2_jax.tokenizer import HOW_TO_PREPARE, read_meta
 
 SPLITS = ("train", "val")
@@ -62,6 +66,9 @@ def open_split(data_dir: str | os.PathLike, split: str,
     if not names:
         raise FileNotFoundError(f"{data_dir} has no {split} shards ({split}_*.npy in meta.json); "
                                 f"{HOW_TO_PREPARE}")
+    if is_cache(data_dir):  # a dataset in a bucket: each shard is fetched when first read
+        cache = ShardCache.of(data_dir)
+        return names, [LazyShard(cache, n) for n in names]
     return names, [_open_shard(Path(data_dir) / n, meta["shards"][n]) for n in names]
 
 

@@ -10,10 +10,11 @@ import dataclasses
 import math
 from typing import Any
 
-from gpt2_jax.config import (ADAMW, ATTENTION, DTYPES, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PLATFORM_HELP,
-                             PLATFORMS, PRESETS, RECIPES, REMAT, GPTConfig, default_attention, preset, recipe)
+from gpt2_jax.config import (ADAMW, ATTENTION, DATA_CACHE_GB, DTYPES, GPT2_SIZES, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE,
+                             PLATFORM_HELP, PLATFORMS, PRESETS, RECIPES, REMAT, GPTConfig, default_attention, preset,
+                             recipe)
 
-_G, _C = RECIPES["gpt2"], RECIPES["char/cpu"]  # (for the help texts)
+_G, _C, _F = RECIPES["gpt2"], RECIPES["char/cpu"], RECIPES["finetune"]  # (for the help texts)
 
 
 def _power_of_two(n: int) -> str:
@@ -89,7 +90,13 @@ class TrainConfig:
     preset: str = _flag("char", "model size: " + ", ".join(PRESETS), choices=tuple(PRESETS))
     init_from: str = _flag("scratch", "scratch | an HF name (gpt2, gpt2-medium, ...) or folder | a training "
                            "out_dir (local or gs://)")
-    data: str = _flag("", "token shard folder (python -m gpt2_jax.data ...); empty: Python's bundled docs, char-level")
+    finetune: bool = _flag(False, f"fine-tune --init_from with the fine-tuning recipe: {_power_of_two(_F['total_batch_size'])} "
+                           f"tokens per step, a constant {_lr(_F['max_lr'])}, no warmup, {_F['max_steps']} steps, "
+                           f"validation every {_F['eval_every']} (any of these flags still wins)")
+    data: str = _flag("", "token shard folder (python -m gpt2_jax.data ...), local or gs://bucket/path (fetched "
+                      "shard by shard into a local cache); empty: Python's bundled docs, char-level")
+    data_cache_gb: float = _flag(DATA_CACHE_GB, "--data=gs://...: the most GiB of shards kept in this machine's "
+                                 "cache (the least recently used go first)", above=0.0)
     out_dir: str = _flag("out", "checkpoints, metrics.jsonl, TensorBoard events and plots go here: a local "
                          "folder or gs://bucket/path (pip install 'gpt2-jax[gcs]')", nonempty=True)
     resume: bool = _flag(False, "require a checkpoint in out_dir to resume from (resuming is automatic anyway)")
@@ -170,6 +177,9 @@ class TrainConfig:
         if 0 < self.num_processes <= self.process_id:
             problems.append(f"--process_id={self.process_id} must be < --num_processes={self.num_processes} "
                             "(processes count from 0)")
+        if self.finetune and self.init_from == "scratch":
+            problems.append("--finetune fine-tunes a checkpoint: give --init_from (an HF name or folder, or a "
+                            "training run's out_dir)")
         problems += _width_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
@@ -197,7 +207,7 @@ def _width_problems(tc: TrainConfig) -> list[str]:
 
 def resolve(tc: TrainConfig, backend: str, num_devices: int) -> TrainConfig:
     """Fill the "auto" (zero / empty / -1) settings from the preset's recipe (config.RECIPES) and the platform."""
-    row = recipe(tc.preset, backend)
+    row = recipe(tc.preset, backend, tc.finetune)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     # Flags left unset; warmup follows the run's length (below), the recipe's value caps it.
     auto = {k: v for k, v in row.items() if k in defaults and getattr(tc, k) == defaults[k] and k != "warmup_steps"}
@@ -231,11 +241,51 @@ def grad_accum_steps(tc: TrainConfig, dp: int, processes: int) -> int:
     return tc.total_batch_size // tokens
 
 
+def with_checkpoint_shape(tc: TrainConfig, source: GPTConfig) -> tuple[TrainConfig, str]:
+    """`tc` with --init_from's architecture (`source`: the checkpoint's model) as its size flags: n_layer,
+    n_head, n_embd and the vocabulary (GPT-2's padded to 50304) from the checkpoint, and its context unless a
+    shorter --block_size crops it. A flag, or a GPT-2 --preset, that asks for another shape is a ValueError
+    naming both values. Also the log line that says where each value came from."""
+    where = f"--init_from={tc.init_from}"
+    sized = PRESETS[tc.preset] if tc.preset in GPT2_SIZES else None  # a preset that names a shape
+    problems = []
+    for name in ("n_layer", "n_head", "n_embd"):
+        have, flag = getattr(source, name), getattr(tc, name)
+        if flag and flag != have:
+            problems.append(f"--{name}={flag} conflicts with {where}, which has {name}={have}")
+        elif not flag and sized and getattr(sized, name) != have:
+            problems.append(f"--preset={tc.preset} (its {name}={getattr(sized, name)}) conflicts with {where}, "
+                            f"which has {name}={have}")
+    if tc.vocab_size and tc.vocab_size < source.vocab_size:
+        problems.append(f"--vocab_size={tc.vocab_size} is smaller than {where}'s vocabulary ({source.vocab_size}); "
+                        "a vocabulary can be padded, never cut")
+    fix = "; drop the flag: with --init_from the model's shape comes from the checkpoint"
+    problems = [p + fix for p in problems]
+    if tc.block_size > source.block_size:
+        problems.append(f"--block_size={tc.block_size} is longer than {where}'s context: it learned "
+                        f"{source.block_size} positions and has none for the others; use --block_size <= "
+                        f"{source.block_size} (a shorter one crops its position embeddings)")
+    if problems:
+        raise ValueError("\n".join(problems))
+    padded = PADDED_VOCAB_SIZE if source.vocab_size == GPT2_VOCAB_SIZE else source.vocab_size
+    vocab, block = tc.vocab_size or padded, tc.block_size or source.block_size
+    note = (f"model shape from {where}: n_layer={source.n_layer} n_head={source.n_head} n_embd={source.n_embd}, "
+            f"vocab {vocab}" + (f" ({source.vocab_size} padded{' by --vocab_size' if tc.vocab_size else ''})"
+                                if vocab != source.vocab_size else "")
+            + f", context {block}" + (f" (--block_size; cropped from {source.block_size})"
+                                      if block < source.block_size else ""))
+    return dataclasses.replace(tc, n_layer=source.n_layer, n_head=source.n_head, n_embd=source.n_embd,
+                               vocab_size=vocab, block_size=block), note
+
+
 def model_config(tc: TrainConfig, data_vocab: int) -> GPTConfig:
     """The model of a resolved `tc` for data with `data_vocab` tokens (GPT-2 BPE is padded to 50304)."""
     vocab = tc.vocab_size or (PADDED_VOCAB_SIZE if data_vocab == GPT2_VOCAB_SIZE else data_vocab)
     if vocab < data_vocab:
-        raise ValueError(f"--vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab} tokens)")
+        if tc.init_from == "scratch":
+            raise ValueError(f"--vocab_size={vocab} is smaller than the data's vocabulary ({data_vocab} tokens)")
+        raise ValueError(f"--init_from={tc.init_from} has a vocabulary of {vocab} tokens, fewer than the data's "
+                         f"({data_vocab}); tokenise the data with that model's tokenizer")
     base = PRESETS[tc.preset]
     sizes = {k: getattr(tc, k) for k in ("n_layer", "n_head", "n_embd") if getattr(tc, k)}
     return preset(tc.preset, vocab_size=vocab, block_size=tc.block_size, dtype=tc.dtype, attention=tc.attention,

@@ -29,7 +29,8 @@ from gpt2_jax.distributed import broadcast_from_primary, is_primary, log, sync
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, mfu_banner, peak_flops
 from gpt2_jax.model import GPT
 from gpt2_jax.training.guards import NanPolicy
-from gpt2_jax.training.settings import TrainConfig, grad_accum_steps, model_config, resolve
+from gpt2_jax.training.settings import (TrainConfig, grad_accum_steps, model_config, resolve,
+                                        with_checkpoint_shape)
 from gpt2_jax.training.step import TrainStep, build_step, make_eval_step
 
 
@@ -72,7 +73,7 @@ def setup(tc: TrainConfig) -> Trainer:
     """
     out_dir = storage.run_path(tc.out_dir)
     storage.check_writable(out_dir, "--out_dir")  # a bucket: fail now, not at the first checkpoint
-    tc = resolve(tc, jax.default_backend(), jax.device_count())
+    tc = resolve(checkpoint_shape(tc), jax.default_backend(), jax.device_count())
     mesh = sharding.make_mesh(tc.mesh)
     grad_accum_steps(tc, sharding.data_parallel_size(mesh), jax.process_count())  # the batch arithmetic
     made = []  # the local folders this start makes: a failed start removes them
@@ -93,6 +94,17 @@ def setup(tc: TrainConfig) -> Trainer:
         raise
 
 
+def checkpoint_shape(tc: TrainConfig, quiet: bool = False) -> TrainConfig:
+    """`tc` with --init_from's architecture as its size flags (settings.with_checkpoint_shape; read from the
+    checkpoint's meta or config.json, not its arrays), logged unless `quiet`; `tc` itself without --init_from."""
+    if tc.init_from == "scratch":
+        return tc
+    tc, note = with_checkpoint_shape(tc, runs.source_config(tc.init_from))
+    if not quiet:
+        log(note)
+    return tc
+
+
 def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) -> Trainer:
     """setup's work, once the run folder is this run's."""
     # Data first: every bad-input error is raised before anything compiles.
@@ -103,7 +115,8 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
     per_process = dict(process_index=jax.process_index(), process_count=jax.process_count(), vocab_size=cfg.vocab_size)
     train_loader = data_lib.TokenLoader(data_dir, "train", tc.micro_batch_size, tc.block_size, order=tc.data_order,
                                         seed=tc.seed, **per_process)
-    fingerprint = {"dir": str(data_dir.resolve()), "shards": train_loader.state()["shards"]}
+    where = tc.data if storage.is_remote(tc.data) else str(data_dir.resolve())  # (not the cache of this machine)
+    fingerprint = {"dir": where, "shards": train_loader.state()["shards"]}
     val_windows = (data_lib.EvalWindows(data_dir, tc.block_size, tc.micro_batch_size, tc.eval_tokens or None,
                                         **per_process) if tc.eval_every else None)
     ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
@@ -116,7 +129,7 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
     step = build_step(tc, cfg, mesh, vocab_limit=tokenizer.vocab_size)
     nan = NanPolicy(tc.on_nan, tc.max_skips)
     restored = restore_latest(ckpt, step, cfg, fingerprint, train_loader, nan)
-    state, start_step = restored or (init_params(tc, cfg, step, step.init_state(cfg, tc.seed)), 0)
+    state, start_step = restored or (init_params(tc, cfg, step, step.init_state(cfg, tc.seed), tokenizer), 0)
     eval_sh = sharding.batch_sharding(mesh, ndim=2)
     trainer = Trainer(
         tc=tc, cfg=cfg, mesh=mesh, out_dir=out_dir, tokenizer=tokenizer, train_loader=train_loader,
@@ -134,12 +147,12 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
 def prepare_data(tc: TrainConfig, out_dir: epath.Path) -> Path:
     """The token shard folder: --data, or Python's bundled docs tokenised char-level into out_dir/data.
 
-    Shards are memory-mapped, so they are always a local folder: for a bucket out_dir the bundled corpus
-    goes to a cache folder of this machine, keyed by the out_dir (each host of a pod makes its own)."""
+    Shards are memory-mapped, so they are always a local folder: for --data=gs://... the dataset's cache folder
+    on this machine (data.remote); for a bucket out_dir the bundled corpus goes to a cache folder of this
+    machine, keyed by the out_dir (each host of a pod makes its own)."""
     if tc.data:
-        if storage.is_remote(tc.data):
-            raise ValueError(f"--data={tc.data}: the token shards must be a local folder (they are memory-mapped) "
-                             "on every host; copy them there first, e.g. gcloud storage cp -r")
+        if storage.is_remote(tc.data):  # a local cache folder; the shards are fetched as the loader needs them
+            return data_lib.open_remote(tc.data, tc.data_cache_gb)
         return Path(tc.data)
     if storage.is_remote(out_dir):
         folder = storage.local_folder_for(out_dir, "char-data")
@@ -223,21 +236,23 @@ def check_resume(meta: runs.CheckpointMeta, cfg: GPTConfig, fingerprint: dict) -
                          f"a new --out_dir")
 
 
-def init_params(tc: TrainConfig, cfg: GPTConfig, step: TrainStep, state):
+def init_params(tc: TrainConfig, cfg: GPTConfig, step: TrainStep, state, tokenizer: Tokenizer):
     """`state` with the model params of --init_from (an HF model or a training run's; runs.load_model),
-    or unchanged for --init_from=scratch. The optimizer stays fresh."""
+    its context cropped to the run's, or unchanged for --init_from=scratch. The optimizer stays fresh. The
+    checkpoint's tokenizer, where it records one, must be the data's."""
     if tc.init_from == "scratch":
         return state
     shardings = step.shardings["model"]
-    try:
-        model, _, meta = runs.load_model(tc.init_from, shardings=shardings, vocab_size=cfg.vocab_size,
-                                         dtype=cfg.dtype, attention=cfg.attention)
-    except ValueError as e:  # e.g. a training run of another shape
-        raise ValueError(f"--init_from={tc.init_from}: {e}; pick the matching --preset and size flags") from e
-    if diff := model.config.arch_diff(cfg):
-        detail = {f: (getattr(model.config, f), getattr(cfg, f)) for f in diff}
-        raise ValueError(f"--init_from={tc.init_from} has a different architecture than --preset={tc.preset}: "
-                         f"{detail} (checkpoint, preset); pick the matching --preset")
+    model, theirs, meta = runs.load_model(tc.init_from, shardings=shardings, vocab_size=cfg.vocab_size,
+                                          block_size=cfg.block_size, dtype=cfg.dtype, attention=cfg.attention)
+    if theirs is not None and theirs.to_meta() != tokenizer.to_meta():
+        raise ValueError(f"--init_from={tc.init_from} was trained on {theirs.name}-level tokens ({theirs.vocab_size}) "
+                         f"but the data ({tc.data or 'the bundled corpus'}) is {tokenizer.name}-level "
+                         f"({tokenizer.vocab_size}); tokenise the data with the checkpoint's tokenizer "
+                         "(python -m gpt2_jax.data ... --tokenizer)")
+    if diff := model.config.arch_diff(cfg):  # (with_checkpoint_shape made them equal; a changed source is not)
+        detail = ", ".join(f"{f} {getattr(model.config, f)} (run: {getattr(cfg, f)})" for f in diff)
+        raise ValueError(f"--init_from={tc.init_from} changed while the run started: it now has {detail}")
     log(f"init_from: {tc.init_from}" + (f" step {meta['step']} (params only; a fresh optimizer)" if "step" in meta
                                         else ""))
     ts = nnx.merge(step.graphdef, state)
