@@ -1,8 +1,8 @@
 """A training run in a bucket, end to end: `python train.py ... --out_dir=gs://bucket/run` against the local
 GCS emulator (fake-gcs-server on 127.0.0.1, tests/gcs_emulator.py), with CPU processes.
 
-The main test trains a tiny char model into the bucket, kills the process with SIGKILL after a checkpoint
-is committed, resumes it with the same command, and checks that params, data position and every step's
+The main test trains a tiny char model into the bucket from token shards in the bucket, kills the process
+with SIGKILL after a checkpoint is committed, deletes the local shard cache, resumes it with the same command, and checks that params, data position and every step's
 loss equal an uninterrupted LOCAL run of the same flags, bit for bit (same program, same inputs, XLA:CPU
 is deterministic). Then it runs sample / evaluate / export / plot on the run in the bucket (their `main`,
 in this process: the same code `python -m gpt2_jax.<tool>` runs). What is in the bucket is read through
@@ -16,6 +16,7 @@ Not tested here: a real bucket (credentials, latency, eventual consistency of li
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,8 +99,10 @@ def test_train_kill_resume_and_tools_in_a_bucket(tmp_path, char_data, env, gcs_d
     reference = tmp_path / "reference"  # the same flags, a local out_dir, never interrupted
     train(flags(char_data, reference), env, tmp_path / "ref.txt")
 
-    run = f"{gcs_dir}/run"
-    args = flags(char_data, run)
+    run, data = f"{gcs_dir}/run", f"{gcs_dir}/data"  # the token shards in the bucket too (--data=gs://)
+    for f in sorted(char_data.iterdir(), key=lambda p: p.name == "meta.json"):  # meta.json last
+        (epath.Path(data) / f.name).write_bytes(f.read_bytes())
+    args = flags(data, run)
     with TrainProcess(args, env=env, stderr_path=tmp_path / "1.txt") as p:
         deadline = time.monotonic() + TIMEOUT
         while not committed_steps(env, run) and p.proc.poll() is None and time.monotonic() < deadline:
@@ -108,6 +111,9 @@ def test_train_kill_resume_and_tools_in_a_bucket(tmp_path, char_data, env, gcs_d
         assert p.finish() == -signal.SIGKILL, p.stderr[-3000:]
     newest = committed_steps(env, run)[-1]
     assert newest < STEPS, "the run ended before the kill; nothing was tested"
+    cached = Path(env["GPT2_JAX_CACHE"]) / "data"
+    assert list(cached.rglob("train_*.npy")), "the shards were not fetched into the local cache"
+    shutil.rmtree(cached)  # a replaced host: the resumed run fetches the shards again
 
     p = train(args, env, tmp_path / "2.txt")
     p.wait_for(rf"resumed from {run}/checkpoints at step {newest}$")

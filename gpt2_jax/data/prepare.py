@@ -70,7 +70,7 @@ def _begin_output(out_dir: str | os.PathLike) -> Path:
     out = storage.run_path(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)
-    for path in out.iterdir():
+    for path in out.iterdir() if out.exists() else ():  # (a bucket has no empty folders)
         if SHARD_NAME.fullmatch(path.name) or (path.name.startswith(".") and path.suffix == ".tmp"):
             path.unlink()
     return out
