@@ -143,3 +143,22 @@ def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path, char_data, hf_ti
     assert f"--init_from={bpe} was trained on gpt2-level tokens (50257) but the data ({char_data}) is char-level " \
            "(100); tokenise the data with the checkpoint's tokenizer" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_init_from_a_training_run_takes_its_shape_and_its_vocabulary(tmp_path, char_data, capsys):
+    """A training run as the source: its meta gives the shape (1 layer here, where the CPU char default has 4)
+    and the vocabulary; no size flag is needed."""
+    from gpt2_jax.training import run
+    from tiny import tiny_train_config
+
+    run(tiny_train_config(tmp_path / "first", char_data, n_layer=1, max_steps=1, checkpoint_every=1,
+                          mesh="data:1"))
+    capsys.readouterr()
+    code, stdout, err = _train([f"--init_from={tmp_path / 'first'}", f"--data={char_data}", "--max_steps=1",
+                                f"--out_dir={tmp_path / 'second'}", "--micro_batch_size=8", "--eval_every=0",
+                                "--sample_every=0"], capsys)
+    assert code == 0, err
+    assert (f"model shape from --init_from={tmp_path / 'first'}: n_layer=1 n_head=2 n_embd=32, vocab 100, "
+            "context 32" in stdout), stdout
+    assert f"init_from: {tmp_path / 'first'} step 1 (params only; a fresh optimizer)" in stdout
