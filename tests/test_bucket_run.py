@@ -147,6 +147,9 @@ def test_train_kill_resume_and_tools_in_a_bucket(tmp_path, char_data, env, gcs_d
     assert export.main([run, "--to", f"{gcs_dir}/hf"]) == 0
     assert sorted(n.rsplit("/", 1)[1] for n in objects(env, f"{key(gcs_dir)}/hf/")) == [
         "config.json", runs.TOKENIZER_FILE, "model.safetensors"]
+    # --init_from in a bucket gives its shape without reading the arrays (train.py --init_from=gs://...).
+    assert runs.source_config(f"{gcs_dir}/hf").arch_diff(model.config) == []
+    assert runs.source_config(run).arch_diff(model.config) == []
     hf_model, hf_tokenizer, hf_meta = runs.load_model(f"{gcs_dir}/hf")
     assert hf_meta == {"source": f"{gcs_dir}/hf"} and hf_tokenizer.chars == tokenizer.chars
     assert all(np.array_equal(a, b) for a, b in zip(params_of(hf_model), params_of(model), strict=True))

@@ -98,6 +98,50 @@ ENTRY %main.2 (a: f32[8]) -> f32[8] {
     }
 
 
+def test_an_async_collective_fusion_counts_once():
+    """XLA:TPU writes an all-gather overlapped with compute three times, with one channel_id: in the fusion of
+    its AsyncCollectiveStart, in that of its AsyncCollectiveDone, and in the compute fused with it (the shape
+    of the gpt2-xl fsdp:8 program on v5e-8). It is one all-gather per loop trip, and the loop's trip count is in
+    its condition, not in a known_trip_count."""
+    gather = ("bf16[1,1600]{1,0} all-gather(bf16[1,200]{1,0} %p), channel_id=116, replica_groups={{0,1,2,3,4,5,6,7}}, "
+              "dimensions={1}")
+    hlo = f"""HloModule m
+
+%start_fusion (p: bf16[1,200]) -> (bf16[1,200], bf16[1,1600]) {{
+  %all-gather.68 = {gather}
+  ROOT %cc.69 = (bf16[1,200], bf16[1,1600]) custom-call(%all-gather.68), custom_call_target="AsyncCollectiveStart"
+}}
+
+%compute_fusion (p: bf16[1,200]) -> bf16[1,1600] {{
+  %all-gather.70 = {gather}
+  ROOT %t = bf16[1,1600] add(%all-gather.70, %all-gather.70)
+}}
+
+%done_fusion (p: bf16[1,200]) -> bf16[1,1600] {{
+  %all-gather.72 = {gather}
+  ROOT %cc.71 = bf16[1,1600] custom-call(%p, %all-gather.72), custom_call_target="AsyncCollectiveDone"
+}}
+
+%body.1 (p: (s32[], bf16[1,200])) -> (s32[], bf16[1,200]) {{
+  %s = (bf16[1,200], bf16[1,1600]) fusion(%x), kind=kCustom, calls=%start_fusion
+  %c = bf16[1,1600] fusion(%x), kind=kOutput, calls=%compute_fusion
+  %d = bf16[1,1600] fusion(%x), kind=kCustom, calls=%done_fusion
+}}
+
+%cond.1 (p: (s32[], bf16[1,200])) -> pred[] {{
+  %constant.592 = s32[]{{:T(128)}} constant(48)
+  %i = s32[]{{:T(128)}} get-tuple-element(%p), index=0
+  ROOT %lt.123 = pred[]{{:T(512)}} compare(%i, %constant.592), direction=LT
+}}
+
+ENTRY %main.2 (a: bf16[1,200]) -> bf16[1,200] {{
+  %w = (s32[], bf16[1,200]) while(%t), condition=%cond.1, body=%body.1
+}}
+"""
+    # XLA:TPU writes no known_trip_count: the 48 trips are read off the loop's condition (i < 48).
+    assert plan.collectives(hlo) == {"all-gather": {"count": 48, "bytes": 48 * 1600 * 2}}
+
+
 def test_missing_extra_is_named(monkeypatch, capsys):
     monkeypatch.setattr(plan.cli, "missing_extra", lambda spec: "--target=h100 needs X; install the plan extra")
     assert plan.main(["--target=h100"]) == 2

@@ -45,7 +45,11 @@ def collectives(hlo: str) -> dict:
 
     Read from the optimized HLO text. Each op counts with its result's bytes (async pairs once, at their
     `-done`), times the known trip counts of the loops around it (XLA writes them on while ops as
-    known_trip_count), so an all-gather in the layer scan counts n_layer times.
+    known_trip_count; XLA:TPU does not, and `_trip_count` reads the loop's condition), so an all-gather in the
+    layer scan counts n_layer times. One collective written
+    several times counts once: XLA's TPU backend runs a collective overlapped with compute as fusions around
+    `AsyncCollectiveStart` / `AsyncCollectiveDone` custom calls, and writes the same op (one channel_id) in
+    the start fusion, the done fusion and the compute fused with it.
     """
     comps: dict[str, list[str]] = {}
     order, current, entry = [], None, None
@@ -66,21 +70,41 @@ def collectives(hlo: str) -> dict:
         if not mult[name]:
             continue
         for line in comps[name]:
-            trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            trip = _trip_count(line, comps)
             for key, callee in re.findall(r"\b(body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)",
                                           line):
                 if callee in mult:
-                    mult[callee] += mult[name] * (int(trip.group(1)) if key == "body" and trip else 1)
+                    mult[callee] += mult[name] * (trip if key == "body" else 1)
     out: dict[str, dict] = {}
     pattern = re.compile(r"=\s*(\(.*?\)|[\w]+\[[\d,]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES)
                          + r")(-done)?\(")
+    seen = set()  # (kind, channel_id) of the collectives counted
     for name, lines in comps.items():
         for line in lines:
             if (m := pattern.search(line)) and mult[name]:
+                if channel := re.search(r"\bchannel_id=(\d+)", line):
+                    if (m.group(2), channel.group(1)) in seen:
+                        continue
+                    seen.add((m.group(2), channel.group(1)))
                 row = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
                 row["count"] += mult[name]
                 row["bytes"] += mult[name] * _shape_bytes(m.group(1))
     return out
+
+
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
+    """How many times the while op on `line` runs its body: XLA's known_trip_count where it writes one (CPU,
+    GPU); else read off its condition (XLA:TPU writes no trip counts): `i < N` against a constant N, the
+    counter starting at 0 and stepping by 1 as in the loops of a scan and of XLA's windowed matmuls; 1 for
+    anything else (and for a line that is not a while op)."""
+    if known := re.search(r'"known_trip_count":\{"n":"(\d+)"', line):
+        return int(known.group(1))
+    condition = re.search(r"\bcondition=%?([\w.\-]+)", line)
+    body = comps.get(condition.group(1), []) if condition and " while(" in line else []
+    constants = dict(re.findall(r"%([\w.\-]+) = s32\[\]\S* constant\((\d+)\)", "\n".join(body)))
+    root = next((ln for ln in body if "ROOT" in ln and "compare(" in ln and "direction=LT" in ln), "")
+    bound = re.search(r"compare\([^)]*%([\w.\-]+)\)", root)
+    return int(constants[bound.group(1)]) if bound and bound.group(1) in constants else 1
 
 
 def _first_line(text: str, marker: str) -> str:
