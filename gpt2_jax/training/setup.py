@@ -291,7 +291,8 @@ def log_start(t: Trainer) -> None:
     """The start-up lines: model, mesh, batch, steps; MFU's convention where the device's peak is known."""
     tc, cfg = t.tc, t.cfg
     n_params = sum(x.size for x in jax.tree.leaves(t.step.abstract["model"]))
-    log(f"model {tc.preset}: {n_params:,} params, vocab {cfg.vocab_size}, T={tc.block_size}, dtype {cfg.dtype} | "
+    name = tc.preset if tc.init_from == "scratch" else f"from {tc.init_from}"
+    log(f"model {name}: {n_params:,} params, vocab {cfg.vocab_size}, T={tc.block_size}, dtype {cfg.dtype} | "
         f"mesh {dict(t.mesh.shape)} | batch {tc.total_batch_size:,} tokens = {tc.micro_batch_size} x "
         f"{tc.block_size} x {t.step.grad_accum} accum | {tc.max_steps} steps")
     if jax.default_backend() == "cpu" and tc.preset in GPT2_SIZES:
