@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from gpt2_jax import hellaswag
 from gpt2_jax.backends import add_platform_flag, pin_platform
-from gpt2_jax.data import EvalWindows
+from gpt2_jax.data import EvalWindows, open_remote
 from gpt2_jax.loss import token_losses
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
@@ -108,10 +108,8 @@ def _loss_command(args) -> dict[str, Any]:
     if args.batch_size < 1 or args.block_size < 0 or args.max_batches < 0:
         raise ValueError(f"--batch_size={args.batch_size} must be >= 1, --block_size={args.block_size} and "
                          f"--max_batches={args.max_batches} >= 0 (0: the model's context / every batch)")
-    if is_remote(args.data):
-        raise ValueError(f"--data {args.data}: token shards and text files are read from a local path; copy "
-                         "them here first (e.g. gcloud storage cp -r)")
-    data = Path(args.data).expanduser()
+    # Token shards in a bucket: their local cache folder, each shard fetched when first read (data.remote).
+    data = open_remote(args.data) if is_remote(args.data) else Path(args.data).expanduser()
     if not data.exists():
         raise FileNotFoundError(f"--data {data} does not exist; pass a token-shard folder (its val split is "
                                 "scored) or a UTF-8 text file")
@@ -127,7 +125,7 @@ def _loss_command(args) -> dict[str, Any]:
                                  f"tokens) but the model's tokenizer is {tokenizer.name} "
                                  f"({tokenizer.vocab_size} tokens); score data made with the model's tokenizer")
         total, batches = shard_batches(data, B, T, vocab_size=model.config.vocab_size)
-        where = f"{data} (val split)"
+        where = f"{args.data} (val split)"
     else:
         if tokenizer is None:
             raise ValueError(f"{args.init_from} has no known tokenizer (vocab_size {model.config.vocab_size}); "

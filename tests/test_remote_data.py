@@ -135,3 +135,23 @@ def test_a_run_from_a_bucket_resumes_bit_identical_after_losing_its_cache(
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(straight["params"]),
                                                      jax.tree.leaves(resumed["params"]), strict=True))
     assert json.loads((tmp_path / "resumed" / "config.json").read_text())["train"]["data"] == url
+
+
+@pytest.mark.slow
+def test_evaluate_scores_shards_in_a_bucket_as_the_local_folder(tmp_path, char_data, cache_home, gcs_dir,
+                                                                 gcs_emulator_env, capsys):
+    from gpt2_jax import evaluate
+    from gpt2_jax.convert import export_hf
+    from tiny import tiny_model
+
+    url = f"{gcs_dir}/char"
+    for f in sorted(char_data.iterdir(), key=lambda p: p.name == "meta.json"):  # meta.json last
+        (epath.Path(url) / f.name).write_bytes(f.read_bytes())
+    hf = export_hf(tiny_model(seed=4, vocab_size=data_lib.Tokenizer.load(char_data).vocab_size), tmp_path / "hf")
+    results = {}
+    for name, data in (("local", char_data), ("bucket", url)):
+        assert evaluate.main(["loss", f"--init_from={hf}", f"--data={data}", "--max_batches=3", "--no_progress",
+                              f"--out={tmp_path / name}.json", "--platform=cpu"]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["bucket"] == results["local"] and results["local"]["batches"] == 3
+    assert f"on {url} (val split)" in capsys.readouterr().out

@@ -1,0 +1,84 @@
+"""The "Will it fit?" table for Cloud TPU slices: for each slice and GPT-2 size, the largest micro-batch that fits
+per chip, at which remat, under FSDP over every chip. Deviceless compiles (the planner's `--search`), one row at
+a time, appended to a JSON-lines file so that an interrupted run goes on where it stopped; then a markdown table.
+
+    python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl          # compile (hours on 2 cores)
+    python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl --table  # print the table of what is done
+
+Each row searches `--remat=none` first and `--remat=full` only where nothing fits without it. A fitting compile
+of a GPT-2 size takes minutes on a 2-core machine; a refused one, seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"v5e-8": 8, "v6e-8": 8, "v5p-8": 4, "v4-8": 4}  # slice -> chips
+SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def search(target: str, preset: str, remat: str, chips: int) -> dict:
+    """The planner's search for one (slice, size, remat): its JSON, plus the command and the seconds it took."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        cmd = [sys.executable, "-m", "gpt2_jax.plan", f"--target={target}", f"--preset={preset}",
+               f"--mesh=fsdp:{chips}", f"--remat={remat}", "--search", f"--json={out}"]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if not out.is_file():
+            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+        (best,) = json.loads(out.read_text())["search"]
+    return {"target": target, "preset": preset, "mesh": f"fsdp:{chips}", "remat": remat, "seconds": round(seconds),
+            "micro_batch_size": best["micro_batch_size"] if best["fits"] else 0,
+            "need_gib": round(best["need_bytes"] / 2**30, 2), "budget_gib": round(best["budget_bytes"] / 2**30, 2),
+            "command": " ".join(cmd[1:-1])}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| slice | preset | mesh | remat | largest micro-batch (per chip) | memory per chip | compile |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["remat"] == "none" and not r["micro_batch_size"] and any(
+                o["target"] == r["target"] and o["preset"] == r["preset"] and o["remat"] == "full" for o in rows):
+            continue  # the full row says it
+        chips = int(r["mesh"].split(":")[1])
+        micro = f"{r['micro_batch_size']} ({r['micro_batch_size'] // chips})" if r["micro_batch_size"] else "none fits"
+        lines.append(f"| {r['target']} | {r['preset']} | {r['mesh']} | {r['remat']} | {micro} | "
+                     f"{r['need_gib']} of {r['budget_gib']} GiB | {r['seconds']} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="JSON-lines file of the rows (appended; rows in it are skipped)")
+    p.add_argument("--table", action="store_true", help="print the markdown table of the rows in --out and exit")
+    args = p.parse_args()
+    rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
+    if args.table:
+        print(table(rows))
+        return
+    done = {(r["target"], r["preset"], r["remat"]) for r in rows}
+    for target, chips in TARGETS.items():
+        for preset in SIZES:
+            for remat in ("none", "full"):
+                if (target, preset, remat) not in done:
+                    row = search(target, preset, remat, chips)
+                    print(json.dumps(row), flush=True)
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    rows.append(row)
+                if any(r["target"] == target and r["preset"] == preset and r["remat"] == remat
+                       and r["micro_batch_size"] for r in rows):
+                    break  # no remat needed beyond the first that fits
+
+
+if __name__ == "__main__":
+    main()
