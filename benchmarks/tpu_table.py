@@ -5,8 +5,8 @@ a time, appended to a JSON-lines file so that an interrupted run goes on where i
     python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl          # compile (hours on 2 cores)
     python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl --table  # print the table of what is done
 
-Each row searches `--remat=none` first and `--remat=full` only where nothing fits without it. A fitting compile
-of a GPT-2 size takes minutes on a 2-core machine; a refused one, seconds.
+Each slice runs the four sizes with `--remat=none`, then with `--remat=full`. A fitting compile of a GPT-2 size
+takes minutes on a 2-core machine; a refused one, seconds.
 """
 
 from __future__ import annotations
@@ -43,16 +43,25 @@ def search(target: str, preset: str, remat: str, chips: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| slice | preset | mesh | remat | largest micro-batch (per chip) | memory per chip | compile |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["remat"] == "none" and not r["micro_batch_size"] and any(
-                o["target"] == r["target"] and o["preset"] == r["preset"] and o["remat"] == "full" for o in rows):
-            continue  # the full row says it
-        chips = int(r["mesh"].split(":")[1])
-        micro = f"{r['micro_batch_size']} ({r['micro_batch_size'] // chips})" if r["micro_batch_size"] else "none fits"
-        lines.append(f"| {r['target']} | {r['preset']} | {r['mesh']} | {r['remat']} | {micro} | "
-                     f"{r['need_gib']} of {r['budget_gib']} GiB | {r['seconds']} s |")
+    """One line per slice and size: the largest micro-batch over the slice (per chip) and its memory per chip,
+    with and without remat; "-" where that search has not run."""
+    found = {(r["target"], r["preset"], r["remat"]): r for r in rows}
+    lines = ["| slice | preset | mesh | remat none: micro-batch (per chip) | memory | remat full: micro-batch "
+             "(per chip) | memory |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for target, chips in TARGETS.items():
+        for preset in SIZES:
+            cells = []
+            for remat in ("none", "full"):
+                r = found.get((target, preset, remat))
+                if r is None:
+                    cells += ["-", "-"]
+                elif r["micro_batch_size"]:
+                    cells += [f"{r['micro_batch_size']} ({r['micro_batch_size'] // chips})",
+                              f"{r['need_gib']} of {r['budget_gib']} GiB"]
+                else:
+                    cells += ["none fits", f"(1 per chip: {r['need_gib']} GiB)"]
+            if cells != ["-"] * 4:
+                lines.append(f"| {target} | {preset} | fsdp:{chips} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -67,17 +76,13 @@ def main() -> None:
         return
     done = {(r["target"], r["preset"], r["remat"]) for r in rows}
     for target, chips in TARGETS.items():
-        for preset in SIZES:
-            for remat in ("none", "full"):
+        for remat in ("none", "full"):
+            for preset in SIZES:
                 if (target, preset, remat) not in done:
                     row = search(target, preset, remat, chips)
                     print(json.dumps(row), flush=True)
                     with args.out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                    rows.append(row)
-                if any(r["target"] == target and r["preset"] == preset and r["remat"] == remat
-                       and r["micro_batch_size"] for r in rows):
-                    break  # no remat needed beyond the first that fits
 
 
 if __name__ == "__main__":

@@ -203,7 +203,8 @@ def test_bundled_corpus_goes_to_a_local_cache(tmp_path, gcs_dir, gcs_emulator_en
     assert data_lib.Tokenizer.load(folder).name == "char"
     assert trainer.prepare_data(TrainConfig(out_dir=str(out_dir)), out_dir) == folder  # found again
     assert objects(gcs_emulator_env, key(gcs_dir)) == []
-    with pytest.raises(ValueError, match="--data=gs://b/shards: the token shards must be a local folder"):
+    with pytest.raises(FileNotFoundError, match=r"--data=gs://b/shards: gs://b/shards/meta.json is missing, so it "
+                                                r"holds no finished dataset"):
         trainer.prepare_data(TrainConfig(data="gs://b/shards"), out_dir)
 
 
