@@ -4,6 +4,11 @@ a time, appended to a JSON-lines file so that an interrupted run goes on where i
 
     python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl          # compile (hours on 2 cores)
     python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl --table  # print the table of what is done
+    python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl --compare ../before  # before/after columns
+
+`--compare DIR` compiles each searched row again at its micro-batch: with `--attention=xla` (the kernel's
+effect), and with the checkout in DIR (e.g. `git worktree add ../before b541cc7^`, the code before #17: no batch
+constraint under FSDP, XLA attention). A refused compile reports the temporaries the compiler asked for.
 
 Each slice runs the four sizes with `--remat=none`, then with `--remat=full`. A fitting compile of a GPT-2 size
 takes minutes on a 2-core machine; a refused one, seconds.
@@ -42,17 +47,43 @@ def search(target: str, preset: str, remat: str, chips: int) -> dict:
             "command": " ".join(cmd[1:-1])}
 
 
+def compile_once(target: str, preset: str, remat: str, chips: int, micro: int, variant: str, cwd: Path,
+                 extra: list[str]) -> dict:
+    """One deviceless compile of a searched row's micro-batch in another configuration (`variant`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        cmd = [sys.executable, "-m", "gpt2_jax.plan", f"--target={target}", f"--preset={preset}",
+               f"--mesh=fsdp:{chips}", f"--remat={remat}", f"--micro_batch_size={micro}", *extra, f"--json={out}"]
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+        if not out.is_file():
+            raise RuntimeError(f"{' '.join(cmd)} in {cwd} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+        plan = json.loads(out.read_text())
+    return {"target": target, "preset": preset, "remat": remat, "variant": variant, "micro_batch_size": micro,
+            "fits": plan["fits"], "need_gib": round(plan["need_bytes"] / 2**30, 2)}
+
+
+def memory_cell(r: dict | None) -> str:
+    """A compared compile: its total if it fits, else the temporaries libtpu refused."""
+    if r is None:
+        return "-"
+    return f"{r['need_gib']} GiB" if r["fits"] else f"{r['need_gib']} GiB temp., refused"
+
+
 def table(rows: list[dict]) -> str:
     """One line per slice and size: the largest micro-batch over the slice (per chip) and its memory per chip,
     with and without remat; "-" where that search has not run."""
-    found = {(r["target"], r["preset"], r["remat"]): r for r in rows}
-    lines = ["| slice | preset | mesh | remat none: micro-batch (per chip) | memory | remat full: micro-batch "
-             "(per chip) | memory |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    found = {(r["target"], r["preset"], r["remat"], r.get("variant", "search")): r for r in rows}
+    compared = any("variant" in r for r in rows)
+    head = ["slice", "preset", "mesh"]
+    for remat in ("none", "full"):
+        head += [f"remat {remat}: micro-batch (per chip)", "memory"]
+        head += ["same, XLA attention", "same, before #17"] if compared else []
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for target, chips in TARGETS.items():
         for preset in SIZES:
             cells = []
             for remat in ("none", "full"):
-                r = found.get((target, preset, remat))
+                r = found.get((target, preset, remat, "search"))
                 if r is None:
                     cells += ["-", "-"]
                 elif r["micro_batch_size"]:
@@ -60,7 +91,9 @@ def table(rows: list[dict]) -> str:
                               f"{r['need_gib']} of {r['budget_gib']} GiB"]
                 else:
                     cells += ["none fits", f"(1 per chip: {r['need_gib']} GiB)"]
-            if cells != ["-"] * 4:
+                if compared:
+                    cells += [memory_cell(found.get((target, preset, remat, v))) for v in ("xla", "before")]
+            if set(cells) != {"-"}:
                 lines.append(f"| {target} | {preset} | fsdp:{chips} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -69,12 +102,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="JSON-lines file of the rows (appended; rows in it are skipped)")
     p.add_argument("--table", action="store_true", help="print the markdown table of the rows in --out and exit")
+    p.add_argument("--compare", type=Path, metavar="DIR",
+                   help="compile each searched row again with --attention=xla, and in the checkout DIR (before #17)")
     args = p.parse_args()
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
     if args.table:
         print(table(rows))
         return
-    done = {(r["target"], r["preset"], r["remat"]) for r in rows}
+    if args.compare:
+        compare(rows, args.compare.resolve(), args.out)
+        return
+    done = {(r["target"], r["preset"], r["remat"]) for r in rows if "variant" not in r}
     for target, chips in TARGETS.items():
         for remat in ("none", "full"):
             for preset in SIZES:
@@ -83,6 +121,23 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     with args.out.open("a") as f:
                         f.write(json.dumps(row) + "\n")
+
+
+def compare(rows: list[dict], before: Path, out: Path) -> None:
+    """The before/after columns: each searched row that fits, compiled at its micro-batch with XLA attention
+    (this checkout) and with the checkout in `before`; appended to `out` like the searches."""
+    if not (before / "gpt2_jax" / "plan").is_dir():
+        raise SystemExit(f"--compare {before}: not a gpt2-jax checkout with the planner (gpt2_jax/plan missing)")
+    done = {(r["target"], r["preset"], r["remat"], r["variant"]) for r in rows if "variant" in r}
+    for r in [r for r in rows if "variant" not in r and r["micro_batch_size"]]:
+        chips = TARGETS[r["target"]]
+        for variant, cwd, extra in (("xla", ROOT, ["--attention=xla"]), ("before", before, [])):
+            if (r["target"], r["preset"], r["remat"], variant) not in done:
+                row = compile_once(r["target"], r["preset"], r["remat"], chips, r["micro_batch_size"], variant,
+                                   cwd, extra)
+                print(json.dumps(row), flush=True)
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

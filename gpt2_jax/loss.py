@@ -165,15 +165,16 @@ def _chunk_loop_per_shard(x, embedding, targets, vocab_limit: int, chunk_len: in
     if not axes or mesh.shape.get("tensor", 1) > 1 or B % dp:
         return _chunk_loop(x, embedding, targets, vocab_limit, chunk_len, unroll, grads=True)
     split = mesh.shape.get("fsdp", 1) > 1 and C % mesh.shape["fsdp"] == 0  # the table's embed dim over fsdp
-    replicated_on = tuple(a for a in axes if not (split and a == "fsdp"))
+    # Axes of size 1 are left out (a no-op all-reduce in the program); the data-axis sum runs after the scatter.
+    replicated_on = tuple(a for a in axes if mesh.shape[a] > 1 and not (split and a == "fsdp"))
 
     def per_shard(x, embedding, targets):  # (b, T, C), (V, C / fsdp or C), (b, T): this device's rows
         if split:
             embedding = jax.lax.all_gather(embedding, "fsdp", axis=1, tiled=True)
         loss, dx, dw = _chunk_loop(x, embedding, targets, vocab_limit, chunk_len, unroll, grads=True)
         dw = dw / dp  # the mean over all rows is the mean of the devices' means (equal row counts)
-        dw = jax.lax.psum(dw, replicated_on) if replicated_on else dw
         dw = jax.lax.psum_scatter(dw, "fsdp", scatter_dimension=1, tiled=True) if split else dw
+        dw = jax.lax.psum(dw, replicated_on) if replicated_on else dw  # after the scatter: on 1/fsdp of the table
         return jax.lax.pmean(loss, axes), dx / dp, dw
 
     rows, table = P(axes, None, None), P(None, "fsdp" if split else None)
