@@ -69,32 +69,27 @@ def memory_cell(r: dict | None) -> str:
     return f"{r['need_gib']} GiB" if r["fits"] else f"{r['need_gib']} GiB temp., refused"
 
 
-def table(rows: list[dict]) -> str:
-    """One line per slice and size: the largest micro-batch over the slice (per chip) and its memory per chip,
-    with and without remat; "-" where that search has not run."""
+def table(rows: list[dict], remat: str) -> str:
+    """One line per slice and size at `remat`: the largest micro-batch over the slice (per chip) and its memory per
+    chip; with `--compare` rows, what the same micro-batch needs with XLA attention and before #17. "-": not run."""
     found = {(r["target"], r["preset"], r["remat"], r.get("variant", "search")): r for r in rows}
     compared = any("variant" in r for r in rows)
-    head = ["slice", "preset", "mesh"]
-    for remat in ("none", "full"):
-        head += [f"remat {remat}: micro-batch (per chip)", "memory"]
-        head += ["same, XLA attention", "same, before #17"] if compared else []
+    head = ["slice", "preset", "mesh", "largest micro-batch (per chip)", "memory per chip, splash"]
+    head += ["same micro-batch, XLA attention", "same, before #17 (XLA attention)"] if compared else []
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for target, chips in TARGETS.items():
         for preset in SIZES:
-            cells = []
-            for remat in ("none", "full"):
-                r = found.get((target, preset, remat, "search"))
-                if r is None:
-                    cells += ["-", "-"]
-                elif r["micro_batch_size"]:
-                    cells += [f"{r['micro_batch_size']} ({r['micro_batch_size'] // chips})",
-                              f"{r['need_gib']} of {r['budget_gib']} GiB"]
-                else:
-                    cells += ["none fits", f"(1 per chip: {r['need_gib']} GiB)"]
-                if compared:
-                    cells += [memory_cell(found.get((target, preset, remat, v))) for v in ("xla", "before")]
-            if set(cells) != {"-"}:
-                lines.append(f"| {target} | {preset} | fsdp:{chips} | " + " | ".join(cells) + " |")
+            r = found.get((target, preset, remat, "search"))
+            if r is None:
+                continue
+            if r["micro_batch_size"]:
+                cells = [f"{r['micro_batch_size']} ({r['micro_batch_size'] // chips})",
+                         f"{r['need_gib']} of {r['budget_gib']} GiB"]
+            else:
+                cells = ["none fits", f"(1 per chip: {r['need_gib']} GiB)"]
+            if compared:
+                cells += [memory_cell(found.get((target, preset, remat, v))) for v in ("xla", "before")]
+            lines.append(f"| {target} | {preset} | fsdp:{chips} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -107,7 +102,8 @@ def main() -> None:
     args = p.parse_args()
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
     if args.table:
-        print(table(rows))
+        for remat in ("none", "full"):
+            print(f"`--remat={remat}`:\n\n{table(rows, remat)}\n")
         return
     if args.compare:
         compare(rows, args.compare.resolve(), args.out)

@@ -244,7 +244,7 @@ def tiny_v5e_plans(tmp_path_factory) -> dict:
     return plans
 
 
-@pytest.mark.e2e
+@pytest.mark.slow  # in CI: two tiny TPU compiles, ~1 min together on 2 cores
 @needs("v5e-8")
 def test_fsdp_activations_are_split_by_batch(tiny_v5e_plans):
     # Before the batch constraint on the embedding output (sharding.constrain_batch), FSDP ran every block on
@@ -254,7 +254,7 @@ def test_fsdp_activations_are_split_by_batch(tiny_v5e_plans):
     assert data["budget_bytes"] == int(15.75 * 2**30)  # what libtpu allows on a v5e, not the 16 GiB of HBM
 
 
-@pytest.mark.e2e
+@pytest.mark.slow  # in CI: two tiny TPU compiles, ~1 min together on 2 cores
 @needs("v5e-8")
 def test_tpu_step_holds_the_pallas_kernel(tiny_v5e_plans):
     for p in tiny_v5e_plans.values():
