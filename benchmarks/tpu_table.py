@@ -75,7 +75,7 @@ def table(rows: list[dict], remat: str) -> str:
     found = {(r["target"], r["preset"], r["remat"], r.get("variant", "search")): r for r in rows}
     compared = any("variant" in r for r in rows)
     head = ["slice", "preset", "mesh", "largest micro-batch (per chip)", "memory per chip, splash"]
-    head += ["same micro-batch, XLA attention", "same, before #17 (XLA attention)"] if compared else []
+    head += ["same micro-batch, XLA attention", "same, before the FSDP fix (XLA attention)"] if compared else []
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for target, chips in TARGETS.items():
         for preset in SIZES:
