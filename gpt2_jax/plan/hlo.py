@@ -48,8 +48,9 @@ def collectives(hlo: str) -> dict:
     known_trip_count; XLA:TPU does not, and `_trip_count` reads the loop's condition), so an all-gather in the
     layer scan counts n_layer times. One collective written
     several times counts once: XLA's TPU backend runs a collective overlapped with compute as fusions around
-    `AsyncCollectiveStart` / `AsyncCollectiveDone` custom calls, and writes the same op (one channel_id) in
-    the start fusion, the done fusion and the compute fused with it.
+    `AsyncCollectiveStart` / `AsyncCollectiveDone` custom calls, and writes the same op (one channel_id, result
+    dims and replica groups; the layouts may differ) in the start fusion, the done fusion and the compute fused
+    with it. The channel_id alone is no key: the collectives written out in a shard_map all get channel_id 1.
     """
     comps: dict[str, list[str]] = {}
     order, current, entry = [], None, None
@@ -78,14 +79,17 @@ def collectives(hlo: str) -> dict:
     out: dict[str, dict] = {}
     pattern = re.compile(r"=\s*(\(.*?\)|[\w]+\[[\d,]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES)
                          + r")(-done)?\(")
-    seen = set()  # (kind, channel_id) of the collectives counted
+    seen = set()  # (kind, channel_id, result dims, replica groups) of the collectives counted
     for name, lines in comps.items():
         for line in lines:
             if (m := pattern.search(line)) and mult[name]:
                 if channel := re.search(r"\bchannel_id=(\d+)", line):
-                    if (m.group(2), channel.group(1)) in seen:
+                    groups = re.search(r"\breplica_groups=(\S+)", line)
+                    dims = re.sub(r"\{[^}]*\}", "", m.group(1))  # layouts differ between the writes (S(1))
+                    key = (m.group(2), channel.group(1), dims, groups and groups.group(1))
+                    if key in seen:
                         continue
-                    seen.add((m.group(2), channel.group(1)))
+                    seen.add(key)
                 row = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
                 row["count"] += mult[name]
                 row["bytes"] += mult[name] * _shape_bytes(m.group(1))
