@@ -2,15 +2,19 @@
 (B, T, vocab) float32 logits never exist) against the plain `cross_entropy(model(x), y)`.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gpt2_jax import sharding
 from gpt2_jax.config import GPTConfig
-from gpt2_jax.loss import cross_entropy, loss_chunk_len
+from gpt2_jax.loss import _chunk_loop_per_shard, cross_entropy, loss_chunk_len
 from gpt2_jax.model import GPT
 from gpt2_jax.plan.hlo import collectives
 from tiny import TINY_MODEL
@@ -147,6 +151,31 @@ def test_chunked_loss_runs_per_shard_under_the_step_mesh(mesh_spec):
     ours, theirs = (collectives(f.lower(*args).compile().as_text()) for f in (chunked, plain))
     assert ours.get("all-reduce", {}).get("bytes", 0) <= theirs["all-reduce"]["bytes"], (ours, theirs)
     assert ("reduce-scatter" in ours) == ("fsdp" in mesh_spec), ours
+
+
+@pytest.mark.parametrize("mesh_spec", ["fsdp:8", "data:2,fsdp:4"])
+def test_the_table_gradient_is_all_reduced_on_its_fsdp_shard_only(mesh_spec):
+    """Per shard, the (V, C) gradient is scattered over fsdp first; what crosses the other batch axes is the
+    (V, C / fsdp) shard. No all-reduce carries the whole table: neither a no-op one over an axis of size 1
+    (fsdp:8 has data:1), nor the data-axis sum before the scatter (data:2,fsdp:4: 4x the bytes)."""
+    V, C, fsdp = 120, 24, int(mesh_spec.rsplit(":", 1)[1])  # shapes that no other array of the program has
+    mesh = sharding.make_mesh(mesh_spec)
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (8, 6, C))
+    table = jax.random.normal(keys[1], (V, C))
+    targets = jax.random.randint(keys[2], (8, 6), 0, V)
+
+    def per_shard(x, table, targets):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return _chunk_loop_per_shard(x, table, targets, V, 3, False)
+
+    shardings = (sharding.batch_sharding(mesh, ndim=3), NamedSharding(mesh, P(None, "fsdp")),
+                 sharding.batch_sharding(mesh, ndim=2))
+    hlo = jax.jit(per_shard, in_shardings=shardings).lower(x, table, targets).compile().as_text()
+    all_reduces = [line for line in hlo.splitlines() if re.search(r"\ball-reduce(-start)?\(", line)]
+    assert not [line for line in all_reduces if f"f32[{V},{C}]" in line], all_reduces
+    assert any(f"f32[{V},{C // fsdp}]" in line for line in all_reduces) == ("data:2" in mesh_spec), all_reduces
+    assert "reduce-scatter(" in hlo
 
 
 @pytest.mark.slow
