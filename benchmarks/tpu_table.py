@@ -29,35 +29,41 @@ TARGETS = {"v5e-8": 8, "v6e-8": 8, "v5p-8": 4, "v4-8": 4}  # slice -> chips
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-def search(target: str, preset: str, remat: str, chips: int) -> dict:
-    """The planner's search for one (slice, size, remat): its JSON, plus the command and the seconds it took."""
+def run_planner(flags: list[str], cwd: Path = ROOT) -> dict:
+    """`python -m gpt2_jax.plan FLAGS` in the checkout `cwd`: its JSON result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "plan.json"
-        cmd = [sys.executable, "-m", "gpt2_jax.plan", f"--target={target}", f"--preset={preset}",
-               f"--mesh=fsdp:{chips}", f"--remat={remat}", "--search", f"--json={out}"]
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
+        cmd = [sys.executable, "-m", "gpt2_jax.plan", *flags, f"--json={out}"]
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
         if not out.is_file():
-            raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-        (best,) = json.loads(out.read_text())["search"]
+            raise RuntimeError(f"{' '.join(cmd)} in {cwd} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+        return json.loads(out.read_text())
+
+
+def append(out: Path, row: dict) -> None:
+    """Print a row and append it to the JSON-lines file `out`."""
+    print(json.dumps(row), flush=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def search(target: str, preset: str, remat: str, chips: int) -> dict:
+    """The planner's search for one (slice, size, remat): its JSON, plus the command and the seconds it took."""
+    flags = [f"--target={target}", f"--preset={preset}", f"--mesh=fsdp:{chips}", f"--remat={remat}", "--search"]
+    t0 = time.perf_counter()
+    (best,) = run_planner(flags)["search"]
+    seconds = time.perf_counter() - t0
     return {"target": target, "preset": preset, "mesh": f"fsdp:{chips}", "remat": remat, "seconds": round(seconds),
             "micro_batch_size": best["micro_batch_size"] if best["fits"] else 0,
             "need_gib": round(best["need_bytes"] / 2**30, 2), "budget_gib": round(best["budget_bytes"] / 2**30, 2),
-            "command": " ".join(cmd[1:-1])}
+            "command": " ".join(["-m", "gpt2_jax.plan", *flags])}
 
 
 def compile_once(target: str, preset: str, remat: str, chips: int, micro: int, variant: str, cwd: Path,
                  extra: list[str]) -> dict:
     """One deviceless compile of a searched row's micro-batch in another configuration (`variant`)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "plan.json"
-        cmd = [sys.executable, "-m", "gpt2_jax.plan", f"--target={target}", f"--preset={preset}",
-               f"--mesh=fsdp:{chips}", f"--remat={remat}", f"--micro_batch_size={micro}", *extra, f"--json={out}"]
-        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-        if not out.is_file():
-            raise RuntimeError(f"{' '.join(cmd)} in {cwd} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-        plan = json.loads(out.read_text())
+    plan = run_planner([f"--target={target}", f"--preset={preset}", f"--mesh=fsdp:{chips}", f"--remat={remat}",
+                        f"--micro_batch_size={micro}", *extra], cwd)
     return {"target": target, "preset": preset, "remat": remat, "variant": variant, "micro_batch_size": micro,
             "fits": plan["fits"], "need_gib": round(plan["need_bytes"] / 2**30, 2)}
 
@@ -113,10 +119,7 @@ def main() -> None:
         for remat in ("none", "full"):
             for preset in SIZES:
                 if (target, preset, remat) not in done:
-                    row = search(target, preset, remat, chips)
-                    print(json.dumps(row), flush=True)
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    append(args.out, search(target, preset, remat, chips))
 
 
 def compare(rows: list[dict], before: Path, out: Path) -> None:
@@ -129,11 +132,8 @@ def compare(rows: list[dict], before: Path, out: Path) -> None:
         chips = TARGETS[r["target"]]
         for variant, cwd, extra in (("xla", ROOT, ["--attention=xla"]), ("before", before, [])):
             if (r["target"], r["preset"], r["remat"], variant) not in done:
-                row = compile_once(r["target"], r["preset"], r["remat"], chips, r["micro_batch_size"], variant,
-                                   cwd, extra)
-                print(json.dumps(row), flush=True)
-                with out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append(out, compile_once(r["target"], r["preset"], r["remat"], chips, r["micro_batch_size"],
+                                         variant, cwd, extra))
 
 
 if __name__ == "__main__":
