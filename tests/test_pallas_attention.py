@@ -2,8 +2,8 @@
 
 The kernel runs per shard under shard_map over the mesh context that the train step sets
 (`jax.sharding.use_abstract_mesh`); on a CPU mesh it runs interpreted. Compared with the model's einsum
-attention in float32: the forward within 1e-6 and the gradients within 1e-5 (measured 9.2e-7 and 3.8e-6 at
-T=256: the kernel scales q before the product and sums in blocks, so float32 rounding differs). Under a
+attention in float32, within what float32 can promise for a different summation order (`f32_atol`): the kernel
+scales q before the product and sums over the keys in 128-blocks, so its rounding differs from the einsum's. Under a
 sharded mesh each device computes whole sequences and whole heads: the same numbers as one device.
 The tests run on the 8 fake CPU devices of conftest.py; interpreting the kernel is slow, so those over
 ~20 s on 2 cores are marked e2e, and those over 6 s slow.
@@ -20,9 +20,10 @@ from gpt2_jax.config import GPTConfig
 from gpt2_jax.attention import einsum_attention
 from gpt2_jax.config import default_attention
 from gpt2_jax.model import GPT
+from tiny import f32_atol
 
-FWD_ATOL = 1e-6
-GRAD_ATOL = 1e-5
+
+
 # One device interprets all 8 sequences in turn (~20-50 s): slow; a shard interprets one or two.
 MESHES = [pytest.param("data:1", marks=pytest.mark.e2e), "data:8", "data:2,fsdp:4", "fsdp:4,tensor:2"]
 
@@ -60,13 +61,14 @@ def test_splash_equals_einsum_forward_and_gradients(mesh_spec):
     q, k, v, g = qkv_and_cotangent()
     splash = on_mesh(pallas_attention.splash_attention, mesh_of(mesh_spec))
     ref = einsum_attention(q, k, v, None)
-    np.testing.assert_allclose(splash(q, k, v), ref, atol=FWD_ATOL, rtol=0)
+    T = q.shape[1]  # each output sums over up to T keys; each gradient over T queries or keys
+    np.testing.assert_allclose(splash(q, k, v), ref, atol=f32_atol(ref, T), rtol=0)
 
     def grads(attn):
         return jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v) * g), argnums=(0, 1, 2))(q, k, v)
 
     for got, want, name in zip(grads(splash), grads(lambda q, k, v: einsum_attention(q, k, v, None)), "qkv"):
-        np.testing.assert_allclose(got, want, atol=GRAD_ATOL, rtol=0, err_msg=f"d{name}")
+        np.testing.assert_allclose(got, want, atol=f32_atol(want, T), rtol=0, err_msg=f"d{name}")
 
 
 def test_splash_program_holds_the_kernel_and_no_scores():
@@ -81,8 +83,8 @@ def test_splash_program_holds_the_kernel_and_no_scores():
     assert "pallas_call" in sharded and "384,384" not in sharded.replace(" ", "")
     plain = jaxpr(pallas_attention.splash_attention)  # no mesh context: decoding, HellaSwag
     assert "pallas_call" not in plain
-    np.testing.assert_allclose(pallas_attention.splash_attention(q, k, v), einsum_attention(q, k, v, None),
-                               atol=FWD_ATOL, rtol=0)
+    ref = einsum_attention(q, k, v, None)
+    np.testing.assert_allclose(pallas_attention.splash_attention(q, k, v), ref, atol=f32_atol(ref, q.shape[1]), rtol=0)
 
 
 def test_heads_not_divisible_by_tensor_is_refused():
@@ -112,9 +114,10 @@ def test_model_loss_and_grads_with_splash_on_a_mesh(mesh_spec):
 
     loss, grads = jax.jit(jax.value_and_grad(sharded), in_shardings=(param_sh, batch_sh, batch_sh))(params, x, y)
     ref_loss, ref_grads = jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(x, y))(params)
-    np.testing.assert_allclose(loss, ref_loss, atol=FWD_ATOL, rtol=0)
-    errors = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads, ref_grads)
-    assert max(jax.tree.leaves(errors)) <= GRAD_ATOL, errors
+    tokens = x.size  # the loss averages, and each weight's gradient sums, over every token
+    np.testing.assert_allclose(loss, ref_loss, atol=f32_atol(ref_loss, tokens), rtol=0)
+    excess = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()) / f32_atol(b, tokens), grads, ref_grads)
+    assert max(jax.tree.leaves(excess)) <= 1.0, excess
 
 
 def test_splash_is_the_tpu_default_for_bfloat16():

@@ -8,6 +8,8 @@ that needs another shape passes overrides -- `tiny_model(vocab_size=50257)`,
 
 from pathlib import Path
 
+import numpy as np
+
 from gpt2_jax.config import GPTConfig
 from gpt2_jax.training.settings import TrainConfig
 
@@ -52,3 +54,11 @@ def write_char_data(folder: Path) -> Path:
 
     data_lib.prepare_text_string(data_lib.default_corpus()[:CHAR_DATA_CHARS], folder, tokenizer="char")
     return folder
+
+
+def f32_atol(reference, terms: int) -> float:
+    """The tolerance for a float32 result whose sums of `terms` values may run in another order (another kernel,
+    another CPU's vector width): sqrt(terms) roundings of float32 epsilon, scaled to the result's largest
+    magnitude -- what float32 can promise, not what one machine measured. (A fixed atol=1e-6 on splash attention
+    failed by 1.07e-6 on an Intel Xeon with AVX-512: 2.9 eps x max|ref| there, where this allows sqrt(384) = 19.6.)"""
+    return float(np.sqrt(terms) * np.finfo(np.float32).eps * np.abs(np.asarray(reference)).max())
