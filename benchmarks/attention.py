@@ -22,11 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for train_step's shared helpers
 
-from train_step import environment, torch_setup  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from train_step import environment, torch_setup  # noqa: E402
 
 from gpt2_jax.attention import attention  # noqa: E402
 

@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
-    from gpt2_jax.config import preset  # noqa: PLC0415
-    from gpt2_jax.config import default_attention  # noqa: PLC0415
+    from gpt2_jax.config import (
+        default_attention,  # noqa: PLC0415
+        preset,  # noqa: PLC0415
+    )
 
     cfg = preset(args.preset, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
                  vocab_size=args.vocab_size, block_size=args.block_size, dropout=0.0, dtype="float32",

@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax  # noqa: PLC0415
 
     from gpt2_jax import data as data_lib  # noqa: PLC0415
-    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
     from gpt2_jax.evaluate import evaluate_loss, shard_batches  # noqa: PLC0415
     from gpt2_jax.metrics import read_metrics  # noqa: PLC0415
     from gpt2_jax.runs import load_run  # noqa: PLC0415
     from gpt2_jax.training import run  # noqa: PLC0415
+    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="convergence-"))
     data = work / "data"

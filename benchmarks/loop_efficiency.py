@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax  # noqa: PLC0415
 
     from gpt2_jax import data as data_lib  # noqa: PLC0415
-    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
     from gpt2_jax.metrics import read_metrics  # noqa: PLC0415
     from gpt2_jax.training.loop import next_batch, train  # noqa: PLC0415
+    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
     from gpt2_jax.training.setup import setup  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="loop-"))

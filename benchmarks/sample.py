@@ -29,12 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for train_step's shared helpers
 
-from train_step import add_model_flags, environment, model_config, torch_setup  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from train_step import add_model_flags, environment, model_config, torch_setup  # noqa: E402
 
 from gpt2_jax.convert import export_hf, export_vocab_size  # noqa: E402
 from gpt2_jax.generate import generate  # noqa: E402

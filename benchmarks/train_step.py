@@ -47,9 +47,16 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from gpt2_jax import sharding  # noqa: E402
-from gpt2_jax.config import ATTENTION, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE, PRESETS, GPTConfig, preset  # noqa: E402
+from gpt2_jax.config import (  # noqa: E402
+    ATTENTION,
+    GPT2_VOCAB_SIZE,
+    PADDED_VOCAB_SIZE,
+    PRESETS,
+    GPTConfig,
+    default_attention,  # noqa: E402
+    preset,
+)
 from gpt2_jax.metrics import FLOPS_CONVENTION, flops_per_token, mfu, peak_flops  # noqa: E402
-from gpt2_jax.config import default_attention  # noqa: E402
 from gpt2_jax.model import GPT  # noqa: E402
 from gpt2_jax.optim import OptimConfig, make_optimizer  # noqa: E402
 from gpt2_jax.training.step import TrainState, make_train_step  # noqa: E402

@@ -41,6 +41,7 @@ from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
 from gpt2_jax.storage import is_remote, results_file
 from gpt2_jax.tokenizer import Tokenizer
 
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _row_losses(graphdef, state, x, y, vocab_limit: int) -> jax.Array:
     """Mean next-token cross-entropy of each row: (R,) float32 for x, y (R, T), y = x shifted by one."""

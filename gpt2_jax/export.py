@@ -29,6 +29,7 @@ from gpt2_jax.convert import export_hf, export_vocab_size
 from gpt2_jax.runs import CHECKPOINTS, CONFIG_FILE, TOKENIZER_FILE, load_run, write_tokenizer
 from gpt2_jax.storage import is_remote, run_path
 
+
 def _foreign_contents(to: epath.Path) -> str | None:
     """What in folder `to` an export must not overwrite (None: nothing): another run, or a config.json that
     is not an HF model's (a training run's config.json holds {"train", "model"}, an HF one a model_type)."""

@@ -28,6 +28,7 @@ prefills min(lengths) prompt tokens) and the later ones (which all prefill `keep
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np

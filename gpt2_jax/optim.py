@@ -15,7 +15,6 @@ import optax
 
 from gpt2_jax.config import ADAMW, RECIPES
 
-
 _GPT2 = RECIPES["gpt2"]
 
 

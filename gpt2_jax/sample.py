@@ -101,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem := pin_platform(args.platform):  # before any JAX backend starts
         print(f"error: {problem}", file=sys.stderr)
         return 1
-    from gpt2_jax.runs import load_model  # noqa: PLC0415
     from gpt2_jax.generate import generate  # noqa: PLC0415
+    from gpt2_jax.runs import load_model  # noqa: PLC0415
 
     try:
         model, tokenizer, _ = load_model(args.init_from, step=args.step, dtype=args.dtype)

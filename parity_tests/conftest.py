@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-
 jax.config.update("jax_default_matmul_precision", "highest")
 torch.set_num_threads(os.cpu_count() or 1)
 

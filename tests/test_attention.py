@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import TINY_MODEL, tiny_model
 
 from gpt2_jax.attention import attention, blocked_attention
 from gpt2_jax.config import GPTConfig
 from gpt2_jax.loss import cross_entropy
 from gpt2_jax.model import GPT
 from gpt2_jax.training.settings import TrainConfig, resolve
-from tiny import TINY_MODEL, tiny_model
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU")

@@ -28,19 +28,19 @@ import gcs_emulator
 import jax
 import numpy as np
 import pytest
+import test_reliability as reliability
 from etils import epath
 from flax import nnx
 from test_gcs_emulator import IN_PRIVATE_NETWORK, key, no_local_gs_folder, objects  # noqa: F401
-import test_reliability as reliability
 from test_reliability import TrainProcess
 
 from gpt2_jax import data as data_lib
-from gpt2_jax import export, plot, runs, sample, storage
-from gpt2_jax.training import setup as trainer
 from gpt2_jax import evaluate as evaluate_cli
-from gpt2_jax.training.settings import TrainConfig
+from gpt2_jax import export, plot, runs, sample, storage
 from gpt2_jax.hellaswag import load_hellaswag
 from gpt2_jax.metrics import MetricsLogger, read_metrics
+from gpt2_jax.training import setup as trainer
+from gpt2_jax.training.settings import TrainConfig
 
 pytestmark = pytest.mark.e2e  # train.py and the tools end to end against the emulated bucket
 

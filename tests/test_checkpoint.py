@@ -23,9 +23,9 @@ import pytest
 import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
+from tiny import tiny_train_config
 
 from gpt2_jax.checkpoint import Checkpointer, abstract_like
-from tiny import tiny_train_config
 
 # After a failed read of a damaged checkpoint, tensorstore completes the reads still in flight and
 # calls back into orbax's event loop, which is closed by then: Python prints "Event loop is closed"

@@ -17,12 +17,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tiny import TINY_MODEL, TINY_RUN, tiny_train_config, train_flags
 
 import train
 from gpt2_jax import data as data_lib
 from gpt2_jax import evaluate, export, plot, sample
 from gpt2_jax.tokenizer import read_meta
-from tiny import TINY_MODEL, TINY_RUN, tiny_train_config, train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_LAYER = dict(n_layer=1, mesh="data:1")  # the tiny run (tiny.py) with 1 layer, on one device
@@ -226,8 +226,8 @@ def test_a_full_disk_is_one_error_and_keeps_the_checkpoints(tmp_path, monkeypatc
 
         def full(self, step, *args, **kwargs):
             (ckpt.directory / f"{step}.orbax-checkpoint-tmp").mkdir()  # what a failed save leaves
-            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to write 8495 '
-                             f"bytes to file 8: No space left on device [os_error_code='28']")
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to write 8495 '
+                             "bytes to file 8: No space left on device [os_error_code='28']")
 
         monkeypatch.setattr(ocp.CheckpointManager, "save", full)
         with pytest.raises(DiskFullError) as e:

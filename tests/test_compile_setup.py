@@ -2,7 +2,6 @@
 the attached devices, GPU/TPU only) and the XLA flags of the planner's GPU compiles."""
 
 import dataclasses
-import importlib
 import os
 import subprocess
 import sys

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import TINY_MODEL, tiny_train_config
 
 from gpt2_jax import data as data_lib
 from gpt2_jax.evaluate import main, shard_batches
-from tiny import TINY_MODEL, tiny_train_config
 
 HELLASWAG_LIMIT = 20  # the in-loop limit of the bpe_run fixture (tests/conftest.py)
 # The CLI's loss: float32 logits and logsumexp over 50257 ids, averaged over a few hundred tokens;

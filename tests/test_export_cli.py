@@ -20,8 +20,8 @@ import torch
 from flax import nnx
 
 from gpt2_jax.export import main
-from gpt2_jax.runs import TOKENIZER_FILE
 from gpt2_jax.generate import generate
+from gpt2_jax.runs import TOKENIZER_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 # HF (torch) and gpt2_jax on the same float32 weights: a 1-layer, 32-wide model's logits differ only by

@@ -10,12 +10,12 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import TINY_MODEL, f32_atol, tiny_model
 
 import train
 from gpt2_jax import evaluate, export, sample
 from gpt2_jax.config import RECIPES
 from gpt2_jax.tokenizer import Tokenizer
-from tiny import TINY_MODEL, f32_atol, tiny_model
 
 FT = RECIPES["finetune"]
 
@@ -151,8 +151,9 @@ def test_a_checkpoint_of_another_tokenizer_is_refused(tmp_path, char_data, hf_ti
 def test_init_from_a_training_run_takes_its_shape_and_its_vocabulary(tmp_path, char_data, capsys):
     """A training run as the source: its meta gives the shape (1 layer here, where the CPU char default has 4)
     and the vocabulary; no size flag is needed."""
-    from gpt2_jax.training import run
     from tiny import tiny_train_config
+
+    from gpt2_jax.training import run
 
     run(tiny_train_config(tmp_path / "first", char_data, n_layer=1, max_steps=1, checkpoint_every=1,
                           mesh="data:1"))

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpt2_jax import launch
-from gpt2_jax.training.settings import parse_flags
-from gpt2_jax.training.settings import TrainConfig
+from gpt2_jax.training.settings import TrainConfig, parse_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOL_FLAGS = [f.name for f in dataclasses.fields(TrainConfig) if f.type == "bool"]

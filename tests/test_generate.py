@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from tiny import TINY_MODEL
 
 from gpt2_jax import GPT, export_hf, load_hf
 from gpt2_jax.generate import filter_logits, generate, next_token
 from gpt2_jax.sample import main
-from tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 1234

@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
+from tiny import TINY_MODEL
 
 from gpt2_jax import GPT
 from gpt2_jax.evaluate import main
 from gpt2_jax.hellaswag import download_hellaswag, evaluate_hellaswag, load_hellaswag, pack_batch, render_example
-from tiny import TINY_MODEL
 
 TINY = TINY_MODEL.replace(block_size=128, vocab_size=50257)  # GPT-2's ids; rows here are up to 86 tokens
 N_EXAMPLES = 50

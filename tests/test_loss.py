@@ -11,13 +11,13 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny import TINY_MODEL
 
 from gpt2_jax import sharding
 from gpt2_jax.config import GPTConfig
 from gpt2_jax.loss import _chunk_loop_per_shard, cross_entropy, loss_chunk_len
 from gpt2_jax.model import GPT
 from gpt2_jax.plan.hlo import collectives
-from tiny import TINY_MODEL
 
 # vocab 96 padded to 128: the padded ids must stay out of the softmax. T=10 in chunks of 3 positions:
 # four chunks, the last one a single position plus two rows of padding.

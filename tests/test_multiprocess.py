@@ -13,7 +13,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from test_reliability import TrainProcess, free_port, timeline
 from tiny import TINY_RUN
 

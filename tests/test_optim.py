@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import tiny_model
 
 from gpt2_jax.optim import OptimConfig, decay_mask, lr_at, lr_schedule
-from tiny import tiny_model
 
 C = OptimConfig()  # the GPT-2 124M recipe: max 6e-4, min 6e-5, warmup 715, 19073 steps
 

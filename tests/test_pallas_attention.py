@@ -14,15 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-from gpt2_jax import pallas_attention, sharding
-from gpt2_jax.config import GPTConfig
-from gpt2_jax.attention import einsum_attention
-from gpt2_jax.config import default_attention
-from gpt2_jax.model import GPT
 from tiny import f32_atol
 
-
+from gpt2_jax import pallas_attention, sharding
+from gpt2_jax.attention import einsum_attention
+from gpt2_jax.config import GPTConfig, default_attention
+from gpt2_jax.model import GPT
 
 # One device interprets all 8 sequences in turn (~20-50 s): slow; a shard interprets one or two.
 MESHES = [pytest.param("data:1", marks=pytest.mark.e2e), "data:8", "data:2,fsdp:4", "fsdp:4,tensor:2"]

@@ -31,13 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny import TINY_RUN, train_flags
 
-from gpt2_jax.training import step as trainer  # (the train step's builder and its GPT)
-from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.metrics import read_metrics
 from gpt2_jax.runs import load_run
 from gpt2_jax.training import run
-from tiny import TINY_RUN, train_flags
+from gpt2_jax.training import step as trainer  # (the train step's builder and its GPT)
+from gpt2_jax.training.settings import TrainConfig
 
 # A damaged checkpoint makes tensorstore call back into orbax's closed event loop after the failed
 # read: Python reports an ignored "Event loop is closed". Harmless (see tests/test_checkpoint.py).

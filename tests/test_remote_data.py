@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from etils import epath
 from test_gcs_emulator import key, no_local_gs_folder, objects  # noqa: F401
+from tiny import tiny_train_config
 
 from gpt2_jax import data as data_lib
 from gpt2_jax.data import remote
-from tiny import tiny_train_config
 
 SHARD = 8_000  # tokens per shard: the tiny corpus below makes 1 val and 5 train shards
 
@@ -140,9 +140,10 @@ def test_a_run_from_a_bucket_resumes_bit_identical_after_losing_its_cache(
 @pytest.mark.slow
 def test_evaluate_scores_shards_in_a_bucket_as_the_local_folder(tmp_path, char_data, cache_home, gcs_dir,
                                                                  gcs_emulator_env, capsys):
+    from tiny import tiny_model
+
     from gpt2_jax import evaluate
     from gpt2_jax.convert import export_hf
-    from tiny import tiny_model
 
     url = f"{gcs_dir}/char"
     for f in sorted(char_data.iterdir(), key=lambda p: p.name == "meta.json"):  # meta.json last

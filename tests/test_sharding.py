@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from tiny import TINY_MODEL
 
 from gpt2_jax import sharding
 from gpt2_jax.model import GPT
-from tiny import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 

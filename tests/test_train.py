@@ -11,11 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tiny import tiny_train_config
 
 from gpt2_jax import data as data_lib
-from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.training import run
-from tiny import tiny_train_config
+from gpt2_jax.training.settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tolerances. Sharded and single-device steps run the same float32 math with different reduction

@@ -10,10 +10,15 @@ The names below are the package's face: ``from gpt2_jax.data import TokenLoader`
 """
 
 from gpt2_jax.data.cli import main
-from gpt2_jax.data.loader import (DEFAULT_EVAL_TOKENS, ORDERS, EvalWindows, TokenLoader,
-                                  eval_windows)
-from gpt2_jax.data.prepare import (DEFAULT_SHARD_SIZE, default_corpus, prepare_fineweb,
-                                   prepare_text, prepare_text_string, write_shards)
+from gpt2_jax.data.loader import DEFAULT_EVAL_TOKENS, ORDERS, EvalWindows, TokenLoader, eval_windows
+from gpt2_jax.data.prepare import (
+                                  DEFAULT_SHARD_SIZE,
+                                  default_corpus,
+                                  prepare_fineweb,
+                                  prepare_text,
+                                  prepare_text_string,
+                                  write_shards,
+)
 from gpt2_jax.data.remote import open_remote
 from gpt2_jax.data.shards import SPLITS, check_vocab, open_split, read_windows
 from gpt2_jax.tokenizer import META_FILE, Tokenizer, read_meta

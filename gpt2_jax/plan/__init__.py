@@ -8,8 +8,15 @@ the compiler says about it (python -m gpt2_jax.plan --help).
 """
 
 from gpt2_jax.plan.cli import main, parse_args, report, sandbox_command, xla_flags_line
-from gpt2_jax.plan.compile import (Plan, auto_micro_batch, count_step_flops, largest_micro_batch, plan_one,
-                                   resolved, search)
+from gpt2_jax.plan.compile import (
+                                   Plan,
+                                   auto_micro_batch,
+                                   count_step_flops,
+                                   largest_micro_batch,
+                                   plan_one,
+                                   resolved,
+                                   search,
+)
 from gpt2_jax.plan.hardware import MissingExtra, Target, TargetSpec, load_target, missing_extra, parse_target
 from gpt2_jax.plan.hlo import attention_kernel, collectives
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 from gpt2_jax.backends import cpu_if_no_accelerator
 from gpt2_jax.plan.compile import REMATS, Plan, plan_one, resolved, search
-from gpt2_jax.plan.hlo import fsdp_traffic
 from gpt2_jax.plan.hardware import MissingExtra, Target, TargetSpec, gib, load_target, missing_extra, parse_target
+from gpt2_jax.plan.hlo import fsdp_traffic
 from gpt2_jax.training.settings import TrainConfig, add_flags
 
 CHILD_ENV = "GPT2_JAX_PLAN_CHILD"  # set in the child process that compiles

@@ -10,9 +10,24 @@ import dataclasses
 import math
 from typing import Any
 
-from gpt2_jax.config import (ADAMW, ATTENTION, DATA_CACHE_GB, DTYPES, GPT2_SIZES, GPT2_VOCAB_SIZE, PADDED_VOCAB_SIZE,
-                             PLATFORM_HELP, PLATFORMS, PRESETS, RECIPES, REMAT, GPTConfig, default_attention, preset,
-                             recipe)
+from gpt2_jax.config import (
+    ADAMW,
+    ATTENTION,
+    DATA_CACHE_GB,
+    DTYPES,
+    GPT2_SIZES,
+    GPT2_VOCAB_SIZE,
+    PADDED_VOCAB_SIZE,
+    PLATFORM_HELP,
+    PLATFORMS,
+    PRESETS,
+    RECIPES,
+    REMAT,
+    GPTConfig,
+    default_attention,
+    preset,
+    recipe,
+)
 
 _G, _C, _F = RECIPES["gpt2"], RECIPES["char/cpu"], RECIPES["finetune"]  # (for the help texts)
 

@@ -24,13 +24,12 @@ from gpt2_jax import data as data_lib
 from gpt2_jax import hellaswag, runlock, runs, sharding, storage
 from gpt2_jax.checkpoint import Checkpointer
 from gpt2_jax.config import GPT2_SIZES, GPTConfig
-from gpt2_jax.tokenizer import Tokenizer
 from gpt2_jax.distributed import broadcast_from_primary, is_primary, log, sync
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, mfu_banner, peak_flops
 from gpt2_jax.model import GPT
+from gpt2_jax.tokenizer import Tokenizer
 from gpt2_jax.training.guards import NanPolicy
-from gpt2_jax.training.settings import (TrainConfig, grad_accum_steps, model_config, resolve,
-                                        with_checkpoint_shape)
+from gpt2_jax.training.settings import TrainConfig, grad_accum_steps, model_config, resolve, with_checkpoint_shape
 from gpt2_jax.training.step import TrainStep, build_step, make_eval_step
 
 
