@@ -15,7 +15,7 @@ command again to resume from the newest good checkpoint in --out_dir (also after
 Compiling: XLA programs are cached on disk (--compile_cache), so a second start with the same settings skips
 most of the compile time. An explicit JAX_COMPILATION_CACHE_DIR in the environment wins over the default
 folder (not over --compile_cache=DIR or off). With --platform=gpu the recommended XLA flags
-(gpt2_jax.config.GPU_XLA_FLAGS) are set unless XLA_FLAGS is already set: XLA_FLAGS="" runs XLA's defaults.
+(gpt2_jax.launch.GPU_XLA_FLAGS) are set unless XLA_FLAGS is already set: XLA_FLAGS="" runs XLA's defaults.
 --micro_batch_size=0 on a GPU or TPU compiles the train step for a few sizes first and takes the largest that
 fits in the device's memory (python -m gpt2_jax.plan --target=local --search shows the same search).
 

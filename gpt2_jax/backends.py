@@ -15,9 +15,9 @@ import importlib.util
 import os
 import sys
 
-from gpt2_jax.config import PLATFORM_HELP, PLATFORMS
-
-JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform (config.PLATFORMS) -> JAX_PLATFORMS
+PLATFORMS = ("cpu", "gpu", "tpu")  # --platform, in every CLI
+PLATFORM_HELP = "JAX backend: cpu | gpu | tpu (empty: the GPU or TPU this machine has, else the CPU)"  # every CLI's
+JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}  # --platform (PLATFORMS) -> JAX_PLATFORMS
 INSTALL_HINT = {"gpu": 'pip install "gpt2-jax[gpu]"  (JAX with CUDA)', "tpu": 'pip install "gpt2-jax[tpu]"'}
 # Device files of the accelerators JAX can use, by --platform: NVIDIA GPUs; TPU chips (v2-v4 and v5p:
 # /dev/accel*; v5e and v6e: VFIO groups).

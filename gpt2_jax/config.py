@@ -1,15 +1,14 @@
-"""Model configuration: one dataclass with nanoGPT's field names, the GPT-2 size presets, the training
-recipes' numbers (one table), and the choices the flags allow.
+"""The model: one configuration dataclass with nanoGPT's field names, the GPT-2 size presets and sizes, and the
+choices of how the network is computed (dtype, attention, remat).
 
+The training recipes are in recipes.py, the GPU XLA flags in launch.py, the flags' shared argparse types in cli.py.
 This module imports nothing heavy, so `reference_torch` and train.py's flag parsing use it without JAX.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 from typing import Any
 
 GPT2_VOCAB_SIZE = 50257  # BPE merges + 256 bytes + <|endoftext|>
@@ -20,21 +19,6 @@ ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias"
 ATTENTION = ("xla", "cudnn", "blocked", "einsum", "splash")  # attention.py's implementations (attention.IMPLEMENTATIONS)
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
 REMAT = ("none", "full", "dots")  # activation checkpointing policies
-PLATFORMS = ("cpu", "gpu", "tpu")  # --platform (backends.py maps them to JAX_PLATFORMS names)
-DATA_CACHE_GB = 16.0  # --data=gs://...: shards kept on each machine (FineWeb-Edu 10B: ~100 of 200 MB; a fifth)
-PLATFORM_HELP = "JAX backend: cpu | gpu | tpu (empty: the GPU or TPU this machine has, else the CPU)"  # every CLI's
-
-
-def finite_float(text: str) -> float:
-    """argparse type of every float flag of the CLIs: a number, never NaN or +-inf (float() takes "nan",
-    and NaN passes every range check: a NaN temperature would sample token 0 forever)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,40 +95,6 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
 # The GPT-2 sizes: trained on GPT-2 BPE with the reproduction recipe below.
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
-# What a run's "auto" settings (0 / -1 / empty flags) become: the one table of recipe numbers. A row is a
-# family of presets ("gpt2": the GPT-2 sizes, "char": the char preset); a "<family>/cpu" row overrides it on
-# a CPU. training/settings.py's resolve() fills the flags a user left unset from it, the flags' help reads it,
-# and so do OptimConfig's defaults. `micro_per_device`: sequences per micro-step and device; where a row
-# gives `micro_batch_size` instead, that many over all devices (rounded up to a multiple of them).
-RECIPES: dict[str, dict[str, Any]] = {
-    # build-nanogpt's GPT-2 124M run (the GPT-3 paper's 125M settings): 2**19 tokens per step, 10B tokens
-    # = 19073 steps, warmup over 375M tokens = 715 steps, peak learning rate 6e-4.
-    "gpt2": dict(total_batch_size=2**19, micro_per_device=16, max_steps=19073, warmup_steps=715, max_lr=6e-4),
-    "gpt2/cpu": dict(micro_per_device=4),
-    # nanoGPT's Shakespeare-char run; the total batch is one micro-batch, warmup 10% of the steps.
-    "char": dict(micro_per_device=64, max_steps=5000, max_lr=1e-3),
-    # The char preset on a CPU (the default `python train.py`): the settings that learned the most in about
-    # 3 minutes on 2 cores (benchmarks/convergence.py --corpus bundled; benchmarks/NOTES.md).
-    "char/cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, micro_batch_size=12, max_steps=2000,
-                     warmup_steps=100, dropout=0.0),
-    # Fine-tuning a checkpoint (--finetune, with --init_from), over any family's row: nanoGPT's
-    # finetune_shakespeare settings (2**15 tokens per step, a constant 3e-5, no warmup, 20 steps, an eval every
-    # 5), with the micro-batch at 8 sequences so that the step splits evenly at any context up to 4096.
-    "finetune": dict(total_batch_size=2**15, micro_batch_size=8, max_steps=20, warmup_steps=0, max_lr=3e-5,
-                     min_lr_ratio=1.0, dropout=0.0, eval_every=5),
-}
-# AdamW and the schedule's shape, the same for every preset (GPT-3 paper, Appendix B).
-ADAMW: dict[str, float] = dict(min_lr_ratio=0.1, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, grad_clip=1.0)
-
-
-def recipe(preset_name: str, backend: str, finetune: bool = False) -> dict[str, Any]:
-    """The RECIPES row of a preset on a backend ("cpu", "gpu", "tpu"): the family's, with its backend's overrides,
-    and the fine-tuning row over both for `finetune`."""
-    family = "gpt2" if preset_name in GPT2_SIZES else "char"
-    row = {**RECIPES[family], **RECIPES.get(f"{family}/{backend}", {})}
-    return {**row, **RECIPES["finetune"]} if finetune else row
-
-
 def default_attention(backend: str, dtype: str) -> str:
     """The fastest attention for a platform (jax.default_backend()) and compute dtype."""
     if backend == "gpu" and dtype != "float32":
@@ -152,18 +102,3 @@ def default_attention(backend: str, dtype: str) -> str:
     if backend == "tpu" and dtype != "float32":
         return "splash"  # Pallas flash attention that skips masked blocks (pallas_attention.py)
     return "blocked" if backend == "cpu" else "xla"
-
-# XLA flags for NVIDIA GPUs, set by train.py --platform=gpu (and by `python -m gpt2_jax.plan` for GPU targets, so
-# that the plan is the program that runs) unless XLA_FLAGS is already set. Each one was checked to exist in the
-# jaxlib 0.10.2 CUDA plugin: XLA stops at start with "Unknown flag in XLA_FLAGS" otherwise.
-GPU_XLA_FLAGS = (
-    # Schedule the program so that collectives (data-parallel all-reduce, FSDP all-gather / reduce-scatter) run
-    # while compute proceeds; JAX's GPU performance tips and NVIDIA's JAX containers set it.
-    "--xla_gpu_enable_latency_hiding_scheduler=true",
-    # Matmuls on cuBLAS(Lt) instead of Triton-generated kernels: the plain GEMMs of a transformer are cuBLAS's
-    # home ground, and autotuning Triton configurations for each one lengthens every compile.
-    "--xla_gpu_enable_triton_gemm=false",
-    # Give the streams that carry those collectives the highest priority, so that they are not queued behind
-    # compute kernels (JAX's GPU performance tips).
-    "--xla_gpu_enable_highest_priority_async_stream=true",
-)

@@ -11,8 +11,22 @@ import os
 import sys
 
 from gpt2_jax.backends import INSTALL_HINT, JAX_PLATFORMS, has_plugin, pin_platform
-from gpt2_jax.config import GPU_XLA_FLAGS
 from gpt2_jax.training.settings import TrainConfig
+
+# XLA flags for NVIDIA GPUs, set by train.py --platform=gpu (and by `python -m gpt2_jax.plan` for GPU targets, so
+# that the plan is the program that runs) unless XLA_FLAGS is already set. Each one was checked to exist in the
+# jaxlib 0.10.2 CUDA plugin: XLA stops at start with "Unknown flag in XLA_FLAGS" otherwise.
+GPU_XLA_FLAGS = (
+    # Schedule the program so that collectives (data-parallel all-reduce, FSDP all-gather / reduce-scatter) run
+    # while compute proceeds; JAX's GPU performance tips and NVIDIA's JAX containers set it.
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    # Matmuls on cuBLAS(Lt) instead of Triton-generated kernels: the plain GEMMs of a transformer are cuBLAS's
+    # home ground, and autotuning Triton configurations for each one lengthens every compile.
+    "--xla_gpu_enable_triton_gemm=false",
+    # Give the streams that carry those collectives the highest priority, so that they are not queued behind
+    # compute kernels (JAX's GPU performance tips).
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+)
 
 # Programs that compile faster than this are not written to the compile cache. JAX's default (1 s) leaves out
 # most of the CPU default run's programs (eval, sampling, the data pipeline's small jits: 0.1-0.9 s each).
@@ -51,7 +65,7 @@ def jax_environment(config: TrainConfig, env) -> tuple[dict, list[str]]:
     if config.platform == "gpu":
         if "XLA_FLAGS" in env:
             notes.append(f"XLA_FLAGS={env['XLA_FLAGS']!r} from the environment; the recommended GPU flags "
-                         f"(gpt2_jax.config.GPU_XLA_FLAGS) are not added")
+                         f"(gpt2_jax.launch.GPU_XLA_FLAGS) are not added")
         else:
             env["XLA_FLAGS"] = " ".join(GPU_XLA_FLAGS)
             notes.append(f"XLA_FLAGS={env['XLA_FLAGS']!r}: the recommended GPU flags (set XLA_FLAGS to replace them)")

@@ -13,14 +13,14 @@ import math
 import jax
 import optax
 
-from gpt2_jax.config import ADAMW, RECIPES
+from gpt2_jax.recipes import ADAMW, RECIPES
 
 _GPT2 = RECIPES["gpt2"]
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """The defaults are the GPT-2 124M recipe (config.RECIPES, config.ADAMW)."""
+    """The defaults are the GPT-2 124M recipe (recipes.RECIPES, recipes.ADAMW)."""
 
     max_lr: float = _GPT2["max_lr"]  # peak learning rate, reached at the end of warmup
     min_lr_ratio: float = ADAMW["min_lr_ratio"]  # the cosine ends at max_lr * min_lr_ratio

@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 
 from gpt2_jax.backends import add_platform_flag, pin_platform
-from gpt2_jax.config import finite_float
+from gpt2_jax.cli import finite_float
 
 
 def start_ids(tokenizer) -> list[int]:
@@ -60,7 +60,7 @@ def _top_k(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'none', got {text!r}") from None
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.sample", description=__doc__.splitlines()[0],
                                      epilog="See the module docstring (gpt2_jax/sample.py) for details.")
     parser.add_argument("--init_from", default="gpt2",
@@ -81,6 +81,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="compute dtype (default: float32)")
     add_platform_flag(parser)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.temperature < 0:
         parser.error(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gpt2_jax import plan
-from gpt2_jax.config import GPU_XLA_FLAGS
+from gpt2_jax.launch import GPU_XLA_FLAGS
 from gpt2_jax.training.settings import TrainConfig, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,6 @@ def test_plan_sets_the_gpu_flags_in_its_gpu_compiles_unless_xla_flags_is_set(mon
     _, env = plan.sandbox_command(["--target=h100"], plan.parse_target("h100"))
     assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d"
     monkeypatch.setenv("XLA_FLAGS", " ".join(GPU_XLA_FLAGS))
-    assert plan.xla_flags_line(plan.parse_target("h100")).endswith("(the recommended GPU flags (config.GPU_XLA_FLAGS), "
+    assert plan.xla_flags_line(plan.parse_target("h100")).endswith("(the recommended GPU flags (launch.GPU_XLA_FLAGS), "
                                                                     "as train.py --platform=gpu sets them)")
     assert plan.xla_flags_line(plan.parse_target("v5e-8")) == ""

@@ -1,5 +1,5 @@
 """Fine-tuning (issue #19): --init_from sets the model's shape, a shorter --block_size crops its context, and
---finetune picks the fine-tuning recipe (config.RECIPES["finetune"]). The checkpoint is a tiny random GPT
+--finetune picks the fine-tuning recipe (recipes.RECIPES["finetune"]). The checkpoint is a tiny random GPT
 (2 layers, 32 wide, 32 positions, the char data's 100 tokens) exported as an HF folder."""
 
 import json
@@ -14,7 +14,7 @@ from tiny import TINY_MODEL, f32_atol, tiny_model
 
 import train
 from gpt2_jax import evaluate, export, sample
-from gpt2_jax.config import RECIPES
+from gpt2_jax.recipes import RECIPES
 from gpt2_jax.tokenizer import Tokenizer
 
 FT = RECIPES["finetune"]

@@ -241,7 +241,7 @@ def test_users_cache_variable_wins_over_the_default_not_over_the_flag():
 
 
 def test_gpu_flags_are_set_only_for_gpu_and_only_without_users_xla_flags():
-    from gpt2_jax.config import GPU_XLA_FLAGS
+    from gpt2_jax.launch import GPU_XLA_FLAGS
 
     out, notes = launch.jax_environment(TrainConfig(platform="gpu"), HOME)
     assert out["XLA_FLAGS"] == " ".join(GPU_XLA_FLAGS) and out["JAX_PLATFORMS"] == "cuda"
@@ -252,7 +252,7 @@ def test_gpu_flags_are_set_only_for_gpu_and_only_without_users_xla_flags():
         out, notes = launch.jax_environment(TrainConfig(platform="gpu"), {**HOME, "XLA_FLAGS": theirs})
         assert out["XLA_FLAGS"] == theirs
         assert notes[-1] == (f"XLA_FLAGS={theirs!r} from the environment; the recommended GPU flags "
-                             "(gpt2_jax.config.GPU_XLA_FLAGS) are not added")
+                             "(gpt2_jax.launch.GPU_XLA_FLAGS) are not added")
     for platform in ("", "cpu", "tpu"):
         out, _ = launch.jax_environment(TrainConfig(platform=platform), HOME)
         assert "XLA_FLAGS" not in out, platform

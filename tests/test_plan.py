@@ -24,7 +24,7 @@ TINY = ["--n_layer=2", "--n_embd=64", "--n_head=2"]
 @pytest.fixture(autouse=True)
 def _no_test_xla_flags(monkeypatch):
     """The planner's children compile with XLA_FLAGS as a user's shell has it: without the test session's
-    collective timeout (root conftest.py), so GPU targets get the recommended flags (config.GPU_XLA_FLAGS)."""
+    collective timeout (root conftest.py), so GPU targets get the recommended flags (launch.GPU_XLA_FLAGS)."""
     monkeypatch.delenv("XLA_FLAGS", raising=False)
 
 

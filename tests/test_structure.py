@@ -14,8 +14,8 @@ PACKAGE = ROOT / "gpt2_jax"
 # evaluate CLI serves HellaSwag's subcommand). Inside a sub-package its modules import each other freely, but
 # never in a cycle.
 LAYERS = [
-    ["config", "storage", "distributed", "tokenizer"],
-    ["sharding", "backends"],
+    ["config", "storage", "distributed", "tokenizer", "cli"],
+    ["sharding", "backends", "recipes"],
     ["pallas_attention"],
     ["attention", "loss"],
     ["model"],

@@ -318,9 +318,9 @@ def test_padded_vocab_fine_tune_matches_unpadded(tmp_path, char_data):
 
 
 def test_cpu_default_is_the_small_char_model():
-    """`python train.py` on a CPU trains the measured small config (config.RECIPES["char/cpu"]); flags still win, the
+    """`python train.py` on a CPU trains the measured small config (recipes.RECIPES["char/cpu"]); flags still win, the
     micro-batch is a multiple of the devices, and GPU/TPU keep the char preset at full size."""
-    from gpt2_jax.config import RECIPES
+    from gpt2_jax.recipes import RECIPES
     from gpt2_jax.training.settings import resolve
 
     tc = resolve(TrainConfig(), "cpu", 1)

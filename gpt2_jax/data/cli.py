@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_jax import storage
-from gpt2_jax.config import finite_float
+from gpt2_jax.cli import finite_float
 from gpt2_jax.data.prepare import DEFAULT_SHARD_SIZE, prepare_fineweb, prepare_text
 from gpt2_jax.data.shards import SPLITS
 
@@ -50,7 +50,8 @@ def _not_utf8(files: Sequence[str], e: UnicodeDecodeError) -> str:
             "pass UTF-8 text files, converting others first (e.g. iconv -f latin1 -t utf-8 IN > OUT)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The two sub-commands, fineweb-edu and text, and their flags."""
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.data",
                                      description="Tokenise text into uint16 token shards.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,7 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     tx.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
     tx.add_argument("--val_fraction", type=finite_float, default=0.1)
     tx.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="tokens per shard")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not storage.is_remote(args.out) and (problem := _out_problem(Path(args.out))):
         print(f"error: --out {args.out} {problem}; pass a folder for the dataset (it is created if missing)",
               file=sys.stderr)

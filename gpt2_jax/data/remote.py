@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_jax import storage
-from gpt2_jax.config import DATA_CACHE_GB
+from gpt2_jax.recipes import DATA_CACHE_GB
 from gpt2_jax.tokenizer import META_FILE, read_meta
 
 SOURCE_FILE = "source.json"  # in a cache folder: {"url": the dataset in the bucket}

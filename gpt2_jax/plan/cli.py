@@ -16,90 +16,23 @@ the collectives.
 GPU and TPU compiles run in a child process with JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1, inside a
 private network namespace (`unshare -n`) where the machine allows: libtpu then cannot reach a cloud
 metadata server, or anything else. They need the `plan` extra (jax[cuda13] and jax[tpu]). GPU compiles
-use the XLA flags that train.py --platform=gpu sets (config.GPU_XLA_FLAGS, unless XLA_FLAGS is set), and the
+use the XLA flags that train.py --platform=gpu sets (launch.GPU_XLA_FLAGS, unless XLA_FLAGS is set), and the
 report prints them. train.py --micro_batch_size=0 on a GPU or TPU runs largest_micro_batch for --target=local.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 from gpt2_jax.backends import cpu_if_no_accelerator
-from gpt2_jax.plan.compile import REMATS, Plan, plan_one, resolved, search
-from gpt2_jax.plan.hardware import MissingExtra, Target, TargetSpec, gib, load_target, missing_extra, parse_target
-from gpt2_jax.plan.hlo import fsdp_traffic
+from gpt2_jax.plan.hardware import MissingExtra, TargetSpec, missing_extra, parse_target
 from gpt2_jax.training.settings import TrainConfig, add_flags
 
 CHILD_ENV = "GPT2_JAX_PLAN_CHILD"  # set in the child process that compiles
-
-
-# ---------------------------------------------------------------------------------------------------
-# Report
-
-
-def report(config: TrainConfig, target: Target, p: Plan, grad_accum: int = 1) -> str:
-    from gpt2_jax.model import count_params  # noqa: PLC0415
-    from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
-
-    planned = dataclasses.replace(config, remat=p.remat, micro_batch_size=p.micro_batch_size)
-    tc, cfg, _ = resolved(planned, target, grad_accum)
-    mesh = make_mesh(tc.mesh, target.devices)
-    n = mesh.size
-    lines = [
-        f"target   {target.spec.name}: {n} x {target.kind} ({target.platform}), mesh "
-        f"{','.join(f'{k}:{v}' for k, v in mesh.shape.items())}",
-        f"model    {tc.preset}: {count_params(cfg) / 1e6:.1f}M params, n_layer={cfg.n_layer} n_head={cfg.n_head} "
-        f"n_embd={cfg.n_embd} vocab={cfg.vocab_size} T={cfg.block_size} | {cfg.dtype}, attention={cfg.attention}, "
-        f"remat={cfg.remat}",
-        f"batch    {tc.micro_batch_size} x {tc.block_size} x {grad_accum} accum = {tc.total_batch_size:,} tokens/step",
-    ]
-    if p.memory:
-        m = p.memory
-        lines += ["memory per device (XLA's buffer assignment):",
-                  f"  arguments    {gib(m['argument']):>12}  params, AdamW state, batch",
-                  f"  outputs      {gib(m['output']):>12}",
-                  f"  aliased    {'-' + gib(m['alias']):>13}  outputs written over donated arguments",
-                  f"  temporaries  {gib(m['temp']):>12}  activations, gradients, workspace",
-                  f"  code         {gib(m['code']):>12}",
-                  f"  total        {gib(p.need_bytes):>12}  of {gib(target.budget_bytes)} "
-                  f"({target.budget_note})"]
-    else:
-        lines += [f"{'refused by arithmetic, not compiled' if p.by_arithmetic else 'compiler refused'}: {p.error}"]
-        if p.largest_buffers:
-            lines += ["largest buffers (XLA's memory-usage report):"] + [f"  {b}" for b in p.largest_buffers]
-    if p.fits:
-        lines.append(f"FITS, {gib(target.budget_bytes - p.need_bytes)} to spare "
-                     f"({100 * p.need_bytes / target.budget_bytes:.0f}% used)")
-    else:
-        over = f"{gib(p.need_bytes - p.budget_bytes)} over" if p.need_bytes else "over"
-        lines.append(f"DOES NOT FIT: {over} (needs {gib(p.need_bytes)} of {gib(p.budget_bytes)})")
-        lines += ["  try: " + s for s in p.suggestions]
-    if p.attention:
-        lines.append(f"attention  {p.attention}")
-    if p.flops_per_step:
-        ratio = p.flops_per_step / p.flops_6n
-        lines.append(f"FLOPs/step {p.flops_per_step:.4g} ({p.flops_source}); 6N+12LHQT: {p.flops_6n:.4g} "
-                     f"(XLA / estimate = {ratio:.3f})")
-    elif p.flops_6n:
-        lines.append(f"FLOPs/step 6N+12LHQT: {p.flops_6n:.4g}")
-    if p.compiled_flops:
-        lines.append(f"           the compiled program's own count: {p.compiled_flops:.4g} per device (each loop "
-                     f"body once)")
-    if p.memory:
-        coll = ", ".join(f"{k} x{v['count']} ({gib(v['bytes'])})" for k, v in sorted(p.collectives.items()))
-        lines.append(f"collectives per step per device: {coll or 'none'}")
-        if (fsdp := fsdp_traffic(p.collectives)) and mesh.shape["fsdp"] > 1:
-            lines.append(f"  FSDP weight gathers: {gib(fsdp)} (all-gathers and, on TPU, the collective-permute "
-                         f"rings XLA turns them into)")
-    return "\n".join(lines)
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,8 +44,8 @@ CONFIG_FLAGS = ("preset", "mesh", "micro_batch_size", "block_size", "remat", "dt
                 "n_layer", "n_head", "n_embd")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The flags, with `args.spec` (the parsed --target) and `args.config` (the TrainConfig to plan)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The planner's flags: its own and the TrainConfig fields that change the compiled step (CONFIG_FLAGS)."""
     p = argparse.ArgumentParser(prog="python -m gpt2_jax.plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--target", default="local",
@@ -125,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default="", help="also write the result as JSON to this file")
     p.add_argument("--no_sandbox", action="store_true",
                    help="compile in this process, without the child process and network namespace")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with `args.spec` (the parsed --target) and `args.config` (the TrainConfig to plan)."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.grad_accum < 1:
         p.error(f"--grad_accum={args.grad_accum}: must be >= 1")
@@ -154,8 +93,8 @@ def sandbox_command(argv: list[str], spec: TargetSpec) -> tuple[list[str], dict]
 
 def gpu_flags_env(spec: TargetSpec, env) -> dict:
     """XLA_FLAGS for a GPU target's compile, as train.py --platform=gpu sets them: the recommended flags
-    (config.GPU_XLA_FLAGS) unless XLA_FLAGS is set already, so that the plan compiles the program the run will."""
-    from gpt2_jax.config import GPU_XLA_FLAGS  # noqa: PLC0415
+    (launch.GPU_XLA_FLAGS) unless XLA_FLAGS is set already, so that the plan compiles the program the run will."""
+    from gpt2_jax.launch import GPU_XLA_FLAGS  # noqa: PLC0415
 
     if spec.platform != "gpu" or "XLA_FLAGS" in env:
         return {}
@@ -164,12 +103,12 @@ def gpu_flags_env(spec: TargetSpec, env) -> dict:
 
 def xla_flags_line(spec: TargetSpec) -> str:
     """The report's line on the XLA flags of a GPU compile ("" for other targets)."""
-    from gpt2_jax.config import GPU_XLA_FLAGS  # noqa: PLC0415
+    from gpt2_jax.launch import GPU_XLA_FLAGS  # noqa: PLC0415
 
     if spec.platform != "gpu":
         return ""
     flags = os.environ.get("XLA_FLAGS", "")
-    which = ("the recommended GPU flags (config.GPU_XLA_FLAGS), as train.py --platform=gpu sets them"
+    which = ("the recommended GPU flags (launch.GPU_XLA_FLAGS), as train.py --platform=gpu sets them"
              if flags == " ".join(GPU_XLA_FLAGS) else "from XLA_FLAGS in the environment, as train.py will use")
     return f"XLA_FLAGS  {flags or '(empty: XLA defaults)'} ({which})"
 
@@ -198,39 +137,19 @@ def main(argv=None) -> int:
     os.environ.update(gpu_flags_env(args.spec, os.environ))  # --no_sandbox: before the GPU plugin starts
     if not args.spec.deviceless:
         cpu_if_no_accelerator(os.environ)  # the local target on a machine without GPU or TPU: quiet
+    # JAX loads here, not at the top: the parent of a sandboxed compile never starts it, and a local target on a
+    # machine without a GPU or TPU is set to the CPU first (JAX reads JAX_PLATFORMS when it is imported).
+    from gpt2_jax.plan.report import load_target, run  # noqa: PLC0415
+
     try:
         target = load_target(args.spec)
     except MissingExtra as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if line := xla_flags_line(args.spec):
+        print(line)
     try:
         return run(args, target)
     except ValueError as e:  # bad flags: micro-batch vs devices, mesh, preset sizes
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-def run(args, target: Target) -> int:
-    config = args.config
-    if line := xla_flags_line(args.spec):
-        print(line)
-    if args.search:
-        print(f"searching micro-batch sizes on {args.spec.name} ({target.kind}), preset {config.preset}:")
-        best = search(config, target, args.grad_accum, (args.remat,) if args.remat else REMATS)
-        print(f"\n{'remat':<6} {'largest micro-batch that fits':>30} {'memory per device':>24}")
-        for b in best:
-            size = str(b.micro_batch_size) if b.fits else "none"
-            print(f"{b.remat:<6} {size:>30} {gib(b.need_bytes) + ' of ' + gib(b.budget_bytes):>24}")
-        result = {"target": args.spec.name, "search": [dataclasses.asdict(b) for b in best]}
-        fits = any(b.fits for b in best)
-    else:
-        from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
-
-        p = plan_one(config, target, args.grad_accum)
-        print(report(config, target, p, args.grad_accum))
-        result = {"target": args.spec.name, "device_kind": target.kind,
-                  "num_devices": make_mesh(config.mesh, target.devices).size, **dataclasses.asdict(p)}
-        fits = p.fits
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if fits else 1

@@ -3,8 +3,9 @@ or not) and read what the compiler says: memory per device, fits or not and what
 kernel, FLOPs, collectives. Also the micro-batch searches: `largest_micro_batch` per remat policy, and
 `auto_micro_batch` for train.py --micro_batch_size=0 on a GPU or TPU.
 
-JAX and the trainer's modules are imported inside the functions, as they are needed: the CLI parses its
-flags and re-runs itself in a sandbox (gpt2_jax.plan.cli) before anything heavy loads.
+This module loads JAX and the trainer. Its JAX-free parts -- the Plan record (record.py), target parsing
+(hardware.py), HLO text (hlo.py) -- are apart, so that the CLI parses its flags and re-runs itself in a sandbox
+(gpt2_jax.plan.cli) before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -14,42 +15,23 @@ import math
 import tempfile
 from pathlib import Path
 
-from gpt2_jax.plan.hardware import Target, gib, load_target, parse_target
+import jax
+
+from gpt2_jax.config import GPT2_SIZES, GPT2_VOCAB_SIZE, PRESETS
+from gpt2_jax.metrics import flops_per_token
+from gpt2_jax.model import Unroll, count_params
+from gpt2_jax.plan.devices import load_target
+from gpt2_jax.plan.hardware import Target, gib, parse_target
 from gpt2_jax.plan.hlo import _first_line, _parse_exhausted, attention_kernel, collectives, custom_calls
-from gpt2_jax.training.settings import TrainConfig
-
-REMATS = ("none", "dots", "full")  # config.REMAT in the order of the memory they keep: --search tries each
-
-
-@dataclasses.dataclass
-class Plan:
-    """What the compiler says about one configuration on one target (bytes are per device)."""
-
-    remat: str
-    micro_batch_size: int
-    fits: bool
-    need_bytes: int  # arguments + outputs - aliased + temporaries + code
-    budget_bytes: int
-    memory: dict = dataclasses.field(default_factory=dict)  # argument/output/alias/temp/code bytes
-    error: str = ""  # the compiler's RESOURCE_EXHAUSTED message, if it refused (or the arithmetic's, see below)
-    largest_buffers: list = dataclasses.field(default_factory=list)  # if it refused: "size: shapes", largest first
-    attention: str = ""
-    custom_calls: list = dataclasses.field(default_factory=list)
-    flops_per_step: float | None = None
-    flops_source: str = ""
-    compiled_flops: float | None = None  # the compiled program's own count per device (TPU): loops once
-    flops_6n: float = 0.0  # 6N + 12LHQT per token x tokens per step (metrics.flops_per_token)
-    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {"count", "bytes"} per step
-    suggestions: list = dataclasses.field(default_factory=list)
-    by_arithmetic: bool = False  # refused before compiling: the params and AdamW state alone do not fit
+from gpt2_jax.plan.record import REMATS, STATE_BYTES_PER_PARAM, Plan
+from gpt2_jax.sharding import data_parallel_size, make_mesh
+from gpt2_jax.training.settings import TrainConfig, model_config, resolve
+from gpt2_jax.training.step import build_step
 
 
 def resolved(config: TrainConfig, target: Target, grad_accum: int = 1):
     """`config` as the trainer resolves it on `target`'s devices, with `grad_accum` micro-batches per step,
     its model, and the vocabulary limit of the data: (tc, cfg, vocab_limit)."""
-    from gpt2_jax.config import GPT2_SIZES, GPT2_VOCAB_SIZE, PRESETS  # noqa: PLC0415
-    from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
-    from gpt2_jax.training.settings import model_config, resolve  # noqa: PLC0415
 
     tc = resolve(config, target.platform, make_mesh(config.mesh, target.devices).size)
     tc = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size * grad_accum)
@@ -61,20 +43,15 @@ def resolved(config: TrainConfig, target: Target, grad_accum: int = 1):
 def _lower(tc, cfg, mesh, vocab_limit: int | None, unroll):
     """The trainer's jitted train step for `mesh` (training.step.build_step, as the trainer builds it), lowered
     on its abstract arguments. `unroll` (model.Unroll): how the model's loops unroll."""
-    from gpt2_jax.training.step import build_step  # noqa: PLC0415
 
     step = build_step(tc, cfg, mesh, vocab_limit, unroll=unroll)
     return step.fn.lower(*step.abstract_args())
-
-
-STATE_BYTES_PER_PARAM = 12  # float32 params + AdamW's two float32 moments: what the arguments hold at least
 
 
 def _too_big_to_compile(tc, cfg, mesh, target: Target) -> Plan | None:
     """A refusal by arithmetic, before anything is traced: the params and AdamW state alone (12 bytes a
     parameter, split over the fsdp and tensor axes) exceed the device's memory. Tracing and compiling a model
     that size would take minutes to say the same (or never finish)."""
-    from gpt2_jax.model import count_params  # noqa: PLC0415
 
     n = count_params(cfg)
     need = STATE_BYTES_PER_PARAM * n // (mesh.shape["fsdp"] * mesh.shape["tensor"])
@@ -92,9 +69,6 @@ def _too_big_to_compile(tc, cfg, mesh, target: Target) -> Plan | None:
 def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flops: bool = True) -> Plan:
     """Compile the train step of `config` (its remat policy and micro-batch; 0: the trainer's default) for
     `target`, with `grad_accum` micro-batches per step, and read the result."""
-    from gpt2_jax.metrics import flops_per_token  # noqa: PLC0415
-    from gpt2_jax.model import Unroll  # noqa: PLC0415
-    from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
 
     tc, cfg, vocab_limit = resolved(config, target, grad_accum)
     mesh = make_mesh(tc.mesh, target.devices)
@@ -166,10 +140,7 @@ def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
     blocks: it computes a little over half of them). The compiled program's own count, where the backend
     gives one (TPU), is a lower bound only for the same reason, and is not used.
     """
-    import jax  # noqa: PLC0415
 
-    from gpt2_jax.model import Unroll  # noqa: PLC0415
-    from gpt2_jax.sharding import make_mesh  # noqa: PLC0415
 
     grad_accum = tc.total_batch_size // (tc.micro_batch_size * tc.block_size)
     one = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size, mesh="data:1")
@@ -234,11 +205,11 @@ def largest_micro_batch(config: TrainConfig, target: Target, grad_accum: int = 1
                         log=lambda line: print(line, flush=True)) -> Plan:
     """The plan of the largest micro-batch of (data-parallel devices) x 2^k that fits with `config`'s remat
     policy; a Plan with micro_batch_size 0 when none does. Starts from its micro_batch_size (0: the trainer's
-    default, config.RECIPES: 16 per device for GPT-2 sizes), doubling while it fits and halving while it does not: a handful of compiles. train.py
-    --micro_batch_size=0 on a GPU or TPU calls this for --target=local (auto_micro_batch)."""
-    from gpt2_jax import sharding  # noqa: PLC0415
+    default, recipes.RECIPES: 16 per device for GPT-2 sizes), doubling while it fits and halving while it does not:
+    a handful of compiles. train.py --micro_batch_size=0 on a GPU or TPU calls this for --target=local
+    (auto_micro_batch)."""
 
-    dp = sharding.data_parallel_size(sharding.make_mesh(config.mesh, target.devices))
+    dp = data_parallel_size(make_mesh(config.mesh, target.devices))
     start = resolved(config, target, grad_accum)[0].micro_batch_size / dp
     micro, fitting = dp * 2 ** max(0, round(math.log2(max(start, 1)))), None
     tried: dict[int, bool] = {}
@@ -260,9 +231,6 @@ def auto_micro_batch(config: TrainConfig) -> tuple[int, str]:
     """The largest micro-batch of (data-parallel devices) x 2^k whose train step fits the attached devices'
     memory, by the planner (gpt2_jax.plan, --target=local: compiles, runs nothing), and a log line; (0, why)
     when none fits or none divides --total_batch_size, and the trainer's default then applies."""
-    from gpt2_jax.config import GPT2_SIZES  # noqa: PLC0415
-    from gpt2_jax.sharding import data_parallel_size, make_mesh  # noqa: PLC0415
-    from gpt2_jax.training.settings import resolve  # noqa: PLC0415
 
     target = load_target(parse_target("local"))
     mesh = make_mesh(config.mesh, target.devices)

@@ -1,21 +1,20 @@
 """Targets: what `--target` names (a GPU from its description file in gpt2_jax/targets/, a TPU slice from
 libtpu's topology names, or the attached devices), the devices to compile for, and their memory budget.
-Nothing here imports JAX until a target is loaded."""
+No JAX here: the devices of a target are loaded by devices.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import importlib.util
 import re
 from pathlib import Path
-
-from gpt2_jax.plan.hlo import _parse_exhausted
 
 TARGETS_DIR = Path(__file__).resolve().parents[1] / "targets"
 GPU_TARGETS = {"h100": "h100.txtpb", "h200": "h200.txtpb", "a100": "a100.txtpb"}  # A100 = the 80 GB SXM4
 # TPU generations: HBM per chip (GiB, datasheets; the budget is what the compiler allows, see
-# compiler_hbm_limit: libtpu 0.0.42 allows v5e 15.75, v4 30.75, v5p 95.74, v6e 31.25 GiB) and whether the `-N` of a slice name counts TensorCores
-# (v4, v5p: two per chip, one JAX device per chip in "megacore" mode) or chips (v5e, v6e).
+# devices.compiler_hbm_limit: libtpu 0.0.42 allows v5e 15.75, v4 30.75, v5p 95.74, v6e 31.25 GiB) and whether the
+# `-N` of a slice name counts TensorCores (v4, v5p: two per chip, one JAX device per chip in "megacore" mode) or
+# chips (v5e, v6e).
 TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 TPU_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 # chips -> libtpu topology: v5e/v6e slices are 2-D tori, v4/v5p 3-D (checked against libtpu 0.0.42).
@@ -83,8 +82,6 @@ class Target:
 
 def missing_extra(spec: TargetSpec) -> str:
     """Why `spec` cannot be compiled for in this environment ("" if it can)."""
-    import importlib.util  # noqa: PLC0415
-
     def installed(module: str) -> bool:
         try:
             return importlib.util.find_spec(module) is not None
@@ -106,56 +103,5 @@ def require_extra(spec: TargetSpec) -> None:
         raise MissingExtra(why)
 
 
-def load_target(spec: TargetSpec) -> Target:
-    """The devices of `spec` (compile-only for GPU/TPU targets) and their memory."""
-    import jax  # noqa: PLC0415
-
-    if spec.platform == "gpu":
-        from jax.experimental import topologies  # noqa: PLC0415
-
-        require_extra(spec)
-        text = (TARGETS_DIR / spec.gpu_file).read_text()
-        topo = topologies.get_topology_desc(platform="cuda", target_config=text, topology="1x1x1")
-        memory = int(re.search(r"device_memory_size:\s*(\d+)", text).group(1))
-        fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", DEFAULT_MEM_FRACTION))
-        note = f"{fraction:.0%} of {gib(memory)}: JAX's GPU pool (XLA_PYTHON_CLIENT_MEM_FRACTION={fraction:g})"
-        return Target(spec, "gpu", list(topo.devices), memory, int(fraction * memory), note)
-    if spec.platform == "tpu":
-        from jax.experimental import topologies  # noqa: PLC0415
-
-        require_extra(spec)
-        # v4 and v5p chips have two TensorCores that JAX uses as one device ("megacore"), as on a TPU VM.
-        extra = {"chip_config_name": "megacore"} if spec.generation == "v4" else {}
-        topo = topologies.get_topology_desc(spec.topology, platform="tpu", **extra)
-        memory = TPU_HBM_GIB[spec.generation] * 2**30
-        if limit := compiler_hbm_limit(topo.devices[0]):
-            return Target(spec, "tpu", list(topo.devices), memory, limit,
-                          f"what libtpu allows per chip, of {gib(memory)} HBM")
-        return Target(spec, "tpu", list(topo.devices), memory, memory, f"HBM per chip ({gib(memory)}); "
-                      f"libtpu did not say what it allows")
-    devices = jax.devices()
-    stats = devices[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        memory, note = stats["bytes_limit"], "the allocator's limit on this device"
-    else:  # CPU: host memory
-        memory, note = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this host's RAM"
-    return Target(spec, jax.default_backend(), devices, memory, memory, note)
-
-
 def gib(b) -> str:
     return f"{b / 2**30:.2f} GiB"
-
-
-def compiler_hbm_limit(device) -> int | None:
-    """The bytes per chip that libtpu lets a program use (less than the HBM: v5e 15.75 of 16 GiB), read from
-    its refusal of a program that no chip holds (256 GiB of temporaries; a refused compile takes ~1 s)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    n = 2**18  # (n, n) float32 = 256 GiB; the sort keeps XLA from fusing it away
-    x = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
-    try:
-        jax.jit(lambda x: jnp.sort(jnp.sin(jnp.outer(x, x)), axis=1)[:, :1]).lower(x).compile()
-    except Exception as e:  # noqa: BLE001 -- the refusal is the answer; anything else: no figure
-        return _parse_exhausted(str(e))[1] if "RESOURCE_EXHAUSTED" in str(e) else None
-    return None

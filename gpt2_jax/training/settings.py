@@ -10,24 +10,20 @@ import dataclasses
 import math
 from typing import Any
 
+from gpt2_jax.backends import PLATFORM_HELP, PLATFORMS
 from gpt2_jax.config import (
-    ADAMW,
     ATTENTION,
-    DATA_CACHE_GB,
     DTYPES,
     GPT2_SIZES,
     GPT2_VOCAB_SIZE,
     PADDED_VOCAB_SIZE,
-    PLATFORM_HELP,
-    PLATFORMS,
     PRESETS,
-    RECIPES,
     REMAT,
     GPTConfig,
     default_attention,
     preset,
-    recipe,
 )
+from gpt2_jax.recipes import ADAMW, DATA_CACHE_GB, RECIPES, recipe
 
 _G, _C, _F = RECIPES["gpt2"], RECIPES["char/cpu"], RECIPES["finetune"]  # (for the help texts)
 
@@ -96,7 +92,7 @@ def _flag_problem(f: dataclasses.Field, value: Any) -> str | None:
 class TrainConfig:
     """Every setting of a training run; `python train.py --key=value` sets any field.
 
-    Zero / empty values mean "auto": resolved from the preset and the platform by resolve() (config.RECIPES).
+    Zero / empty values mean "auto": resolved from the preset and the platform by resolve() (recipes.RECIPES).
     Values that make no sense (a negative step count, beta2 = 1, an unknown dtype) raise ValueError at
     construction, naming the flag, so that train.py rejects them before JAX starts.
     """
@@ -221,7 +217,7 @@ def _width_problems(tc: TrainConfig) -> list[str]:
 
 
 def resolve(tc: TrainConfig, backend: str, num_devices: int) -> TrainConfig:
-    """Fill the "auto" (zero / empty / -1) settings from the preset's recipe (config.RECIPES) and the platform."""
+    """Fill the "auto" (zero / empty / -1) settings from the preset's recipe (recipes.RECIPES) and the platform."""
     row = recipe(tc.preset, backend, tc.finetune)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     # Flags left unset; warmup follows the run's length (below), the recipe's value caps it.
@@ -343,12 +339,18 @@ def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = N
                                 metavar=type(f.default).__name__.upper(), help=text)
 
 
-def parse_flags(argv: list[str] | None = None, prog: str = "train.py", description: str | None = None) -> TrainConfig:
-    """Flags -> TrainConfig. Bad values exit with status 2 and the flag's name: argparse checks the types,
-    TrainConfig the values."""
+def build_parser(prog: str = "train.py", description: str | None = None) -> argparse.ArgumentParser:
+    """train.py's parser: a --flag per TrainConfig field (tests/test_docs.py checks the docs' commands with it)."""
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_flags(parser)
+    return parser
+
+
+def parse_flags(argv: list[str] | None = None, prog: str = "train.py", description: str | None = None) -> TrainConfig:
+    """Flags -> TrainConfig. Bad values exit with status 2 and the flag's name: argparse checks the types,
+    TrainConfig the values."""
+    parser = build_parser(prog, description)
     args = parser.parse_args(argv)
     try:
         return TrainConfig(**vars(args))

@@ -1,0 +1,34 @@
+"""The planner's record of one compile (Plan) and its constants: no JAX, so that the CLI's parent process and
+the report read plans without loading the compiler."""
+
+from __future__ import annotations
+
+import dataclasses
+
+REMATS = ("none", "dots", "full")  # config.REMAT in the order of the memory they keep: --search tries each
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the compiler says about one configuration on one target (bytes are per device)."""
+
+    remat: str
+    micro_batch_size: int
+    fits: bool
+    need_bytes: int  # arguments + outputs - aliased + temporaries + code
+    budget_bytes: int
+    memory: dict = dataclasses.field(default_factory=dict)  # argument/output/alias/temp/code bytes
+    error: str = ""  # the compiler's RESOURCE_EXHAUSTED message, if it refused (or the arithmetic's, see below)
+    largest_buffers: list = dataclasses.field(default_factory=list)  # if it refused: "size: shapes", largest first
+    attention: str = ""
+    custom_calls: list = dataclasses.field(default_factory=list)
+    flops_per_step: float | None = None
+    flops_source: str = ""
+    compiled_flops: float | None = None  # the compiled program's own count per device (TPU): loops once
+    flops_6n: float = 0.0  # 6N + 12LHQT per token x tokens per step (metrics.flops_per_token)
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {"count", "bytes"} per step
+    suggestions: list = dataclasses.field(default_factory=list)
+    by_arithmetic: bool = False  # refused before compiling: the params and AdamW state alone do not fit
+
+
+STATE_BYTES_PER_PARAM = 12  # float32 params + AdamW's two float32 moments: what the arguments hold at least
