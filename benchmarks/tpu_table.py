@@ -5,6 +5,10 @@ a time, appended to a JSON-lines file so that an interrupted run goes on where i
     python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl          # compile (hours on 2 cores)
     python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl --table  # print the table of what is done
     python benchmarks/tpu_table.py --out benchmarks/tpu_table.jsonl --compare ../before  # before/after columns
+    python benchmarks/tpu_table.py --markdown  # docs/planner.md's tables, from benchmarks/tpu_table.jsonl
+
+`--markdown` compiles nothing and imports no JAX: it prints the tables that docs/planner.md holds between its
+`tpu_table.py --markdown` marker comments (tests/test_docs.py checks that the page holds exactly this).
 
 `--compare DIR` compiles each searched row again at its micro-batch: with `--attention=xla` (the kernel's
 effect), and with the checkout in DIR (e.g. `git worktree add ../before b541cc7^`, the code before #17: no batch
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ROWS = ROOT / "benchmarks" / "tpu_table.jsonl"  # the rows docs/planner.md's tables are made of
 TARGETS = {"v5e-8": 8, "v6e-8": 8, "v5p-8": 4, "v4-8": 4}  # slice -> chips
 SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -99,17 +104,35 @@ def table(rows: list[dict], remat: str) -> str:
     return "\n".join(lines)
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (none if it does not exist yet)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def markdown(rows: list[dict]) -> str:
+    """The tables of docs/planner.md: one per remat policy, each under its flag."""
+    return "\n\n".join(f"`--remat={remat}`:\n\n{table(rows, remat)}" for remat in ("none", "full"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, required=True, help="JSON-lines file of the rows (appended; rows in it are skipped)")
+    p.add_argument("--out", type=Path, help="JSON-lines file of the rows (appended; rows in it are skipped); "
+                                            "required but with --markdown")
     p.add_argument("--table", action="store_true", help="print the markdown table of the rows in --out and exit")
+    p.add_argument("--markdown", action="store_true",
+                   help=f"print docs/planner.md's tables from --out (default: {ROWS.relative_to(ROOT)}) and exit; "
+                        "compiles nothing")
     p.add_argument("--compare", type=Path, metavar="DIR",
                    help="compile each searched row again with --attention=xla, and in the checkout DIR (before #17)")
     args = p.parse_args()
-    rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
+    if args.markdown:
+        print(markdown(read_rows(args.out or ROWS)))
+        return
+    if args.out is None:
+        p.error("the following arguments are required: --out")
+    rows = read_rows(args.out)
     if args.table:
-        for remat in ("none", "full"):
-            print(f"`--remat={remat}`:\n\n{table(rows, remat)}\n")
+        print(markdown(rows) + "\n")
         return
     if args.compare:
         compare(rows, args.compare.resolve(), args.out)

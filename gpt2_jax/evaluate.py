@@ -149,7 +149,8 @@ def _loss_command(args) -> dict[str, Any]:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The two sub-commands, loss and hellaswag, and their flags."""
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.evaluate", description="Evaluate a GPT-2 model.")
     commands = parser.add_subparsers(dest="command", required=True)
     ls = commands.add_parser("loss", help="validation loss and perplexity on token shards or a text file")
@@ -168,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ls.add_argument("--block_size", type=int, default=0, help="tokens per row (default: the model's context)")
     ls.add_argument("--max_batches", type=int, default=0, help="score only the first N batches (default: all)")
     hellaswag.add_arguments(hs)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = results_file(args.out, "--out") if args.out else None  # before the evaluation, not after it
     except (OSError, ValueError, ImportError) as e:

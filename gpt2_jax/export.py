@@ -82,13 +82,17 @@ def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | No
     return to, summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.export", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="a training run's --out_dir (or its checkpoints/ folder)")
     parser.add_argument("--to", required=True, help="the HF folder to write (created if missing)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     add_platform_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if problem := pin_platform(args.platform):  # before any JAX backend starts
         print(f"error: {problem}", file=sys.stderr)
         return 1

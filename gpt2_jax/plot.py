@@ -157,12 +157,16 @@ def plot_run(out_dir: str | Path, png_path: str | Path | None = None) -> Path:
     return png_path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gpt2_jax.plot", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="a run's output folder (holds metrics.jsonl)")
     parser.add_argument("--out", default=None, help="PNG to write (default: OUT_DIR/loss.png)")
     add_platform_flag(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = results_file(args.out, "--out") if args.out else None
     except (OSError, ValueError, ImportError) as e:
