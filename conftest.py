@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gpt2_jax.launch import CPU_COLLECTIVE_TIMEOUT, CPU_COLLECTIVE_TIMEOUT_FLAG  # JAX-free: no JAX yet
+
 SHARED = Path(os.environ.get("GPT2_JAX_SHARED", Path(__file__).resolve().parent.parent / "shared"))
 
 # Offline: tiktoken reads the GPT-2 BPE from the shared cache, and Hugging Face hub calls fail at once
@@ -27,10 +29,10 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # XLA:CPU aborts a program whose devices do not all reach a collective within 40 s ("Termination timeout for
 # all-reduce ... Expected 8 threads to join the rendezvous, but only 7 of them arrived"): on a loaded 2-core
 # machine the 8 fake devices' threads can fall that far apart without anything being wrong. Tests (and their
-# train.py subprocesses, which inherit it) allow 10 minutes; a real deadlock still ends in the test's timeout.
-COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
-if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {COLLECTIVE_TIMEOUT_FLAG}".strip()
+# train.py subprocesses, which inherit it) allow 10 minutes, as launch.py gives a user's CPU run with several
+# devices; a real deadlock still ends in the test's timeout.
+if CPU_COLLECTIVE_TIMEOUT not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_COLLECTIVE_TIMEOUT_FLAG}".strip()
 # Caches (JAX's compilation cache of train.py, char data of bucket runs) in a folder of this session, not the
 # user's ~/.cache; shared by the session's train.py subprocesses, which then compile each program once.
 # Removed at the end of the session (pytest_unconfigure) when this file made it.

@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for train_step's shared helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from train_step import environment, torch_setup  # noqa: E402
+from gpt2_jax.backends import cpu_if_no_accelerator  # noqa: E402 -- after the checkout is on sys.path
 
-from gpt2_jax.attention import attention  # noqa: E402
+cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from train_step import environment, torch_setup
+
+from gpt2_jax.attention import attention
 
 
 def main(argv=None) -> dict:
@@ -83,7 +89,8 @@ def main(argv=None) -> dict:
     print(f"device: {env['device']} ({env['cpu']}, {env['cores']} cores) | jax {env['jax']}, torch {env['torch']} "
           f"on {device} ({env['torch_threads']} threads) | load avg (1 min) {env['loadavg_1m_before']}")
     print(f"causal attention, forward + backward: (B, T, nh, hs) = {shape}, {args.dtype}")
-    print(f"{'implementation':<16} {'fastest ms':>11} {'median ms':>10} {'torch / this':>13} {'max |diff| vs einsum':>21}")
+    print(f"{'implementation':<16} {'fastest ms':>11} {'median ms':>10} {'torch / this':>13} "
+          f"{'max |diff| vs einsum':>21}")
     rows = {}
     for name, ts in times.items():
         rows[name] = {"fastest_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts),

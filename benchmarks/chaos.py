@@ -40,6 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpt2_jax.backends import cpu_if_no_accelerator  # noqa: E402 -- after the checkout is on sys.path
+
+cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
+
 RESUMED = re.compile(r"resumed from .* at step (\d+)")
 STEP = re.compile(r"^step +(\d+)/")
 MODEL = re.compile(r"^model ")  # printed after the choice of checkpoint (or none) is made
@@ -92,7 +96,7 @@ def on_disk(out_dir: Path) -> tuple[list[int], list[str]]:
 
 def timeline(out_dir: Path) -> dict[int, float]:
     """step -> train loss; when steps go back (a resumed run), later rows replace the earlier ones."""
-    from gpt2_jax.metrics import read_metrics  # noqa: PLC0415
+    from gpt2_jax.metrics import read_metrics
 
     points: dict[int, float] = {}
     for row in read_metrics(out_dir / "metrics.jsonl"):
@@ -104,11 +108,11 @@ def timeline(out_dir: Path) -> dict[int, float]:
 
 def final_state(out_dir: Path):
     """(params as numpy arrays, checkpoint meta) of the newest checkpoint."""
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
+    import jax
+    import numpy as np
+    from flax import nnx
 
-    from gpt2_jax.runs import load_run  # noqa: PLC0415
+    from gpt2_jax.runs import load_run
 
     model, _, meta = load_run(out_dir)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))], meta
@@ -116,7 +120,7 @@ def final_state(out_dir: Path):
 
 def identical(a: Path, b: Path) -> tuple[bool, str]:
     """Bit-identical final params, data position and per-step losses? (verdict, what differs)."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
     (pa, ma), (pb, mb) = final_state(a), final_state(b)
     if ma["step"] != mb["step"]:
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "logs").mkdir()
     data = work / "data"
     if not (data / "meta.json").exists():
-        from gpt2_jax import data as data_lib  # noqa: PLC0415
+        from gpt2_jax import data as data_lib
 
         data_lib.prepare_text_string(data_lib.default_corpus()[:100_000], data, tokenizer="char")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(work / "jax-cache"),

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from gpt2_jax.backends import cpu_if_no_accelerator  # noqa: E402 -- after the checkout is on sys.path
+
+cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
@@ -56,9 +61,9 @@ def _prod(dims: str) -> int:
 
 def compiled_train_step_hlo(cfg, mesh_spec: str, micro_batch_size: int, grad_accum: int = 1) -> str:
     """The compiled HLO text of the trainer's train step (training.step.build_step) for `cfg` on `--mesh=mesh_spec`."""
-    from gpt2_jax import sharding  # noqa: PLC0415
-    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
-    from gpt2_jax.training.step import build_step  # noqa: PLC0415
+    from gpt2_jax import sharding
+    from gpt2_jax.training.settings import TrainConfig
+    from gpt2_jax.training.step import build_step
 
     tc = TrainConfig(micro_batch_size=micro_batch_size, block_size=cfg.block_size, max_steps=100, warmup_steps=10,
                      max_lr=1e-3, total_batch_size=micro_batch_size * cfg.block_size * grad_accum)
@@ -82,13 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--attention", default="", help="empty: the trainer's default on CPU")
     args = p.parse_args(argv)
 
-    import jax  # noqa: PLC0415
+    import jax
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
     from gpt2_jax.config import (
-        default_attention,  # noqa: PLC0415
-        preset,  # noqa: PLC0415
+        default_attention,
+        preset,
     )
 
     cfg = preset(args.preset, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,

@@ -26,6 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
+from gpt2_jax.backends import cpu_if_no_accelerator  # noqa: E402 -- after the checkout is on sys.path
+
+cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = Path(os.environ.get("GPT2_JAX_SHARED", ROOT.parent / "shared")) / "data" / "tinyshakespeare.txt"
 
@@ -45,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beta2", type=float, default=0.99)
     args = parser.parse_args(argv)
 
-    import jax  # noqa: PLC0415
+    import jax
 
-    from gpt2_jax import data as data_lib  # noqa: PLC0415
-    from gpt2_jax.evaluate import evaluate_loss, shard_batches  # noqa: PLC0415
-    from gpt2_jax.metrics import read_metrics  # noqa: PLC0415
-    from gpt2_jax.runs import load_run  # noqa: PLC0415
-    from gpt2_jax.training import run  # noqa: PLC0415
-    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
+    from gpt2_jax import data as data_lib
+    from gpt2_jax.evaluate import evaluate_loss, shard_batches
+    from gpt2_jax.metrics import read_metrics
+    from gpt2_jax.runs import load_run
+    from gpt2_jax.training import run
+    from gpt2_jax.training.settings import TrainConfig
 
     work = Path(tempfile.mkdtemp(prefix="convergence-"))
     data = work / "data"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +24,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+
+from gpt2_jax.backends import cpu_if_no_accelerator  # noqa: E402 -- after the checkout is on sys.path
+
+cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,13 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="bare and in-loop alternate this many times")
     args = parser.parse_args(argv)
 
-    import jax  # noqa: PLC0415
+    import jax
 
-    from gpt2_jax import data as data_lib  # noqa: PLC0415
-    from gpt2_jax.metrics import read_metrics  # noqa: PLC0415
-    from gpt2_jax.training.loop import next_batch, train  # noqa: PLC0415
-    from gpt2_jax.training.settings import TrainConfig  # noqa: PLC0415
-    from gpt2_jax.training.setup import setup  # noqa: PLC0415
+    from gpt2_jax import data as data_lib
+    from gpt2_jax.metrics import read_metrics
+    from gpt2_jax.training.loop import next_batch, train
+    from gpt2_jax.training.settings import TrainConfig
+    from gpt2_jax.training.setup import setup
 
     work = Path(tempfile.mkdtemp(prefix="loop-"))
     data_lib.prepare_text_string(data_lib.default_corpus(), work / "data", tokenizer="char")

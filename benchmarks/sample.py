@@ -28,16 +28,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for train_step's shared helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from train_step import add_model_flags, environment, model_config, torch_setup  # noqa: E402
+from gpt2_jax.backends import cpu_if_no_accelerator  # noqa: E402 -- after the checkout is on sys.path
 
-from gpt2_jax.convert import export_hf, export_vocab_size  # noqa: E402
-from gpt2_jax.generate import generate  # noqa: E402
-from gpt2_jax.model import GPT  # noqa: E402
+cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from train_step import add_model_flags, environment, model_config, torch_setup
+
+from gpt2_jax.convert import export_hf, export_vocab_size
+from gpt2_jax.generate import generate
+from gpt2_jax.model import GPT
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -79,8 +84,8 @@ def main(argv=None) -> dict:
     if P + N > cfg.block_size:
         raise ValueError(f"--prompt_len={P} + --new_tokens={N} exceeds block_size {cfg.block_size}")
     torch, device, autocast = torch_setup(args)
-    from transformers import GPT2LMHeadModel  # noqa: PLC0415
-    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 

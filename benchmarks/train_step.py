@@ -42,24 +42,28 @@ from typing import Callable
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares the GPU with torch here
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+from gpt2_jax.backends import cpu_if_no_accelerator  # noqa: E402 -- after the checkout is on sys.path
 
-from gpt2_jax import sharding  # noqa: E402
-from gpt2_jax.config import (  # noqa: E402
+cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gpt2_jax import sharding
+from gpt2_jax.config import (
     ATTENTION,
     GPT2_VOCAB_SIZE,
     PADDED_VOCAB_SIZE,
     PRESETS,
     GPTConfig,
-    default_attention,  # noqa: E402
+    default_attention,
     preset,
 )
-from gpt2_jax.metrics import FLOPS_CONVENTION, flops_per_token, mfu, peak_flops  # noqa: E402
-from gpt2_jax.model import GPT  # noqa: E402
-from gpt2_jax.optim import OptimConfig, make_optimizer  # noqa: E402
-from gpt2_jax.training.step import TrainState, make_train_step  # noqa: E402
+from gpt2_jax.metrics import FLOPS_CONVENTION, flops_per_token, mfu, peak_flops
+from gpt2_jax.model import GPT
+from gpt2_jax.optim import OptimConfig, make_optimizer
+from gpt2_jax.training.step import TrainState, make_train_step
 
 # ---------------------------------------------------------------------------------------------------
 # Flags and environment (sample.py uses these too)
@@ -87,9 +91,9 @@ def model_config(args) -> GPTConfig:
 
 def torch_setup(args):
     """(torch, device, autocast factory): torch on the GPU JAX uses, else on the CPU."""
-    import contextlib  # noqa: PLC0415
+    import contextlib
 
-    import torch  # noqa: PLC0415
+    import torch
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     on_gpu = jax.default_backend() == "gpu"
@@ -202,13 +206,13 @@ def _xla_memory(compiled) -> dict:
         m = compiled.memory_analysis()
         total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
         return {"xla_plan_bytes": int(total), "xla_temp_bytes": int(m.temp_size_in_bytes)}
-    except Exception:  # not every backend implements it
+    except Exception:  # noqa: BLE001 -- not every backend implements it
         return {}
 
 
 def torch_train(cfg: GPTConfig, x: np.ndarray, y: np.ndarray, ts, compiled: bool) -> Callable:
     """reference_torch.GPT with AdamW (decay on >=2-D params, as optim.py) and clipping at 1.0."""
-    import reference_torch  # noqa: PLC0415
+    import reference_torch
 
     torch, device, autocast = ts
     model = reference_torch.GPT(cfg).to(device).train()
@@ -234,7 +238,7 @@ def torch_train(cfg: GPTConfig, x: np.ndarray, y: np.ndarray, ts, compiled: bool
 
 
 def hf_forward(cfg: GPTConfig, x: np.ndarray, ts) -> Callable:
-    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch, device, autocast = ts
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ PADDED_VOCAB_SIZE = 50304  # next multiple of 128: faster matmuls, the extra row
 
 # Fields that define the network's shapes. Two configs that differ here cannot share weights.
 ARCH_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
-ATTENTION = ("xla", "cudnn", "blocked", "einsum", "splash")  # attention.py's implementations (attention.IMPLEMENTATIONS)
+ATTENTION = ("xla", "cudnn", "blocked", "einsum", "splash")  # attention.IMPLEMENTATIONS, the implementations
 DTYPES = ("float32", "bfloat16", "float16")  # compute dtypes
 REMAT = ("none", "full", "dots")  # activation checkpointing policies
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from huggingface_hub import snapshot_download
+from safetensors.numpy import load_file, save_file
 
 from gpt2_jax.config import GPT2_VOCAB_SIZE, GPTConfig
 from gpt2_jax.model import GPT
@@ -171,8 +173,6 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"checkpoint folder {path} does not exist; pass a folder written by "
                                 f"save_pretrained/export_hf or a Hub name such as {HUB_NAMES}")
     try:
-        from huggingface_hub import snapshot_download  # noqa: PLC0415
-
         return Path(snapshot_download(name, allow_patterns=["config.json", "*.safetensors", "*.json"]))
     except Exception as e:
         raise FileNotFoundError(f"{name!r} is not a local folder and could not be fetched from the Hugging "
@@ -185,8 +185,6 @@ def _damaged(path: Path, e: Exception) -> ValueError:
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file  # noqa: PLC0415
-
     try:
         return load_file(path)
     except OSError:
@@ -212,7 +210,7 @@ def read_hf_tensors(folder: Path) -> dict[str, np.ndarray]:
         return tensors
     if (folder / "pytorch_model.bin").exists():
         try:
-            import torch  # noqa: PLC0415
+            import torch  # noqa: PLC0415 -- optional (the torch extra), only for a pytorch_model.bin
         except ImportError as e:
             raise ImportError(f"{folder}/pytorch_model.bin needs torch to read: pip install torch, "
                               "or convert the checkpoint to safetensors") from e
@@ -256,8 +254,6 @@ def load_hf(name_or_path: str | os.PathLike, *, vocab_size: int | None = None, *
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, *, vocab_size: int | None = None) -> Path:
     """Write `model` as an HF folder (config.json + model.safetensors) for GPT2LMHeadModel.from_pretrained."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = vocab_size or export_vocab_size(model.config)

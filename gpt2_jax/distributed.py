@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 
@@ -29,8 +30,6 @@ def broadcast_from_primary(value: Any) -> Any:
     listing, a file or a clock go through it, so that the processes of one run never go different ways."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
     size = int(multihost_utils.broadcast_one_to_all(np.int64(len(data))))
     data = multihost_utils.broadcast_one_to_all(data if is_primary() else np.zeros(size, np.uint8))
@@ -41,8 +40,6 @@ def all_ok(ok: bool) -> bool:
     """True iff `ok` on every process. A collective."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
 
@@ -50,16 +47,12 @@ def max_over_processes(value: int) -> int:
     """The largest of the processes' `value`s. A collective."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     return int(np.max(multihost_utils.process_allgather(np.array(value, np.int32))))
 
 
 def sync(name: str) -> None:
     """Wait until every process gets here. A collective."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -74,6 +67,4 @@ def gather_rows(out: jax.Array) -> jax.Array:
     """An array split by rows over several hosts, whole on each process (unchanged where it is addressable)."""
     if out.is_fully_addressable:
         return out
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
     return multihost_utils.process_allgather(out, tiled=True)

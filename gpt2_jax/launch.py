@@ -8,9 +8,10 @@ Which backend, and what to say when it cannot run here: backends.py (the tools s
 from __future__ import annotations
 
 import os
+import re
 import sys
 
-from gpt2_jax.backends import INSTALL_HINT, JAX_PLATFORMS, has_plugin, pin_platform
+from gpt2_jax.backends import INSTALL_HINT, JAX_PLATFORMS, has_accelerator, has_plugin, pin_platform
 from gpt2_jax.training.settings import TrainConfig
 
 # XLA flags for NVIDIA GPUs, set by train.py --platform=gpu (and by `python -m gpt2_jax.plan` for GPU targets, so
@@ -27,6 +28,12 @@ GPU_XLA_FLAGS = (
     # compute kernels (JAX's GPU performance tips).
     "--xla_gpu_enable_highest_priority_async_stream=true",
 )
+
+# XLA:CPU aborts a program (SIGABRT, no Python message) when its devices do not all reach a collective within 40 s.
+# Several fake CPU devices share the host's cores, and on a loaded machine their threads fall that far apart
+# without anything being wrong: a CPU run with several devices allows 10 minutes, unless the user set the flag.
+CPU_COLLECTIVE_TIMEOUT = "xla_cpu_collective_call_terminate_timeout_seconds"
+CPU_COLLECTIVE_TIMEOUT_FLAG = f"--{CPU_COLLECTIVE_TIMEOUT}=600"
 
 # Programs that compile faster than this are not written to the compile cache. JAX's default (1 s) leaves out
 # most of the CPU default run's programs (eval, sampling, the data pipeline's small jits: 0.1-0.9 s each).
@@ -69,7 +76,21 @@ def jax_environment(config: TrainConfig, env) -> tuple[dict, list[str]]:
         else:
             env["XLA_FLAGS"] = " ".join(GPU_XLA_FLAGS)
             notes.append(f"XLA_FLAGS={env['XLA_FLAGS']!r}: the recommended GPU flags (set XLA_FLAGS to replace them)")
+    if several_cpu_devices(config, env) and CPU_COLLECTIVE_TIMEOUT not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CPU_COLLECTIVE_TIMEOUT_FLAG}".strip()
+        notes.append(f"XLA_FLAGS += {CPU_COLLECTIVE_TIMEOUT_FLAG}: several CPU devices share this host's cores, so a "
+                     f"collective may wait for a slow one (XLA's default: abort after 40 s)")
     return env, notes
+
+
+def several_cpu_devices(config: TrainConfig, env) -> bool:
+    """Whether the run is on the CPU with several devices: fake ones (--local_device_count, XLA's
+    --xla_force_host_platform_device_count) or several processes."""
+    on_cpu = config.platform == "cpu" or (not config.platform and env.get("JAX_PLATFORMS", "") in ("", "cpu")
+                                          and not has_accelerator())
+    forced = re.search(r"xla_force_host_platform_device_count=(\d+)", env.get("XLA_FLAGS", ""))
+    return on_cpu and (config.local_device_count > 1 or config.num_processes > 1
+                       or (forced is not None and int(forced.group(1)) > 1))
 
 
 def check_compile_cache(config: TrainConfig, env: dict, notes: list[str]) -> None:

@@ -118,8 +118,8 @@ class BucketLock:
     """The object `folder/.lock` in Cloud Storage, leased and renewed (see the module docstring)."""
 
     def __init__(self, folder: epath.Path, lease_s: float | None = None):
-        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
-        from google.cloud import storage  # noqa: PLC0415  (the gcs extra)
+        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415 -- the gcs extra, for gs:// runs only
+        from google.cloud import storage  # noqa: PLC0415 -- the gcs extra, for gs:// runs only
 
         self.where = f"{folder}/{LOCK_FILE}"
         self.lease_s = lease_s or float(os.environ.get("GPT2_JAX_LOCK_LEASE", LEASE_S))
@@ -167,7 +167,7 @@ class BucketLock:
             except self._precondition:
                 self.lost = f"another trainer took over the lock {self.where} of this run (its lease ran out)"
                 return
-            except Exception:  # a network error: try again at the next beat, the lease has time left
+            except Exception:  # noqa: BLE001 -- a network error: try again at the next beat, the lease has time left
                 continue
 
     def check(self) -> None:
@@ -211,7 +211,7 @@ def acquire(folder: epath.Path) -> LocalLock | BucketLock | NoLock:
                 log(f"warning: --out_dir={folder} cannot be locked ({e}): nothing stops a second trainer there")
         except ImportError:
             error = [False, f"--out_dir={folder}: its lock needs google-cloud-storage: {GCS_EXTRA}"]
-        except Exception as e:  # (all processes must hear of it, or they would wait for process 0)
+        except Exception as e:  # noqa: BLE001 -- all processes must hear of it, or they would wait for process 0
             error = [False, f"--out_dir={folder}: cannot take the run folder's lock: {type(e).__name__}: {e}"]
     busy, error = broadcast_from_primary(error) or (False, None)
     if error:

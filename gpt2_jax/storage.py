@@ -100,7 +100,7 @@ def check_writable(folder: epath.Path, flag: str, timeout: float | None = None) 
             probe_file.write_text("ok")
             probe_file.unlink()
             outcome.append(None)
-        except BaseException as e:  # reported by the caller's thread
+        except BaseException as e:  # noqa: BLE001 -- reported by the caller's thread
             outcome.append(e)
 
     thread = threading.Thread(target=probe, name="storage-probe", daemon=True)

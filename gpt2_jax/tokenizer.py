@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import tiktoken
+
 META_FILE = "meta.json"
 HOW_TO_PREPARE = ("create it with `python -m gpt2_jax.data text FILE --out DIR` "
                   "or `python -m gpt2_jax.data fineweb-edu --out DIR`")
@@ -34,8 +36,6 @@ class Tokenizer:
         self._enc: Any = None  # tiktoken.Encoding, for "gpt2"
         self._stoi: dict[str, int] = {}  # char -> id, for "char"
         if name == "gpt2":
-            import tiktoken
-
             try:
                 self._enc = tiktoken.get_encoding("gpt2")
             except Exception as e:  # tiktoken downloads the BPE files on first use
@@ -129,7 +129,7 @@ def _meta_problem(meta: Any) -> str | None:
     vocab, shards = meta.get("vocab_size"), meta.get("shards")
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
         return f"vocab_size is {vocab!r}, not a positive integer"
-    if not isinstance(shards, dict) or not all(
-            isinstance(n, str) and os.path.basename(n) == n and isinstance(k, int) and k >= 0 for n, k in shards.items()):
+    if not isinstance(shards, dict) or not all(isinstance(n, str) and os.path.basename(n) == n
+                                               and isinstance(k, int) and k >= 0 for n, k in shards.items()):
         return "shards is not an object of {shard file name: token count}"
     return None

@@ -58,7 +58,7 @@ def find_gpt2() -> Path:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download("gpt2", local_files_only=True))
-    except Exception as e:  # LocalEntryNotFoundError (a FileNotFoundError) when not cached
+    except Exception as e:  # noqa: BLE001 -- LocalEntryNotFoundError (a FileNotFoundError) when not cached
         pytest.skip(f"real GPT-2 weights not found: set {ENV} to a local folder holding the 'gpt2' checkpoint "
                     f"(config.json + model.safetensors), or put it in the Hugging Face cache with "
                     f"`hf download gpt2` ({type(e).__name__})")
@@ -101,7 +101,7 @@ def prompts() -> dict[str, np.ndarray]:
         import tiktoken
 
         enc = tiktoken.get_encoding("gpt2")
-    except Exception:  # no tiktoken, or no BPE files and no network: the written-out ids
+    except Exception:  # noqa: BLE001 -- no tiktoken, or no BPE files and no network: the written-out ids
         enc = None
     out = {}
     for name, (text, ids) in PROMPTS.items():

@@ -26,7 +26,7 @@ def gpt2_bpe() -> None:
         import tiktoken
 
         tiktoken.get_encoding("gpt2")
-    except Exception as e:  # no cache and no network
+    except Exception as e:  # noqa: BLE001 -- no cache and no network
         pytest.skip(f"GPT-2 BPE unavailable ({e}); set TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache")
 
 

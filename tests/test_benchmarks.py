@@ -18,9 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(script: str, *args: str) -> dict:
+    """Run a benchmark script as a user would: without the tests' JAX_PLATFORMS=cpu, so that a script that lets JAX
+    try the installed GPU plugin or libtpu on this machine (their start-up tracebacks and warnings) fails here."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
+    for noise in ("Traceback", "plugin configuration error", "cuPTI", "libtpu"):
+        assert noise not in r.stderr, f"{script} does not start quietly:\n{r.stderr}"
     return json.loads(r.stdout.strip().splitlines()[-1])  # each script ends with one JSON line
 
 

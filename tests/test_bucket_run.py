@@ -1,14 +1,14 @@
 """A training run in a bucket, end to end: `python train.py ... --out_dir=gs://bucket/run` against the local
 GCS emulator (fake-gcs-server on 127.0.0.1, tests/gcs_emulator.py), with CPU processes.
 
-The main test trains a tiny char model into the bucket from token shards in the bucket, kills the process
-with SIGKILL after a checkpoint is committed, deletes the local shard cache, resumes it with the same command, and checks that params, data position and every step's
-loss equal an uninterrupted LOCAL run of the same flags, bit for bit (same program, same inputs, XLA:CPU
-is deterministic). Then it runs sample / evaluate / export / plot on the run in the bucket (their `main`,
-in this process: the same code `python -m gpt2_jax.<tool>` runs). What is in the bucket is read through
-the emulator's own JSON API (`objects`), and no test may leave a local folder named `gs:` (the autouse
-`no_local_gs_folder`). `test_in_private_network` reruns this file in a network namespace that has nothing
-but loopback, emulator included.
+The main test trains a tiny char model into the bucket from token shards in the bucket, kills the process with
+SIGKILL after a checkpoint is committed, deletes the local shard cache, resumes it with the same command, and checks
+that params, data position and every step's loss equal an uninterrupted LOCAL run of the same flags, bit for bit
+(same program, same inputs, XLA:CPU is deterministic). Then it runs sample / evaluate / export / plot on the run in
+the bucket (their `main`, in this process: the same code `python -m gpt2_jax.<tool>` runs). What is in the bucket is
+read through the emulator's own JSON API (`objects`), and no test may leave a local folder named `gs:` (the autouse
+`no_local_gs_folder`). `test_in_private_network` reruns this file in a network namespace that has nothing but
+loopback, emulator included.
 
 Not tested here: a real bucket (credentials, latency, eventual consistency of listings) and a real pod.
 """

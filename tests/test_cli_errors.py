@@ -43,7 +43,8 @@ def _fails(main, argv, capsys, status: int) -> str:
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory) -> Path:
     """A tiny random GPT-2 as an HF folder (config.json + model.safetensors; 128 tokens, more than the char
-    data has), written with numpy in HF's names and layouts (building a GPT eagerly costs ~20 s on a loaded 2-core machine)."""
+    data has), written with numpy in HF's names and layouts (building a GPT eagerly costs ~20 s on a loaded 2-core
+    machine)."""
     from safetensors.numpy import save_file
 
     from gpt2_jax.convert import config_to_hf
@@ -237,7 +238,8 @@ def test_a_full_disk_is_one_error_and_keeps_the_checkpoints(tmp_path, monkeypatc
         assert str(e.value).startswith(f"the disk is full: checkpoint 2 could not be written to {ckpt.directory} (")
         assert "MiB free). The checkpoints already there are intact (newest: step 1)" in str(e.value)
         assert sorted(p.name for p in ckpt.directory.iterdir()) == ["1"]
-        restored, meta, step = ckpt.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=state["w"].sharding)})
+        target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=state["w"].sharding)}
+        restored, meta, step = ckpt.restore(target)
     assert step == 1 and meta == {"step": 1}
     np.testing.assert_array_equal(restored["w"], state["w"])
 

@@ -134,7 +134,8 @@ BAD_VALUES = [
     ("eps", 0.0, "must be > 0.0"),
     ("eps", -1e-8, "must be > 0.0"),
     ("grad_clip", -1.0, "is negative"),
-    ("dropout", 1.0, r"must be in \[0.0, 1.0\) or -1.0; --dropout: dropout rate \(-1: the preset's; 0 for char on CPU\)"),
+    ("dropout", 1.0,
+     r"must be in \[0.0, 1.0\) or -1.0; --dropout: dropout rate \(-1: the preset's; 0 for char on CPU\)"),
     ("dropout", -0.5, r"must be in \[0.0, 1.0\) or -1.0"),
     ("platform", "cuda", "is unknown; choose one of cpu, gpu, tpu or empty"),
     ("preset", "gpt5", "is unknown; choose one of gpt2, gpt2-medium, gpt2-large, gpt2-xl, char"),
@@ -256,3 +257,28 @@ def test_gpu_flags_are_set_only_for_gpu_and_only_without_users_xla_flags():
     for platform in ("", "cpu", "tpu"):
         out, _ = launch.jax_environment(TrainConfig(platform=platform), HOME)
         assert "XLA_FLAGS" not in out, platform
+
+
+@pytest.mark.parametrize("config, env", [
+    (TrainConfig(platform="cpu", local_device_count=8), HOME),
+    (TrainConfig(platform="cpu", num_processes=2, process_id=0, coordinator_address="127.0.0.1:1234"), HOME),
+    (TrainConfig(platform="cpu"), {**HOME, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
+])
+def test_a_cpu_run_with_several_devices_gets_the_collective_timeout_the_tests_use(config, env):
+    """XLA:CPU aborts with no message when fake devices fall 40 s apart at a collective (a loaded machine): a user's
+    multi-device CPU run gets the 10 minutes that conftest.py gives the tests; the user's own XLA_FLAGS are kept."""
+    out, notes = launch.jax_environment(config, env)
+    assert out["XLA_FLAGS"] == f"{env.get('XLA_FLAGS', '')} {launch.CPU_COLLECTIVE_TIMEOUT_FLAG}".strip()
+    assert launch.CPU_COLLECTIVE_TIMEOUT_FLAG == "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+    assert notes[-1].startswith(f"XLA_FLAGS += {launch.CPU_COLLECTIVE_TIMEOUT_FLAG}: several CPU devices")
+
+
+@pytest.mark.parametrize("config, env", [
+    (TrainConfig(platform="cpu"), HOME),  # one device
+    (TrainConfig(platform="cpu", local_device_count=8),  # the user's own timeout wins
+     {**HOME, "XLA_FLAGS": "--xla_cpu_collective_call_terminate_timeout_seconds=30"}),
+    (TrainConfig(platform="tpu"), {**HOME, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}),
+])
+def test_the_collective_timeout_is_left_alone_elsewhere(config, env):
+    out, _ = launch.jax_environment(config, env)
+    assert out.get("XLA_FLAGS") == env.get("XLA_FLAGS")

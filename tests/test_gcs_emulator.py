@@ -118,7 +118,9 @@ def make_state(seed: int, mesh: Mesh):
         updates, opt = tx.update(jax.tree.map(jnp.ones_like, params), opt, params)
         params = optax.apply_updates(params, updates)
     state = {"params": params, "opt": opt}
-    shard = lambda x: jax.device_put(x, NamedSharding(mesh, P("data") if x.ndim else P()))
+    def shard(x):
+        return jax.device_put(x, NamedSharding(mesh, P("data") if x.ndim else P()))
+
     return jax.tree.map(shard, state)
 
 

@@ -298,7 +298,8 @@ def test_generate_errors(model):
         generate(model, [[1, 2], []], 4)
     with pytest.raises(ValueError, match=r"in \[0, 50257\)"):
         generate(model, [[1, 50257]], 4)
-    with pytest.raises(ValueError, match="prompt length 129 exceeds block_size 128, the model's context; crop the prompt to its last 128"):
+    with pytest.raises(ValueError, match="prompt length 129 exceeds block_size 128, the model's context; "
+                                         "crop the prompt to its last 128"):
         generate(model, [[1] * 129, [2]], 4)
     for keep in (0, 129):
         with pytest.raises(ValueError, match=f"keep={keep} must be in \\[1, block_size=128\\]"):

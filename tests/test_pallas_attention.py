@@ -101,7 +101,8 @@ def test_model_loss_and_grads_with_splash_on_a_mesh(mesh_spec):
     model = GPT(TINY.replace(attention="einsum"), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     splash_def, _ = nnx.split(GPT(TINY.replace(attention="splash"), rngs=nnx.Rngs(0)))
-    x, y = (jax.random.randint(k, (8, TINY.block_size), 0, TINY.vocab_size) for k in jax.random.split(jax.random.key(1)))
+    keys = jax.random.split(jax.random.key(1))
+    x, y = (jax.random.randint(k, (8, TINY.block_size), 0, TINY.vocab_size) for k in keys)
     mesh = sharding.make_mesh(mesh_spec)
     param_sh, batch_sh = sharding.state_shardings(params, mesh), sharding.batch_sharding(mesh, ndim=2)
 

@@ -90,7 +90,7 @@ ENTRY %main.2 (a: f32[8]) -> f32[8] {
   %w = (s32[], f32[8]{0}) while((s32[], f32[8]{0}) %t), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"12"}}
   %rs = (f32[4]{0}, bf16[2]{0}) reduce-scatter(f32[8]{0} %z, bf16[4]{0} %z2), dimensions={0}
 }
-"""
+"""  # noqa: E501 -- HLO as XLA prints it, one instruction a line
     assert plan.collectives(hlo) == {
         "all-gather": {"count": 12, "bytes": 12 * 16 * 4 * 2},
         "all-reduce": {"count": 12, "bytes": 12 * 8 * 4},  # the async pair once, at its -done
@@ -155,7 +155,7 @@ ENTRY %main.1 (a: f32[120,24], b: f32[120,6], c: f32[32,32]) -> f32[120,6] {
   %ar.2 = f32[32,32]{1,0} all-reduce(f32[32,32]{1,0} %c), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}
   %ar.3 = f32[32,32]{1,0:T(8,128)S(1)} all-reduce(f32[32,32]{1,0} %c), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}
 }
-"""
+"""  # noqa: E501 -- HLO as XLA prints it, one instruction a line
     assert plan.collectives(hlo) == {"reduce-scatter": {"count": 1, "bytes": 120 * 6 * 4},
                                      "all-reduce": {"count": 2, "bytes": (120 * 6 + 32 * 32) * 4}}
 

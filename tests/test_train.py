@@ -162,7 +162,8 @@ def test_resume_is_bit_identical(tmp_path, char_data):
     resumed = run(tiny_train_config(resumed_dir, char_data, max_steps=6, checkpoint_every=3))
     assert resumed["start_step"] == 3
     assert losses(resumed_dir) == losses(tmp_path / "straight")[3:]
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), resumed["params"], straight["params"])
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                        resumed["params"], straight["params"])
     assert all(jax.tree.leaves(same))
 
 

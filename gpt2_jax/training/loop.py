@@ -104,7 +104,7 @@ def finish(t: Trainer, step: int, summary: dict) -> dict:
     if is_primary() and not summary.get("interrupted") and step > t.start_step:
         try:
             log(f"plot: {plot_run(t.out_dir)}")
-        except Exception as e:  # a plot must never fail a finished run
+        except Exception as e:  # noqa: BLE001 -- a plot must never fail a finished run
             log(f"(no plot: {type(e).__name__}: {e})")
     return summary
 

@@ -101,8 +101,9 @@ class TrainConfig:
     preset: str = _flag("char", "model size: " + ", ".join(PRESETS), choices=tuple(PRESETS))
     init_from: str = _flag("scratch", "scratch | an HF name (gpt2, gpt2-medium, ...) or folder | a training "
                            "out_dir (local or gs://)")
-    finetune: bool = _flag(False, f"fine-tune --init_from with the fine-tuning recipe: {_power_of_two(_F['total_batch_size'])} "
-                           f"tokens per step, a constant {_lr(_F['max_lr'])}, no warmup, {_F['max_steps']} steps, "
+    finetune: bool = _flag(False, "fine-tune --init_from with the fine-tuning recipe: "
+                           f"{_power_of_two(_F['total_batch_size'])} tokens per step, a constant {_lr(_F['max_lr'])}, "
+                           f"no warmup, {_F['max_steps']} steps, "
                            f"validation every {_F['eval_every']} (any of these flags still wins)")
     data: str = _flag("", "token shard folder (python -m gpt2_jax.data ...), local or gs://bucket/path (fetched "
                       "shard by shard into a local cache); empty: Python's bundled docs, char-level")
@@ -112,16 +113,18 @@ class TrainConfig:
                          "folder or gs://bucket/path (pip install 'gpt2-jax[gcs]')", nonempty=True)
     resume: bool = _flag(False, "require a checkpoint in out_dir to resume from (resuming is automatic anyway)")
     # Batch: total_batch_size tokens per optimizer step = micro_batch_size * block_size * grad_accum.
-    total_batch_size: int = _flag(0, f"tokens per optimizer step (0: {_power_of_two(_G['total_batch_size'])} for GPT-2 sizes, one "
-                                  "micro-batch for char)",
-                                  low=0)
+    total_batch_size: int = _flag(0, f"tokens per optimizer step (0: {_power_of_two(_G['total_batch_size'])} for "
+                                  "GPT-2 sizes, one micro-batch for char)", low=0)
     micro_batch_size: int = _flag(0, "sequences per micro-step over all devices (0: auto)", low=0)
     block_size: int = _flag(0, f"sequence length (0: the preset's; {_C['block_size']} for char on CPU)", low=0)
-    n_layer: int = _flag(0, f"override the preset's number of blocks (0: the preset's; {_C['n_layer']} for char on CPU)", low=0)
-    n_head: int = _flag(0, f"override the preset's attention heads (0: the preset's; {_C['n_head']} for char on CPU)", low=0)
+    n_layer: int = _flag(0, f"override the preset's number of blocks (0: the preset's; {_C['n_layer']} for char on "
+                         "CPU)", low=0)
+    n_head: int = _flag(0, f"override the preset's attention heads (0: the preset's; {_C['n_head']} for char on "
+                        "CPU)", low=0)
     n_embd: int = _flag(0, f"override the preset's width (0: the preset's; {_C['n_embd']} for char on CPU)", low=0)
     vocab_size: int = _flag(0, "model vocabulary (0: the data's; GPT-2 BPE is padded to 50304)", low=0)
-    dropout: float = _flag(-1.0, f"dropout rate (-1: the preset's; {_C['dropout']:g} for char on CPU)", low=0.0, below=1.0)
+    dropout: float = _flag(-1.0, f"dropout rate (-1: the preset's; {_C['dropout']:g} for char on CPU)",
+                           low=0.0, below=1.0)
     dtype: str = _flag("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on gpu/tpu, float32 on cpu)",
                        choices=DTYPES)
     attention: str = _flag("", "xla | cudnn | blocked | einsum | splash (empty: cudnn on gpu and splash on tpu "
@@ -133,15 +136,15 @@ class TrainConfig:
     mesh: str = _flag("", "device mesh, e.g. data:8 or data:2,fsdp:4 (empty: every device on data; "
                       "single-process runs may use fewer devices than they have)")
     # Optimizer and schedule (optim.py).
-    max_steps: int = _flag(0, f"optimizer steps (0: {_G['max_steps']} for GPT-2 sizes = 10B tokens; {_C['max_steps']} for "
-                           f"char on CPU, {RECIPES['char']['max_steps']} elsewhere)",
-                           low=0)
+    max_steps: int = _flag(0, f"optimizer steps (0: {_G['max_steps']} for GPT-2 sizes = 10B tokens; "
+                           f"{_C['max_steps']} for char on CPU, {RECIPES['char']['max_steps']} elsewhere)", low=0)
     warmup_steps: int = _flag(-1, f"linear warmup steps (-1: 10% of max_steps, at most {_G['warmup_steps']} for GPT-2 "
                               f"sizes and {_C['warmup_steps']} for char on CPU)", low=-1)
     # No upper bound on max_lr: where training diverges depends on the model, batch and warmup (3e-3 trains
     # the small char model, 124M needs ~6e-4), a diverged run stops with a message naming --max_lr
     # (--on_nan), and the reliability tests set --max_lr=1e10 to make a real run diverge.
-    max_lr: float = _flag(0.0, f"peak learning rate (0: {_lr(_G['max_lr'])} for GPT-2 sizes, {_lr(RECIPES['char']['max_lr'])} for char)", low=0.0)
+    max_lr: float = _flag(0.0, f"peak learning rate (0: {_lr(_G['max_lr'])} for GPT-2 sizes, "
+                          f"{_lr(RECIPES['char']['max_lr'])} for char)", low=0.0)
     min_lr_ratio: float = _flag(ADAMW["min_lr_ratio"], "final learning rate as a fraction of max_lr", low=0.0, high=1.0)
     weight_decay: float = _flag(ADAMW["weight_decay"], "AdamW weight decay on >=2-D params", low=0.0)
     beta1: float = _flag(ADAMW["beta1"], "AdamW beta1", low=0.0, below=1.0)
