@@ -95,7 +95,7 @@ def char_data(tmp_path_factory) -> Path:
 
 def pytest_collection_modifyitems(config, items):
     """An `e2e` test (end to end: train.py runs, several processes, a bucket, a deviceless TPU compile of a
-    real size) is also `slow`: the fast lane (`-m "not slow"`) leaves out both, CI (`-m "not e2e"`) the first."""
+    real size) is also `slow`: the fast lane (`-m "not slow"`) leaves out both; CI runs every test."""
     for item in items:
         if item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.slow)
