@@ -7,16 +7,21 @@ meta.json only.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -143,9 +148,194 @@ def _gpt2_tokenizer() -> Tokenizer:
 
 
 def _gpt2_document(text: str) -> np.ndarray:
-    """<|endoftext|> + the GPT-2 tokens of one document (runs in the worker processes)."""
+    """<|endoftext|> + the GPT-2 tokens of one document."""
     tok = _gpt2_tokenizer()
     return np.array([tok.eot_token, *tok.encode(text)], dtype=np.uint16)  # ids < 50257 fit
+
+
+# ----------------------------------------------------------------------------- the resumable prep
+# Documents are tokenised in batches (one pickled list of texts out, one uint16 array back per batch, where
+# build-nanogpt sends an array per document) by every core, and packed into shards in their order. After each
+# shard, STATE_FILE records where the next one starts (part, document, token), so rerunning the same command
+# after a kill continues from there and writes the same bytes an uninterrupted prep would.
+
+STATE_FILE = ".prep_state.json"
+BATCH_DOCS, BATCH_CHARS = 1024, 2**20  # a batch for one worker: at most this many documents or characters
+_worker_tokenizer: Tokenizer | None = None
+
+
+@dataclasses.dataclass
+class Part:
+    """A run of documents that goes to one split: `texts(start)` yields them from document `start` on.
+    `first_val`: the first shard is ``val_000000.npy`` and the rest train (FineWeb-Edu's layout)."""
+    split: str
+    texts: Callable[[int], Iterator[str]]
+    num_docs: int | None = None  # for the progress bar's estimate, when known
+    first_val: bool = False
+
+
+def _init_worker(meta: dict[str, Any]) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.from_meta(meta)
+
+
+def _encode_batch(texts: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, lengths): <|endoftext|> (GPT-2) + the tokens of each text, all in one uint16 array."""
+    tok = tokenizer or _worker_tokenizer
+    if tok.name == "gpt2":
+        ids = tok._enc.encode_ordinary_batch(texts, num_threads=1)  # tiktoken's batch call, one thread
+    else:
+        ids = [tok.encode(t) for t in texts]
+    eot = [] if tok.eot_token is None else [tok.eot_token]
+    lengths = np.array([len(eot) + len(x) for x in ids], dtype=np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(eot, x) for x in ids),
+                         dtype=np.int64, count=int(lengths.sum()))
+    return _checked_tokens(tokens, tok).astype(np.uint16), lengths
+
+
+def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) == BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenised(texts: Iterator[str], tokenizer: Tokenizer, pool: Any,
+               num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The batches of `texts`, tokenised in `pool` (None: here), in order; at most 2 per worker in flight, so
+    a fast reader doesn't pile the whole dataset up in memory (Pool.imap would read ahead without bound)."""
+    if pool is None:
+        yield from (_encode_batch(b, tokenizer) for b in _batches(texts))
+        return
+    pending: collections.deque = collections.deque()
+    for batch in _batches(texts):
+        pending.append(pool.apply_async(_encode_batch, (batch,)))
+        if len(pending) >= 2 * num_proc:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def default_num_proc() -> int:
+    """The CPUs this process may use (all of them: the main process only reads and copies)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _read_state(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _clear(out: Path) -> None:
+    """Remove a dataset's files from `out`: meta.json first, so it never vouches for a half-made folder."""
+    (out / META_FILE).unlink(missing_ok=True)
+    for path in out.iterdir() if out.exists() else ():  # (a bucket has no empty folders)
+        if (SHARD_NAME.fullmatch(path.name) or path.name == STATE_FILE
+                or (path.name.startswith(".") and path.suffix == ".tmp")):
+            path.unlink()
+
+
+def prepare_documents(parts: Sequence[Part], out_dir: str | os.PathLike, tokenizer: Tokenizer,
+                      fingerprint: dict[str, Any], shard_size: int = DEFAULT_SHARD_SIZE,
+                      num_proc: int | None = None, progress: bool = True,
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Tokenise the documents of `parts`, in order, into shards of `shard_size` tokens; return the meta.
+
+    Each document is <|endoftext|> + its tokens (GPT-2; char: its tokens) and documents run on across the
+    shards of a part. The last shard of a part may be shorter. Resumable: when `out_dir` holds the state of
+    an unfinished prep with the same `fingerprint` (inputs, tokenizer, shard size, ...), it continues after
+    the last complete shard; with another fingerprint it starts over, and says so.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    out = storage.run_path(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = {**fingerprint, "tokenizer": tokenizer.to_meta(), "shard_size": shard_size}
+    state = _read_state(out)
+    if state is not None and state.get("fingerprint") == fingerprint:
+        if (out / META_FILE).exists() and state.get("complete"):
+            log(f"{out} is already complete for these inputs; nothing to do")
+            return json.loads((out / META_FILE).read_text())
+        shards = dict(state["shards"])
+        part_i, doc_i, skip = state["next"]
+        log(f"resuming in {out} after {len(shards)} complete shard(s)")
+    else:
+        if state is not None:
+            what = "a dataset" if state.get("complete") else "an unfinished prep"
+            log(f"{out} holds {what} of other inputs, another tokenizer or shard size: starting over")
+        _clear(out)
+        shards, part_i, doc_i, skip = {}, 0, 0, 0
+    (out / META_FILE).unlink(missing_ok=True)
+    num_proc = num_proc or default_num_proc()
+    buf = np.empty(shard_size, dtype=np.uint16)
+    # "spawn": forking a process that has imported JAX (multithreaded) can deadlock.
+    pool = (multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer.to_meta(),))
+            if num_proc > 1 else None)
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenising into {out}", disable=not progress,
+               smoothing=0.1)
+    try:
+        for p in range(part_i, len(parts)):
+            part = parts[p]
+            start = doc_i if p == part_i else 0
+            count = len(shards) if part.first_val else sum(1 for n in shards if n.startswith(f"{part.split}_"))
+            fill, docs_done, tokens_done = 0, start, 0
+            offset = skip if p == part_i else 0  # tokens of the first document already in earlier shards
+            for tokens, lengths in _tokenised(part.texts(start), tokenizer, pool, num_proc):
+                ends = np.cumsum(lengths)  # where each document of the batch ends, counting dropped tokens
+                i = offset  # next token of this batch to write
+                while i < len(tokens):
+                    take = min(shard_size - fill, len(tokens) - i)
+                    buf[fill:fill + take] = tokens[i:i + take]
+                    fill, i = fill + take, i + take
+                    if fill == shard_size:  # the shard is full: save it, then where the next one starts
+                        k = int(np.searchsorted(ends, i, side="right"))  # documents wholly written
+                        nxt = [p, docs_done + k, i - (int(ends[k - 1]) if k else 0)]
+                        name = _shard_name(part, count)
+                        _save_shard(out, name, buf)
+                        shards[name] = shard_size
+                        count, fill = count + 1, 0
+                        _save_state(out, fingerprint, shards, nxt)
+                offset = 0
+                docs_done += len(lengths)
+                tokens_done += int(lengths.sum())
+                bar.update(int(lengths.sum()))
+                if part.num_docs:  # the estimate of the part's tokens, for the ETA
+                    bar.total = bar.n + int(tokens_done / (docs_done - start) * max(0, part.num_docs - docs_done))
+            if fill:
+                name = _shard_name(part, count)
+                _save_shard(out, name, buf[:fill])
+                shards[name] = fill
+            if p + 1 < len(parts):
+                _save_state(out, fingerprint, shards, [p + 1, 0, 0])
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    if not shards:
+        raise ValueError("no documents: the inputs hold no text to tokenise")
+    meta = _finish_output(out, tokenizer, shards)
+    _save_state(out, fingerprint, shards, [len(parts), 0, 0], complete=True)
+    return meta
+
+
+def _shard_name(part: Part, count: int) -> str:
+    """The name of the part's shard number `count` (from 0)."""
+    if part.first_val:  # (a part of its own)
+        return "val_000000.npy" if count == 0 else f"train_{count - 1:06d}.npy"
+    return f"{part.split}_{count:06d}.npy"
+
+
+def _save_state(out: Path, fingerprint: dict[str, Any], shards: dict[str, int], nxt: list[int],
+                complete: bool = False) -> None:
+    state = {"fingerprint": fingerprint, "shards": shards, "next": nxt, "complete": complete}
+    _atomic_write(out / STATE_FILE, lambda f: f.write(json.dumps(state).encode()))
 
 
 def prepare_fineweb(out_dir: str | os.PathLike, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -153,27 +343,41 @@ def prepare_fineweb(out_dir: str | os.PathLike, shard_size: int = DEFAULT_SHARD_
                     progress: bool = True) -> dict[str, Any]:
     """Tokenise FineWeb-Edu sample-10BT (or `docs`: dicts with a "text" field) into GPT-2 shards.
 
-    Streams the dataset with Hugging Face `datasets`, tokenises in `num_proc` processes (default:
-    half the CPUs; 1 = no pool) and prepends <|endoftext|> to every document, as GPT-2 did.
+    Streams the dataset with Hugging Face `datasets`, tokenises in `num_proc` processes (default: all the
+    CPUs; 1 = no pool) and prepends <|endoftext|> to every document, as GPT-2 did. The first shard is
+    validation. Rerun after a kill, it resumes (`prepare_documents`).
     """
+    num_docs = None
     if docs is None:
         try:
-            import datasets
+            import datasets  # noqa: PLC0415 (an optional extra)
         except ImportError as e:
             raise ImportError('downloading FineWeb-Edu needs Hugging Face `datasets`: '
                               'pip install "gpt2-jax[data]"') from e
         docs = datasets.load_dataset("HuggingFaceFW/fineweb-edu", name="sample-10BT",
                                      split="train", streaming=True)
+        splits = getattr(docs.info, "splits", None) or {}
+        num_docs = splits["train"].num_examples if "train" in splits else None
+        fingerprint = {"source": "fineweb-edu", "name": "sample-10BT"}
+    else:
+        docs = list(docs) if not hasattr(docs, "skip") else docs  # resumable: read again from any document
+        fingerprint = {"source": "fineweb-edu", "docs": _digest(d["text"] for d in docs)}
     tokenizer = _gpt2_tokenizer()  # fail here, not in a worker, if the BPE can't be loaded
-    num_proc = num_proc or max(1, (os.cpu_count() or 2) // 2)
-    texts = (doc["text"] for doc in docs)
-    if num_proc == 1:
-        return write_shards(map(_gpt2_document, texts), out_dir, tokenizer, shard_size, progress)
-    # "spawn": forking a process that has imported JAX (multithreaded) can deadlock.
-    with multiprocessing.get_context("spawn").Pool(num_proc) as pool:
-        # imap keeps the document order, so the shards are deterministic
-        tokens = pool.imap(_gpt2_document, texts, chunksize=16)
-        return write_shards(tokens, out_dir, tokenizer, shard_size, progress)
+
+    def texts(start: int) -> Iterator[str]:
+        rest = docs.skip(start) if hasattr(docs, "skip") else itertools.islice(docs, start, None)
+        return (doc["text"] for doc in rest)
+    part = Part("train", texts, num_docs=num_docs, first_val=True)
+    return prepare_documents([part], out_dir, tokenizer, fingerprint, shard_size, num_proc, progress,
+                             log=lambda m: print(m, file=sys.stderr))
+
+
+def _digest(texts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def prepare_text_string(text: str | Sequence[str], out_dir: str | os.PathLike,
@@ -229,6 +433,6 @@ def default_corpus() -> str:
     Joined in sorted-key order: the same on every run of one Python version (other versions ship
     slightly different text). For the no-download char-level run of ``python train.py``.
     """
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # noqa: PLC0415 (400 kB of text, for the default run only)
 
     return "\n\n".join(topics[key] for key in sorted(topics))
