@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=64,
                         help="tokens to sample; may exceed the model's context, whose window then slides "
                         "(default: 64)")
-    parser.add_argument("--temperature", type=finite_float, default=1.0, help="softmax temperature; 0 = greedy (default: 1)")
+    parser.add_argument("--temperature", type=finite_float, default=1.0,
+                        help="softmax temperature; 0 = greedy (default: 1)")
     parser.add_argument("--top_k", type=_top_k, default=50,
                         help="keep the k most likely tokens; 'none': all (default: 50)")
     parser.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling: keep the top tokens whose "
