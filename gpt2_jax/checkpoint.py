@@ -27,6 +27,9 @@ What makes it safe (checked against orbax-checkpoint 0.12.8's source and by test
   flight, so this class lists complete steps from the disk instead.
 - A step that can't be restored (truncated or missing file, bad JSON, a tree that no longer matches) is
   skipped with a warning and the previous one is tried; see `restore`.
+- A failed save is one CheckpointWriteError (the folder, the cause, what to do), never a hang: orbax's save
+  threads that wait on the failed step are released. A local folder that cannot hold a checkpoint is found
+  when the Checkpointer is made (`_probe`), before a run spends any step.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
+import threading
 import traceback
 import warnings
 from typing import Any
@@ -47,38 +52,67 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+try:  # orbax's save threads (private): a failed save's are released, see `_release_stranded_saves`
+    from orbax.checkpoint._src.futures import future as _orbax_future
+except ImportError:  # another orbax layout: nothing to release
+    _orbax_future = None
+
 from gpt2_jax.distributed import all_ok, broadcast_from_primary, is_primary
 
 PyTree = Any
 DISK_FULL = ("No space left on device", "os_error_code='28'")  # ENOSPC as tensorstore words it
+OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore's errors carry the OS's errno
+
+# The longest path orbax 0.12 writes under a checkpoint folder, by its parts: a step's temporary folder, an item's,
+# a process's OCDBT folder, a data file (tensorstore's temporary name for it is longer); room for a 10-digit step
+# and a 4-digit process index. `Checkpointer` makes one of this length at start-up (`_probe`).
+LONGEST_PATH = ("9999999999.orbax-checkpoint-tmp", "state.orbax-checkpoint-tmp", "ocdbt.process_9999", "d",
+                "f" * 32 + ".__lock.tmp-0123456789abcdef")
 
 
-class DiskFullError(OSError):
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (or the folder cannot hold one). Its message is the whole story:
+    the folder, the cause, that the checkpoints already there are intact, what to do."""
+
+
+class DiskFullError(CheckpointWriteError):
     """A checkpoint could not be written: the disk is full (ENOSPC). Its message is the whole story."""
 
 
-def _is_disk_full(error: BaseException | None) -> bool:
-    """Whether `error`, or an error it was raised from, is ENOSPC (orbax wraps tensorstore's in ValueErrors)."""
+def _os_errno(error: BaseException | None) -> int | None:
+    """The errno of `error` or of an error it was raised from: an OSError's, or the `os_error_code` in
+    tensorstore's words (orbax wraps those in ValueErrors); None if there is none."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(m in str(error) for m in DISK_FULL):
-            return True
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        if any(m in str(error) for m in DISK_FULL):
+            return errno.ENOSPC
+        if code := OS_ERROR_CODE.search(str(error)):
+            return int(code[1])
         error = error.__cause__ or error.__context__
-    return False
+    return None
 
 
-class _NoDiskFullTracebacks(logging.Filter):
-    """orbax logs a full disk from each of its save threads, traceback included (~50 of them); the
-    Checkpointer reports it once, as a DiskFullError."""
+def _is_disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is ENOSPC."""
+    return _os_errno(error) == errno.ENOSPC
+
+
+class _NoSaveErrorTracebacks(logging.Filter):
+    """orbax logs a failed write from each of its save threads, traceback included (~50 of them for a full
+    disk); the Checkpointer reports it once, as a CheckpointWriteError."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (_is_disk_full(record.exc_info[1] if record.exc_info else None)
-                    or any(m in record.getMessage() for m in DISK_FULL))
+        if _is_disk_full(record.exc_info[1] if record.exc_info else None) or any(
+                m in record.getMessage() for m in DISK_FULL):
+            return False
+        return not ("orbax" in record.pathname and record.exc_info and _os_errno(record.exc_info[1]) is not None)
 
 
 for _logger in ("absl", "asyncio"):  # asyncio: tensorstore's failed writes in futures nobody awaited any more
-    logging.getLogger(_logger).addFilter(_NoDiskFullTracebacks())
+    logging.getLogger(_logger).addFilter(_NoSaveErrorTracebacks())
 
 
 def _quiet_abandoned_writes() -> None:
@@ -129,6 +163,10 @@ class Checkpointer:
       async_save: write to disk in a background thread. `save` returns once the arrays are copied to
         host memory, so the train step may donate or overwrite its buffers right away.
       read_only: only list and restore: never create, clean up or delete anything (another run's checkpoints).
+
+    A local folder that cannot hold a checkpoint (not writable, or a path so long that orbax's would pass the
+    system's limit) raises CheckpointWriteError here; a save that fails later raises it (or DiskFullError)
+    from `save`, `wait` or `close`, and never leaves the process hanging.
     """
 
     def __init__(
@@ -150,6 +188,8 @@ class Checkpointer:
         # The manager and `all_steps` must agree on step folder names: `<step>`, no prefix or padding.
         self._name_format = ocp.step.standard_name_format()
         self.read_only = read_only
+        if not read_only and "://" not in str(directory):
+            _probe(self.directory)  # a folder that cannot hold a checkpoint fails now, not at the first save
         options = _manager_options(self._name_format, max_to_keep, async_save, read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -198,12 +238,12 @@ class Checkpointer:
                 self._manager.delete(s)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         # force: skip orbax's should_save (intervals, "step <= latest"); the caller decides when to save.
-        with _disk_full(self, step):
+        with _save_errors(self, step):
             self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
         """Blocks until async saves (and the deletions that follow them) are finished; raises a failed one's error."""
-        with _disk_full(self, self._manager.latest_step()):  # (orbax's counts the save in flight)
+        with _save_errors(self, self._manager.latest_step()):  # (orbax's counts the save in flight)
             self._manager.wait_until_finished()
 
     def restore(
@@ -226,7 +266,8 @@ class Checkpointer:
         _check_has_shardings(abstract_state)
         steps = self.all_steps()
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; complete steps: {steps}")
+            raise FileNotFoundError(f"No complete checkpoint for step {step} in {self.directory}; complete steps: "
+                                    f"{steps}")
         if not steps:
             raise FileNotFoundError(
                 f"No complete checkpoint in {self.directory}. To start from scratch, skip restore when "
@@ -256,13 +297,13 @@ class Checkpointer:
             return None
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception:  # a damaged step: restore() falls back and reports it
+        except Exception:  # noqa: BLE001  (any damage: a damaged step, which restore() falls back from and reports)
             meta = None
         return broadcast_from_primary(meta)  # every process decides on process 0's reading
 
     def close(self) -> None:
         """Waits for pending saves (raising a failed one's error, as `wait`), then releases orbax's threads."""
-        with _disk_full(self, self._manager.latest_step()):
+        with _save_errors(self, self._manager.latest_step()):
             self._manager.close()
 
     def __enter__(self) -> Checkpointer:
@@ -272,27 +313,93 @@ class Checkpointer:
         self.close()
 
 
+# What to do about a checkpoint folder that cannot be written, by the OS's errno.
+_FIXES = {
+    errno.ENOSPC: "free some space, or lower --keep_checkpoints, or pass an --out_dir on a bigger disk",
+    errno.ENAMETOOLONG: "pass a shorter --out_dir",
+    errno.EACCES: "make it writable, or pass another --out_dir",
+    errno.EPERM: "make it writable, or pass another --out_dir",
+    errno.EROFS: "it is on a read-only filesystem: pass an --out_dir on a writable one",
+}
+
+
+def _cause(error: BaseException, code: int | None) -> str:
+    """An OS error's words without its (possibly kilobytes long) file name; else the innermost error's."""
+    if code is None:
+        return _short(error)
+    return f"[Errno {code}] {os.strerror(code)}"
+
+
 @contextlib.contextmanager
-def _disk_full(ckpt: Checkpointer, step: int | None):
-    """Turn ENOSPC from orbax (now, or from an async save of `step`) into one DiskFullError that names the
-    folder, the free space and what to do; the save's partial folder is removed (it only takes space)."""
+def _save_errors(ckpt: Checkpointer, step: int | None):
+    """Turn a failed write from orbax (now, or from an async save of `step`) into one CheckpointWriteError
+    (DiskFullError for ENOSPC) that names the folder, the cause and what to do. Whatever failed, orbax's save
+    threads that wait for it are released (else the process never exits) and the save's partial folder is
+    removed."""
     try:
         yield
     except Exception as e:
-        if not _is_disk_full(e):
-            raise
+        _release_stranded_saves()
+        code = _os_errno(e)
         local = "://" not in str(ckpt.directory)
+        if code is None or not local and code != errno.ENOSPC:  # not an OS error (a bug): as it is
+            raise
         for tmp in ckpt.directory.glob("*.orbax-checkpoint-tmp") if local and is_primary() else ():
             shutil.rmtree(tmp, ignore_errors=True)
-        free = f"{shutil.disk_usage(ckpt.directory).free / 2**20:,.1f} MiB free" if local else "no space"
         steps = ckpt._list_steps()
-        full = DiskFullError(f"the disk is full: checkpoint{'' if step is None else f' {step}'} could not be "
-                             f"written to {ckpt.directory} ({free}). The checkpoints already there are intact "
-                             f"(newest: step {steps[-1] if steps else 'none'}); free some space, or lower "
-                             "--keep_checkpoints, or pass an --out_dir on a bigger disk, then run the same "
-                             "command to resume")
-        full.errno = errno.ENOSPC
-        raise full from None
+        which = "" if step is None else f" {step}"
+        intact = (f"The checkpoints already there are intact (newest: step {steps[-1] if steps else 'none'}); "
+                  f"{_FIXES.get(code, 'pass another --out_dir')}, then run the same command to resume")
+        if code == errno.ENOSPC:
+            free = f"{shutil.disk_usage(ckpt.directory).free / 2**20:,.1f} MiB free" if local else "no space"
+            error = DiskFullError(f"the disk is full: checkpoint{which} could not be written to {ckpt.directory} "
+                                  f"({free}). {intact}")
+        else:
+            error = CheckpointWriteError(f"checkpoint{which} could not be written to {ckpt.directory}: "
+                                         f"{_cause(e, code)}. {intact}")
+        error.errno = code
+        raise error from None
+
+
+def _release_stranded_saves() -> None:
+    """Let the save threads of a failed save end. orbax 0.12 runs a save's steps in threads that each wait for a
+    signal from the step before; a step that fails early (making the step's folder: a name too long, a
+    read-only folder) never sends it, and the others wait for orbax's 300 s coordination timeout, more than
+    once. They are not daemon threads, so the process would not exit after its error. Cancelling one
+    (orbax's own `cancel`) and sending the signal it waits for makes it return without running."""
+    if _orbax_future is None:
+        return
+    # The coroutines of the cancelled steps are never run: Python would warn about each when it collects them.
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning)
+    for thread in threading.enumerate():
+        if isinstance(thread, _orbax_future._SignalingThread) and thread.is_alive():
+            with contextlib.suppress(Exception):  # (private API: a changed orbax leaves them to time out)
+                thread.cancel()
+                _orbax_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+
+
+def _probe(directory: epath.Path) -> None:
+    """Check that the local `directory` can hold a checkpoint before any step is spent: make the deepest
+    path orbax writes there (LONGEST_PATH, under a name step listing ignores), write a file, remove it all.
+    Raises CheckpointWriteError naming the folder, the cause and what to do."""
+    top = f".gpt2_jax-probe-{os.getpid()}".ljust(len(LONGEST_PATH[0]), "0")
+    path = os.path.join(str(directory), top, *LONGEST_PATH[1:])
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write("ok")
+    except OSError as e:
+        steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+        detail = (f" (orbax writes paths of {len(path)} characters there; this system allows "
+                  f"{os.pathconf('/', 'PC_PATH_MAX')})" if e.errno == errno.ENAMETOOLONG else "")
+        error = CheckpointWriteError(
+            f"{directory} cannot hold a checkpoint: [Errno {e.errno}] {e.strerror}{detail}. Nothing was trained"
+            + (f"; the checkpoints already there are intact (newest: step {steps[-1]})" if steps else "")
+            + f"; {_FIXES.get(e.errno, 'pass another --out_dir')}")
+        error.errno = e.errno
+        raise error from None
+    finally:
+        shutil.rmtree(os.path.join(str(directory), top), ignore_errors=True)
 
 
 def _restore_step(manager: ocp.CheckpointManager, step_dir: epath.Path, abstract_state: PyTree,
@@ -307,7 +414,7 @@ def _restore_step(manager: ocp.CheckpointManager, step_dir: epath.Path, abstract
         restored = manager.restore(step, args=args)
         state = migrate(_read_part(step_dir / "state", target) if partial else restored["state"])
         meta = restored["meta"]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (any failure: every process must hear of it, below)
         error = e
     # Every process reads only its own shards, so one may fail where others succeed. They must all
     # agree, or they would go on from different steps.
@@ -328,7 +435,7 @@ def _old_layout(state_dir: epath.Path, abstract_state: PyTree):
         saved = {name: tuple(m.shape) for name, m in ocp.tree.to_flat_dict(saved, sep=".").items()
                  if getattr(m, "shape", None) is not None}
         names = ocp.tree.get_param_names(abstract_state)
-    except Exception:  # unreadable metadata: restore as it is, and let that report the damage
+    except Exception:  # noqa: BLE001  (unreadable metadata: restore as it is, and let that report the damage)
         return abstract_state, lambda state: state
 
     def fused(name: str, leaf) -> tuple[int, ...] | None:

@@ -106,7 +106,9 @@ def checkpoint_shape(tc: TrainConfig, quiet: bool = False) -> TrainConfig:
 
 def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) -> Trainer:
     """setup's work, once the run folder is this run's."""
-    # Data first: every bad-input error is raised before anything compiles.
+    # A folder that cannot hold a checkpoint (read-only, a path too long) fails first, before any other work.
+    ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
+    # Then the data: every bad-input error is raised before anything compiles.
     data_dir = prepare_data(tc, out_dir)
     tokenizer = Tokenizer.load(data_dir)
     cfg = model_config(tc, tokenizer.vocab_size)
@@ -118,7 +120,6 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
     fingerprint = {"dir": where, "shards": train_loader.state()["shards"]}
     val_windows = (data_lib.EvalWindows(data_dir, tc.block_size, tc.micro_batch_size, tc.eval_tokens or None,
                                         **per_process) if tc.eval_every else None)
-    ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
     check_run_folder(ckpt, cfg, fingerprint, tc)  # before the checks below: a changed --data explains them
     sample_ids = sample_prompt(tc, cfg, tokenizer)
     hellaswag_examples = load_hellaswag_for(tc, tokenizer, data_dir)
