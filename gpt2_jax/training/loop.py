@@ -23,6 +23,7 @@ from gpt2_jax.metrics import flops_per_token, format_step_line, mfu, peak_flops
 from gpt2_jax.optim import lr_at
 from gpt2_jax.plot import plot_run
 from gpt2_jax.training.guards import StopSignal
+from gpt2_jax.training.profile import StepProfiler
 from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.training.setup import Trainer, setup
 
@@ -41,6 +42,7 @@ def train(t: Trainer) -> dict:
     tc = t.tc
     tasks = periodic_tasks(t)
     stop = StopSignal(midway=t.step.micro_steps is not None and jax.process_count() == 1)
+    profiler = StepProfiler(tc.profile_steps, t.out_dir)
     summary = {"out_dir": str(t.out_dir), "start_step": t.start_step, "loss": None, "val_loss": None}
     step, rng = t.start_step, jax.random.key(tc.seed)
     if step >= tc.max_steps:
@@ -51,6 +53,7 @@ def train(t: Trainer) -> dict:
     try:
         clock, estimate = StepClock(), FirstStepEstimate(t)
         while step < tc.max_steps:
+            profiler.before(step + 1)
             out = run_step(t, batch, jax.random.fold_in(rng, step), stop, estimate)
             if isinstance(out, str):  # stopped between micro-steps: the partial step is dropped
                 if pending is not None:
@@ -59,6 +62,7 @@ def train(t: Trainer) -> dict:
                 break
             t.state, metrics = out
             step += 1
+            profiler.after(step, t.state)
             if pending is not None:  # the previous step's metrics, while this one runs
                 summary["loss"] = record_step(t, *pending, clock)
             t.loader_position = t.train_loader.state()  # where a resume after `step` goes on
@@ -83,6 +87,7 @@ def train(t: Trainer) -> dict:
             cleanup.callback(t.lock.release)
             cleanup.callback(t.logger.close)
             cleanup.callback(t.ckpt.close)
+            cleanup.callback(profiler.close, step)
             t.ckpt.wait()
     return finish(t, step, summary)
 

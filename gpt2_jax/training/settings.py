@@ -166,6 +166,8 @@ class TrainConfig:
     keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep", low=1)
     log_every: int = _flag(1, "console and metrics.jsonl line every N steps", low=1)
     tensorboard: bool = _flag(True, "also write TensorBoard event files to out_dir/tb")
+    profile_steps: str = _flag("", "A:B: a jax.profiler trace of training steps A to B in out_dir/profile, for "
+                               "TensorBoard's profile plugin, xprof or Perfetto (from step 2: step 1 compiles)")
     seed: int = _flag(1337, "seed for init, dropout and sampling", low=0, high=2**63 - 1)
     on_nan: str = _flag("stop", "non-finite loss or grad norm: stop (keep the last good checkpoint) | skip the update",
                         choices=("stop", "skip"))
@@ -195,8 +197,30 @@ class TrainConfig:
             problems.append("--finetune fine-tunes a checkpoint: give --init_from (an HF name or folder, or a "
                             "training run's out_dir)")
         problems += _width_problems(self)
+        if self.profile_steps and (problem := profile_steps_problem(self.profile_steps)):
+            problems.append(f"--profile_steps={self.profile_steps!r} {problem}")
         if problems:
             raise ValueError("\n".join(problems))
+
+
+def profile_steps(text: str) -> tuple[int, int] | None:
+    """--profile_steps "A:B" as (A, B); None when empty."""
+    if not text:
+        return None
+    first, colon, last = text.partition(":")
+    return int(first), int(last) if colon else int(first)
+
+
+def profile_steps_problem(text: str) -> str | None:
+    try:
+        first, last = profile_steps(text)
+    except ValueError:
+        return "is not A:B (two step numbers, e.g. 5:7)"
+    if first < 2:
+        return "starts before step 2: step 1 compiles the program, and the trace is of compiled steps (e.g. 2:4)"
+    if last < first:
+        return f"ends before it starts; give A:B with A <= B (e.g. {first}:{first + 2})"
+    return None
 
 
 def _width_problems(tc: TrainConfig) -> list[str]:
