@@ -253,3 +253,22 @@ def test_kill_9_mid_prep_resumes_to_identical_shards(tmp_path, gpt2_bpe):
     assert "resuming in" in again.stdout + again.stderr
     got = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
     assert got == expected, f"killed after {written} shards"
+
+
+def test_progress_bar_shows_tokens_per_second_and_time_left(tmp_path, gpt2_bpe, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in DOCS * 30])
+    data.prepare_files([src], tmp_path / "ds", shard_size=1000, num_proc=1)
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    bar = [line for line in err if line.strip()][-1]  # its last refresh
+    assert "100%" in bar and "tok/s" in bar and "<00:00" in bar, err  # done, its rate, the time left (none)
+
+
+@pytest.mark.slow
+def test_prep_benchmark_runs_and_both_ways_agree():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prep.py"), "--tokens=100000", "--repeats=1",
+                        "--shard_size=10000"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])  # (the script asserts both ways wrote the same tokens)
+    assert result["tokens"] >= 100_000 and len(result["tokens_per_s"]) == 3
+    assert all(rate > 0 for rate in result["tokens_per_s"].values())
+    assert all(set(hours) == {"2", "8", "32"} for hours in result["hours_10B"].values())

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     fw = commands.add_parser("fineweb-edu", help="stream FineWeb-Edu sample-10BT (GPT-2 BPE)")
     fw.add_argument("--out", required=True, help="output dataset directory (rerun the same command to resume)")
     fw.add_argument("--shard_size", type=shard_size, default=DEFAULT_SHARD_SIZE, help="tokens per shard")
-    fw.add_argument("--num_proc", type=positive_int, default=None, help="tokeniser processes (all the CPUs)")
+    fw.add_argument("--num_proc", type=positive_int, default=None, help="tokeniser threads (default: one per CPU)")
     tx = commands.add_parser("text", help="local text files; the last val_fraction of the tokens is validation")
     tx.add_argument("files", nargs="+", help="UTF-8 text files, one document each")
     tx.add_argument("--out", required=True, help="output dataset directory")
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--val_fraction", type=finite_float, default=0.1,
                        help="the last fraction of the documents that is validation (whole documents)")
         p.add_argument("--shard_size", type=shard_size, default=DEFAULT_SHARD_SIZE, help="tokens per shard")
-        p.add_argument("--num_proc", type=positive_int, default=None, help="tokeniser processes (all the CPUs)")
+        p.add_argument("--num_proc", type=positive_int, default=None, help="tokeniser threads (default: one per CPU)")
     return parser
 
 

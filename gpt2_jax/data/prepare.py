@@ -13,7 +13,6 @@ import functools
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import secrets
@@ -22,6 +21,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -154,14 +154,14 @@ def _gpt2_document(text: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the resumable prep
-# Documents are tokenised in batches (one pickled list of texts out, one uint16 array back per batch, where
-# build-nanogpt sends an array per document) by every core, and packed into shards in their order. After each
+# Documents are tokenised in batches by a thread per core (tiktoken straight into numpy arrays, one uint16 array
+# per batch; build-nanogpt pickles each document to a process and an array back), and packed into shards in
+# their order. After each
 # shard, STATE_FILE records where the next one starts (part, document, token), so rerunning the same command
 # after a kill continues from there and writes the same bytes an uninterrupted prep would.
 
 STATE_FILE = ".prep_state.json"
 BATCH_DOCS, BATCH_CHARS = 1024, 2**20  # a batch for one worker: at most this many documents or characters
-_worker_tokenizer: Tokenizer | None = None
 
 
 @dataclasses.dataclass
@@ -174,22 +174,20 @@ class Part:
     first_val: bool = False
 
 
-def _init_worker(meta: dict[str, Any]) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.from_meta(meta)
-
-
-def _encode_batch(texts: list[str], tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _encode_batch(texts: list[str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, lengths): <|endoftext|> (GPT-2) + the tokens of each text, all in one uint16 array."""
-    tok = tokenizer or _worker_tokenizer
-    if tok.name == "gpt2":
-        ids = tok._enc.encode_ordinary_batch(texts, num_threads=1)  # tiktoken's batch call, one thread
+    if tok.name == "gpt2" and hasattr(tok._enc, "encode_to_numpy"):
+        # tiktoken straight into arrays (no Python int per token); with no special token allowed or
+        # disallowed this is encode_ordinary: a literal "<|endoftext|>" in a text is plain text
+        ids = [tok._enc.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
     else:
-        ids = [tok.encode(t) for t in texts]
-    eot = [] if tok.eot_token is None else [tok.eot_token]
+        ids = [np.asarray(tok.encode(t), dtype=np.int64) for t in texts]
+    eot = np.array([] if tok.eot_token is None else [tok.eot_token], dtype=np.int64)
     lengths = np.array([len(eot) + len(x) for x in ids], dtype=np.int64)
-    tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain(eot, x) for x in ids),
-                         dtype=np.int64, count=int(lengths.sum()))
+    pieces = [np.zeros(0, np.int64)]
+    for x in ids:
+        pieces += (eot, x)
+    tokens = np.concatenate(pieces)
     return _checked_tokens(tokens, tok).astype(np.uint16), lengths
 
 
@@ -205,24 +203,24 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _tokenised(texts: Iterator[str], tokenizer: Tokenizer, pool: Any,
+def _tokenised(texts: Iterator[str], tokenizer: Tokenizer, pool: ThreadPoolExecutor | None,
                num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The batches of `texts`, tokenised in `pool` (None: here), in order; at most 2 per worker in flight, so
-    a fast reader doesn't pile the whole dataset up in memory (Pool.imap would read ahead without bound)."""
+    """The batches of `texts`, tokenised in `pool` (None: here), in order; at most 2 per thread in flight, so
+    a fast reader doesn't pile the whole dataset up in memory (as Pool.imap's unbounded read-ahead would)."""
     if pool is None:
         yield from (_encode_batch(b, tokenizer) for b in _batches(texts))
         return
     pending: collections.deque = collections.deque()
     for batch in _batches(texts):
-        pending.append(pool.apply_async(_encode_batch, (batch,)))
+        pending.append(pool.submit(_encode_batch, batch, tokenizer))
         if len(pending) >= 2 * num_proc:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def default_num_proc() -> int:
-    """The CPUs this process may use (all of them: the main process only reads and copies)."""
+    """The CPUs this process may use: a tokeniser thread each (the main thread only reads and copies)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -275,17 +273,21 @@ def prepare_documents(parts: Sequence[Part], out_dir: str | os.PathLike, tokeniz
     (out / META_FILE).unlink(missing_ok=True)
     num_proc = num_proc or default_num_proc()
     buf = np.empty(shard_size, dtype=np.uint16)
-    # "spawn": forking a process that has imported JAX (multithreaded) can deadlock.
-    pool = (multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (tokenizer.to_meta(),))
-            if num_proc > 1 else None)
+    # Threads, not processes: tiktoken releases the GIL while it encodes, so the texts and tokens need no
+    # pickling between processes, and there is no start-up per worker. (A char tokenizer runs in Python
+    # under the GIL, on one core at a time; char datasets are small.)
+    pool = ThreadPoolExecutor(num_proc, thread_name_prefix="tokenise") if num_proc > 1 else None
     bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenising into {out}", disable=not progress,
                smoothing=0.1)
+    known = all(part.num_docs is not None for part in parts[part_i:])
+    docs_left = sum(part.num_docs for part in parts[part_i:]) - doc_i if known else None
+    docs_before = 0  # documents tokenised in the parts before this one
     try:
         for p in range(part_i, len(parts)):
             part = parts[p]
             start = doc_i if p == part_i else 0
             count = len(shards) if part.first_val else sum(1 for n in shards if n.startswith(f"{part.split}_"))
-            fill, docs_done, tokens_done = 0, start, 0
+            fill, docs_done = 0, start
             offset = skip if p == part_i else 0  # tokens of the first document already in earlier shards
             for tokens, lengths in _tokenised(part.texts(start), tokenizer, pool, num_proc):
                 ends = np.cumsum(lengths)  # where each document of the batch ends, counting dropped tokens
@@ -304,10 +306,11 @@ def prepare_documents(parts: Sequence[Part], out_dir: str | os.PathLike, tokeniz
                         _save_state(out, fingerprint, shards, nxt)
                 offset = 0
                 docs_done += len(lengths)
-                tokens_done += int(lengths.sum())
                 bar.update(int(lengths.sum()))
-                if part.num_docs:  # the estimate of the part's tokens, for the ETA
-                    bar.total = bar.n + int(tokens_done / (docs_done - start) * max(0, part.num_docs - docs_done))
+                if docs_left is not None:  # the tokens to come at this run's tokens per document, for the ETA
+                    docs_left -= len(lengths)
+                    bar.total = bar.n + round(bar.n / (docs_done - start + docs_before) * max(0, docs_left))
+            docs_before += docs_done - start
             if fill:
                 name = _shard_name(part, count)
                 _save_shard(out, name, buf[:fill])
@@ -317,7 +320,7 @@ def prepare_documents(parts: Sequence[Part], out_dir: str | os.PathLike, tokeniz
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
     if not shards:
         raise ValueError("no documents: the inputs hold no text to tokenise")
     meta = _finish_output(out, tokenizer, shards)
@@ -343,8 +346,8 @@ def prepare_fineweb(out_dir: str | os.PathLike, shard_size: int = DEFAULT_SHARD_
                     progress: bool = True) -> dict[str, Any]:
     """Tokenise FineWeb-Edu sample-10BT (or `docs`: dicts with a "text" field) into GPT-2 shards.
 
-    Streams the dataset with Hugging Face `datasets`, tokenises in `num_proc` processes (default: all the
-    CPUs; 1 = no pool) and prepends <|endoftext|> to every document, as GPT-2 did. The first shard is
+    Streams the dataset with Hugging Face `datasets`, tokenises in `num_proc` threads (default: all the
+    CPUs; 1 = in this thread) and prepends <|endoftext|> to every document, as GPT-2 did. The first shard is
     validation. Rerun after a kill, it resumes (`prepare_documents`).
     """
     num_docs = None
