@@ -9,7 +9,9 @@
 #   1. plan       python -m gpt2_jax.plan --target=h200 --search --remat=none: the largest micro-batch of GPT-2
 #                 124M (bf16, T=1024, cuDNN) that fits, for JAX's share of the GPU in the benchmark (see below)
 #   2. cudnn      pytest tests/test_attention.py -k cudnn: cuDNN flash attention against the XLA reference
-#   3. train_step benchmarks/train_step.py: the trainer's step against torch eager and torch.compile, MFU
+#   3. train_step benchmarks/train_step.py: the trainer's step against torch eager and torch.compile, MFU; then
+#                 a jax.profiler trace of a few of its steps, and the top 10 operations by device time (where the
+#                 time goes: benchmarks/trace_top.py; the trace itself stays in $TMPDIR, too big to copy back)
 #   4. sample     benchmarks/sample.py: KV-cache decoding against Hugging Face generate
 #
 # Results: device_check.json (each step's command, exit status, seconds; the benchmarks' JSON lines; versions)
@@ -134,7 +136,8 @@ fi
 # 2-4. The checks.
 step cudnn 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py -k cudnn -rs
 step train_step 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION "$PY" benchmarks/train_step.py "${MODEL[@]}" \
-  --micro_batch_size="$MICRO" --steps=5 --rounds=2 --warmup=2 --no_forward
+  --micro_batch_size="$MICRO" --steps=5 --rounds=2 --warmup=2 --no_forward \
+  --profile="${TMPDIR:-/tmp}/device_check_profile"
 step sample 90 "$PY" benchmarks/sample.py --preset=gpt2 --batch=8 --prompt_len=16 --new_tokens=256 --repeats=3
 
 [ "$DRY" = 1 ] && { echo "dry run: nothing was run; results would go to $DEST/device_check.{json,md}"; exit 0; }
@@ -187,6 +190,12 @@ for s in steps:
     elif s["name"] == "plan":
         what = f"micro-batch {micro}"
     rows.append(f"| {s['name']} | {s['exit_status']} | {s['seconds']} | {what.replace('|', '/')} |")
+profile = ts.get("profile") or {}
+if profile.get("top"):
+    rows += ["", f"Top operations of the gpt2_jax train step by device time ({profile['source']}, "
+             f"{profile['total_ms']:.1f} ms traced):", "", "| ms | share | calls | operation |", "| --- | --- | --- | --- |"]
+    rows += [f"| {r['ms']:.2f} | {r['share']:.1%} | {r['calls']} | {r['op'][:80].replace('|', '/')} |"
+             for r in profile["top"]]
 (dest / "device_check.md").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 EOF

@@ -42,13 +42,15 @@ from typing import Callable
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX shares the GPU with torch here
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 
-from gpt2_jax.backends import cpu_if_no_accelerator  # noqa: E402 -- after the checkout is on sys.path
+from gpt2_jax.backends import cpu_if_no_accelerator  # after the checkout is on sys.path
 
 cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
 
 import jax
 import numpy as np
 from flax import nnx
+from trace_top import table as table_of_ops
+from trace_top import top_ops
 
 from gpt2_jax import sharding
 from gpt2_jax.config import (
@@ -366,6 +368,20 @@ def summary(c: Contender, fpt: float | None, peak: float | None) -> dict:
     return out
 
 
+def trace_train_step(c: Contender, steps: int, folder: str) -> dict | None:
+    """`steps` calls of a compiled, warmed-up step under jax.profiler (after the timed rounds, so that tracing
+    does not slow the figures), and where their time went: trace_top.top_ops."""
+    if c.run is None:
+        return None
+    jax.profiler.start_trace(folder)
+    for _ in range(steps):
+        c.run()
+    jax.profiler.stop_trace()
+    result = top_ops(Path(folder))
+    print(table_of_ops(result))
+    return {"folder": folder, **result}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_model_flags(p)
@@ -376,6 +392,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
     p.add_argument("--no_compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no_forward", action="store_true", help="skip the forward-only comparison")
+    p.add_argument("--profile", default="", help="also trace --steps calls of the gpt2_jax train step with "
+                   "jax.profiler into this folder, and report the top operations by device time (trace_top.py)")
     args = p.parse_args(argv)
 
     cfg = model_config(args)
@@ -405,6 +423,7 @@ def main(argv=None) -> dict:
         train.append(build("torch.compile", lambda: torch_train(cfg, x64, y64, ts, True), A * B * T,
                            args.warmup, torch_gpu))
     run_rounds(train, args.steps, args.rounds)
+    profile = trace_train_step(train[0], args.steps, args.profile) if args.profile else None
     forward = []
     if not args.no_forward:
         forward = [build("gpt2_jax forward (jit)", lambda: jax_forward(cfg, x[0]), B * T, args.warmup),
@@ -436,6 +455,7 @@ def main(argv=None) -> dict:
         "ratio_jax_over_torch_compile": ratio(train[0], compiled),
         "ratio_jax_over_torch_eager_fastest": ratio(train[0], train[1], best=True),
         "ratio_jax_over_hf_forward": ratio(forward[0], forward[1]) if forward else None,
+        "profile": profile,
         "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result))

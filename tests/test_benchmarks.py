@@ -74,3 +74,31 @@ def test_device_check_rejects_unknown_options():
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_check.sh"), "--dryrun"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown option --dryrun" in r.stderr
+
+
+def test_train_step_benchmark_profiles_the_step_and_names_the_top_operations(tmp_path):
+    """--profile traces the trainer's compiled step after the timed rounds; trace_top.py ranks what ran on the
+    compute threads (XLA ops such as fusions and the all-reduce, not the runtime's waits), as device_check.sh
+    reports it for a GPU."""
+    folder = tmp_path / "profile"
+    result = bench("train_step.py", "--preset=char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+                   "--micro_batch_size=4", "--steps=2", "--rounds=1", "--warmup=1", "--no_compile", "--no_forward",
+                   f"--profile={folder}")
+    profile = result["profile"]
+    assert profile["folder"] == str(folder) and profile["source"] == "XLA:CPU compute threads"
+    top = profile["top"]
+    assert 1 <= len(top) <= 10 and profile["total_ms"] > 0
+    assert [r["ms"] for r in top] == sorted((r["ms"] for r in top), reverse=True)
+    assert 0 < sum(r["share"] for r in top) <= 1 + 1e-9
+    assert not [r["op"] for r in top if re.match(r"(ThunkExecutor|Rendezvous|Wait)", r["op"])]
+    # The CLI on the same trace prints the same ranking; on a folder without one, one line naming it.
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trace_top.py"), str(folder), "--top=3"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and [row["op"] for row in json.loads(r.stdout.splitlines()[-1])["top"]] == \
+        [row["op"] for row in top[:3]]
+    (empty := tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trace_top.py"), str(empty)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and r.stderr.strip() == (f"error: {empty}: no *.trace.json.gz under it; pass the "
+                                                      "folder jax.profiler wrote (train.py --profile_steps writes "
+                                                      "OUT_DIR/profile)")
