@@ -25,25 +25,37 @@ from pathlib import Path
 from etils import epath
 
 from gpt2_jax.backends import add_platform_flag, pin_platform
-from gpt2_jax.convert import export_hf, export_vocab_size
+from gpt2_jax.config import GPT2_VOCAB_SIZE, GPTConfig
+from gpt2_jax.convert import config_to_hf, export_hf, export_vocab_size
 from gpt2_jax.runs import CHECKPOINTS, CONFIG_FILE, TOKENIZER_FILE, load_run, write_tokenizer
 from gpt2_jax.storage import is_remote, run_path
 
+EXPORT_FILES = (CONFIG_FILE, "model.safetensors", TOKENIZER_FILE)  # what an export writes (and nothing else)
+EXPORT_TEMPORARIES = (".config.json.tmp", ".model.safetensors.tmp")  # an interrupted export's (convert.export_hf)
+
 
 def _foreign_contents(to: epath.Path) -> str | None:
-    """What in folder `to` an export must not overwrite (None: nothing): another run, or a config.json that
-    is not an HF model's (a training run's config.json holds {"train", "model"}, an HF one a model_type)."""
+    """What in folder `to` an export must not overwrite (None: nothing). Only a folder an earlier export wrote
+    may be written again: no other files than an export's, and a config.json with exactly the keys an export
+    writes (Hugging Face's save_pretrained writes more, e.g. transformers_version; a training run's holds
+    {"train", "model"})."""
+    if not to.is_dir():
+        return None
     if (to / CHECKPOINTS).exists():
         return f"another training run ({CHECKPOINTS}/)"
-    config = to / CONFIG_FILE
-    if not config.exists():
-        return None
+    names = sorted(p.name for p in to.iterdir() if p.name not in EXPORT_TEMPORARIES)
+    if others := [n for n in names if n not in EXPORT_FILES]:
+        return f"files an export does not write ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+    if not names:
+        return None  # an empty folder
     try:
-        hf = json.loads(config.read_text())
+        config = json.loads((to / CONFIG_FILE).read_text())
     except (OSError, ValueError):
-        hf = None
-    if not isinstance(hf, dict) or "model_type" not in hf:
-        return f"a {CONFIG_FILE} that is not a Hugging Face model's (a training run's settings?)"
+        config = None
+    if not isinstance(config, dict) or set(config) != set(config_to_hf(GPTConfig(), GPT2_VOCAB_SIZE)):
+        return (f"a {CONFIG_FILE} that an export did not write (another Hugging Face model's, or a training run's "
+                "settings)" if (to / CONFIG_FILE).exists() else f"{', '.join(names)} without an export's "
+                f"{CONFIG_FILE}")
     return None
 
 
@@ -61,8 +73,8 @@ def export_run(out_dir: str | os.PathLike, to: str | os.PathLike, step: int | No
     if to.exists() and not to.is_dir():
         raise NotADirectoryError(f"--to {to} is a file; pass a folder (it is created if missing)")
     if what := _foreign_contents(to):
-        raise ValueError(f"--to {to} holds {what}: exporting there would overwrite its config.json; pass a new "
-                         "folder, or one an earlier export wrote")
+        raise ValueError(f"--to {to} holds {what}, which an export must not overwrite (the folder is left as it "
+                         "is); pass a new folder, an empty one, or one an earlier export wrote")
     model, tokenizer, meta = load_run(run, step)
     cfg = model.config
     vocab = export_vocab_size(cfg)

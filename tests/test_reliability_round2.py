@@ -149,3 +149,66 @@ def test_resume_into_a_read_only_checkpoint_folder_stops_at_start(char_data, tmp
                       "read-only filesystem: pass an --out_dir on a writable one"], r.stderr[-3000:]
     assert "step 1/" not in r.stdout + r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+# ------------------------------------------------------------------------------------- export --to (BAD 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(char_data, tmp_path_factory) -> Path:
+    """A 1-step char-level training run (in this process), with a checkpoint."""
+    from gpt2_jax.training import run
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    run(tiny_train_config(out, char_data, **ONE_LAYER, max_steps=1, compile_cache="off"))
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _hf_model(folder: Path, head: bool) -> None:
+    """Another model, as Hugging Face's save_pretrained writes it (GPT2LMHeadModel also writes
+    generation_config.json; GPT2Model only config.json and model.safetensors)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=50,
+                                      bos_token_id=0, eos_token_id=0)
+    model = (transformers.GPT2LMHeadModel if head else transformers.GPT2Model)(config)
+    model.save_pretrained(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("other", ["hf lm head model", "hf base model", "a user's folder", "a lone safetensors"])
+def test_export_refuses_a_folder_it_did_not_write(other, tiny_run, tmp_path, capsys):
+    """export --to a folder that save_pretrained wrote for another model used to exit 0, replace its config.json
+    and model.safetensors and keep its generation_config.json. Now any folder an export did not write is refused
+    with one line, and stays byte for byte as it was."""
+    from gpt2_jax import export
+
+    target = tmp_path / "other"
+    if other.startswith("hf"):
+        _hf_model(target, head=other == "hf lm head model")
+    else:
+        target.mkdir()
+        (target / ("notes.txt" if other == "a user's folder" else "model.safetensors")).write_bytes(b"mine")
+    before = _snapshot(target)
+    capsys.readouterr()
+    assert export.main([str(tiny_run), "--to", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --to {target} holds ") and err.endswith(
+        "which an export must not overwrite (the folder is left as it is); pass a new folder, an empty one, or one an "
+        "earlier export wrote\n") and len(err.splitlines()) == 1, err
+    assert _snapshot(target) == before
+
+
+@pytest.mark.slow
+def test_export_writes_into_an_empty_folder_and_over_its_own_export(tiny_run, tmp_path, capsys):
+    from gpt2_jax import export
+
+    target = tmp_path / "hf"
+    target.mkdir()
+    for _ in range(2):
+        assert export.main([str(tiny_run), "--to", str(target)]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "gpt2_jax_tokenizer.json", "model.safetensors"]
