@@ -212,3 +212,75 @@ def test_export_writes_into_an_empty_folder_and_over_its_own_export(tiny_run, tm
     for _ in range(2):
         assert export.main([str(tiny_run), "--to", str(target)]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "gpt2_jax_tokenizer.json", "model.safetensors"]
+
+
+# ------------------------------------------------------------------------------------- many shards (BAD 3)
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory) -> Path:
+    """About 300 train shards of 1,000 char tokens (and 34 val shards): more than an open-file limit of 128."""
+    from gpt2_jax import data as data_lib
+
+    folder = tmp_path_factory.mktemp("many-shards")
+    data_lib.prepare_text_string(data_lib.default_corpus()[:334_000], folder, tokenizer="char", shard_size=1000)
+    assert len(list(folder.glob("train_*.npy"))) >= 300
+    return folder
+
+
+def _low_file_limit(limit: int):
+    """A preexec_fn: the child may hold `limit` open files (soft and hard), as under `ulimit -n LIMIT`."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+@pytest.mark.parametrize("order", ["sequential", "shuffle"])
+def test_more_shards_than_the_open_file_limit(order, many_shards):
+    """Under `ulimit -n 128`, a dataset of 300 shards used to be reported as "truncated or corrupt" ([Errno 24]
+    Too many open files: a memory map held a descriptor per shard). Now the loaders read every shard and the
+    validation windows, with a bounded number of maps open."""
+    program = f"""
+from gpt2_jax.data import EvalWindows, TokenLoader
+loader = TokenLoader({str(many_shards)!r}, "train", 4, 32, order={order!r})
+seen = set()
+for _ in range(3000):
+    loader.next_batch()
+    seen.add(loader.cursor.state().get("shard_index", loader.cursor.state().get("shard_pos")))
+windows = EvalWindows({str(many_shards)!r}, 32, 4, max_tokens=None)
+batches = sum(1 for _ in windows)
+print(len(seen), batches)
+"""
+    r = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=HANG,
+                       preexec_fn=_low_file_limit(128))
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen, batches = map(int, r.stdout.split())
+    assert seen >= 300 and batches > 200, r.stdout
+
+
+def test_the_open_file_limit_is_named_not_a_corrupt_shard(many_shards, monkeypatch):
+    """Where even one more file cannot be opened, the error says it is the open-file limit (and how to raise it),
+    never "corrupt" or "recreate the dataset": both when the shards are checked and when one is mapped."""
+    import builtins
+
+    import numpy as np
+
+    from gpt2_jax.data import TokenLoader, shards
+
+    def emfile(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with monkeypatch.context() as m:  # checking the shards at start
+        m.setattr(builtins, "open", emfile)
+        with pytest.raises(OSError) as e:
+            TokenLoader(many_shards, "train", 4, 32)
+    loader = TokenLoader(many_shards, "train", 4, 32)
+    shards.LocalShard._maps.clear()
+    monkeypatch.setattr(np, "memmap", emfile)
+    with pytest.raises(OSError) as mapping:  # mapping a shard to read it
+        loader.next_batch()
+    for error in (e.value, mapping.value):
+        message = str(error)
+        assert error.errno == errno.EMFILE and "open-file limit is reached (ulimit -n: " in message, message
+        assert "the shard itself is fine. Raise the limit (e.g. `ulimit -n" in message
+        assert "corrupt" not in message and "recreate" not in message
