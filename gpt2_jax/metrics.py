@@ -7,7 +7,8 @@ costs 6N FLOPs in the matmuls with the weights (2N forward, 4N backward) plus 12
 Logs go to `out_dir/metrics.jsonl`, one JSON object per line, each with a "step", e.g.
     {"step": 10, "loss": 2.3, "lr": 0.0006, "grad_norm": 0.41, "tokens_per_sec": 1270000.0, ...}
     {"step": 250, "val_loss": 3.1}
-and, unless switched off, to TensorBoard event files in `out_dir/tb`.
+and, unless switched off, to TensorBoard event files in `out_dir/tb`; with --wandb_project, every row to
+Weights & Biases too (`WandbWriter`), the samples as a table.
 
 A bucket (gs://) cannot be appended to: there the logger writes both to a local staging folder and
 `sync()` uploads them as whole files (the trainer calls it at each checkpoint and at the end), so a run
@@ -25,7 +26,9 @@ import json
 import math
 import numbers
 import re
+import secrets
 import shutil
+import string
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ from gpt2_jax.config import GPTConfig
 from gpt2_jax.storage import is_remote, local_folder_for, run_path
 
 FLOPS_CONVENTION = "6N + 12*L*H*Q*T (PaLM/nanoGPT), N excludes wpe"
+WANDB_EXTRA = 'pip install "gpt2-jax[wandb]"'
+WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run logs to the same W&B run
 
 # Peak dense (no sparsity) bf16 FLOP/s per device, from the vendors' datasheets.
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -68,7 +73,7 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     N counts the parameters from shapes alone (no allocation), the tied LM head once, and leaves out
     the learned positions (wpe), which are a lookup rather than a matmul.
     """
-    from gpt2_jax.model import count_params  # lazy: keeps `import gpt2_jax.metrics` free of Flax
+    from gpt2_jax.model import count_params  # noqa: PLC0415 (lazy: keeps `import gpt2_jax.metrics` free of Flax)
 
     n = count_params(cfg) - cfg.block_size * cfg.n_embd
     attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
@@ -137,6 +142,40 @@ def _to_json_value(value: Any) -> Any:
     return x if math.isfinite(x) else None
 
 
+class WandbWriter:
+    """One Weights & Biases run per run folder: its id is kept in out_dir/wandb_run_id, so a resumed run
+    continues it. W&B's own files (all of them, with WANDB_MODE=offline) go to `local_dir`/wandb. Steps a resumed run
+    logs again (those after the last checkpoint of a killed run) are dropped by W&B, which keeps the first."""
+
+    def __init__(self, out_dir: Any, local_dir: Path, *, project: str, name: str = "", entity: str = "",
+                 config: dict[str, Any] | None = None):
+        try:
+            import wandb  # noqa: PLC0415 (an optional extra, ~1 s to import)
+        except ImportError as e:
+            raise ImportError(f"--wandb_project needs Weights & Biases: {WANDB_EXTRA}") from e
+        self._wandb = wandb
+        id_file = out_dir / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not run_id:
+            run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's form
+            id_file.write_text(run_id + "\n")
+        local_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=project, entity=entity or None, name=name or None, id=run_id, resume="allow",
+                              dir=str(local_dir), config=config or {},
+                              settings=wandb.Settings(silent=True, disable_git=True, save_code=False))
+
+    def log(self, row: dict[str, Any]) -> None:
+        """A metrics.jsonl row (JSON values: null is NaN) at its step."""
+        self.run.log({k: math.nan if v is None else v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def log_samples(self, step: int, texts: list[str]) -> None:
+        table = self._wandb.Table(columns=["step", "sample", "text"], data=[[step, i, t] for i, t in enumerate(texts)])
+        self.run.log({"samples": table}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
     """Appends scalars to `out_dir/metrics.jsonl` (and TensorBoard); a no-op on non-primary processes.
 
@@ -150,11 +189,14 @@ class MetricsLogger:
     is reused by the next run, not left behind.
     """
 
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, is_primary: bool = True):
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, is_primary: bool = True,
+                 wandb: dict[str, Any] | None = None):
+        """`wandb`: WandbWriter's keyword arguments (project, name, entity, config), or None: no W&B."""
         self.out_dir = run_path(out_dir)
         self.path = self.out_dir / "metrics.jsonl"
         self._file = None
         self._tb = None
+        self._wandb: WandbWriter | None = None
         self._staging: Path | None = None  # the local copies of a bucket out_dir
         self._uploaded: dict[Path, int] = {}  # staged file -> its size at its last upload
         if not is_primary:
@@ -174,9 +216,11 @@ class MetricsLogger:
         _drop_partial_last_line(local)
         self._file = open(local, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter  # lazy: protobuf import is not free
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 (lazy: protobuf import is not free)
 
             self._tb = SummaryWriter(str(tb_dir))
+        if wandb:  # its files (in a folder "wandb") beside TensorBoard's: out_dir, or the staging folder sync uploads
+            self._wandb = WandbWriter(self.out_dir, tb_dir.parent, **wandb)
 
     def log(self, step: int, **scalars: Any) -> None:
         if self._file is None:
@@ -191,6 +235,13 @@ class MetricsLogger:
                 if isinstance(v, (bool, str)) or value is None:
                     continue  # TensorBoard scalars are numbers only
                 self._tb.add_scalar(key, math.nan if v is None else v, row["step"])
+        if self._wandb is not None:
+            self._wandb.log(row)
+
+    def log_samples(self, step: int, texts: list[str]) -> None:
+        """Generated samples: a table in W&B (metrics.jsonl and TensorBoard keep numbers only)."""
+        if self._wandb is not None:
+            self._wandb.log_samples(step, texts)
 
     def sync(self) -> None:
         """Flush; for a bucket out_dir also upload metrics.jsonl and the TensorBoard files that changed.
@@ -210,13 +261,16 @@ class MetricsLogger:
             try:
                 target.write_bytes(f.read_bytes())
                 self._uploaded[f] = size
-            except Exception as e:  # gcsfs raises OSError, aiohttp errors, ...
+            except Exception as e:  # noqa: BLE001 (gcsfs raises OSError, aiohttp errors, ...)
                 warnings.warn(f"could not upload {f} to {target} ({type(e).__name__}: {e}); the next sync "
                               "tries again", stacklevel=2)
 
     def close(self) -> None:
         """Close the files; for a bucket out_dir upload them a last time and delete the local copies (kept,
         with a warning naming them, if an upload failed)."""
+        if self._wandb is not None:  # first: its last files are then uploaded with the rest
+            self._wandb.finish()
+            self._wandb = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -246,8 +246,10 @@ def sample(t: Trainer, step: int) -> dict:
     new = min(tc.sample_tokens, t.cfg.block_size - len(t.sample_ids))  # one window: setup checked the prompt fits
     out = generate(t.model, prompts, new, temperature=1.0, top_k=50,
                    vocab_limit=t.tokenizer.vocab_size, seed=tc.seed + step)
-    for i, row in enumerate(out):
-        log(f"sample {i}: {t.tokenizer.decode(row.tolist())!r}")
+    texts = [t.tokenizer.decode(row.tolist()) for row in out]
+    for i, text in enumerate(texts):
+        log(f"sample {i}: {text!r}")
+    t.logger.log_samples(step, texts)  # W&B: a table (metrics.jsonl keeps numbers)
     return {}
 
 

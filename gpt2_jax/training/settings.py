@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 from typing import Any
 
@@ -23,6 +24,7 @@ from gpt2_jax.config import (
     default_attention,
     preset,
 )
+from gpt2_jax.metrics import WANDB_EXTRA
 from gpt2_jax.recipes import ADAMW, DATA_CACHE_GB, RECIPES, recipe
 
 _G, _C, _F = RECIPES["gpt2"], RECIPES["char/cpu"], RECIPES["finetune"]  # (for the help texts)
@@ -166,6 +168,10 @@ class TrainConfig:
     keep_checkpoints: int = _flag(3, "how many recent checkpoints to keep", low=1)
     log_every: int = _flag(1, "console and metrics.jsonl line every N steps", low=1)
     tensorboard: bool = _flag(True, "also write TensorBoard event files to out_dir/tb")
+    wandb_project: str = _flag("", "Weights & Biases project: log every metrics.jsonl row, samples and the config "
+                               "there (needs the wandb extra; WANDB_MODE=offline: files in out_dir/wandb); empty: off")
+    wandb_run_name: str = _flag("", "the W&B run's name (empty: W&B picks one); a resumed run keeps its run")
+    wandb_entity: str = _flag("", "the W&B team or user the project belongs to (empty: your default)")
     profile_steps: str = _flag("", "A:B: a jax.profiler trace of training steps A to B in out_dir/profile, for "
                                "TensorBoard's profile plugin, xprof or Perfetto (from step 2: step 1 compiles)")
     seed: int = _flag(1337, "seed for init, dropout and sampling", low=0, high=2**63 - 1)
@@ -199,6 +205,10 @@ class TrainConfig:
         problems += _width_problems(self)
         if self.profile_steps and (problem := profile_steps_problem(self.profile_steps)):
             problems.append(f"--profile_steps={self.profile_steps!r} {problem}")
+        if (self.wandb_run_name or self.wandb_entity) and not self.wandb_project:
+            problems.append("--wandb_run_name and --wandb_entity name a run of a project: give --wandb_project too")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            problems.append(f"--wandb_project needs Weights & Biases: {WANDB_EXTRA}")
         if problems:
             raise ValueError("\n".join(problems))
 

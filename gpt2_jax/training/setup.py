@@ -135,7 +135,8 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
         tc=tc, cfg=cfg, mesh=mesh, out_dir=out_dir, tokenizer=tokenizer, train_loader=train_loader,
         val_windows=val_windows, fingerprint=fingerprint, step=step, state=state, eval_sharding=eval_sh,
         eval_step=make_eval_step(step.graphdef, step.shardings, eval_sh, vocab_limit=tokenizer.vocab_size),
-        ckpt=ckpt, logger=MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=is_primary()),
+        ckpt=ckpt, logger=MetricsLogger(out_dir, tensorboard=tc.tensorboard, is_primary=is_primary(),
+                                        wandb=wandb_options(tc, cfg)),
         nan=nan, start_step=start_step, hellaswag=hellaswag_examples, sample_ids=sample_ids,
         loader_position=train_loader.state(), lock=lock)
     log_start(trainer)
@@ -302,6 +303,14 @@ def log_start(t: Trainer) -> None:
             f"e.g. --total_batch_size={tc.micro_batch_size * tc.block_size}")
     if peak_flops(jax.devices()[0]):
         log(mfu_banner(flops_per_token(cfg, tc.block_size), jax.devices()[0], jax.device_count()))
+
+
+def wandb_options(tc: TrainConfig, cfg: GPTConfig) -> dict | None:
+    """MetricsLogger's W&B settings: the run's project, name, entity, and the resolved config (as config.json)."""
+    if not tc.wandb_project:
+        return None
+    return dict(project=tc.wandb_project, name=tc.wandb_run_name, entity=tc.wandb_entity,
+                config={"train": dataclasses.asdict(tc), "model": cfg.to_dict()})
 
 
 def write_run_config(t: Trainer) -> None:
