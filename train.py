@@ -30,33 +30,36 @@ import dataclasses
 import signal
 import sys
 
+from gpt2_jax.cli import one_line_errors
 from gpt2_jax.training.settings import parse_flags  # imports nothing heavy: JAX is not loaded yet
 
 
-def main(argv: list[str] | None = None) -> None:
+# OSError: missing files, an unreachable bucket. Ctrl-C in the training loop stops it after a checkpoint (the loop's
+# handler); before it (start-up), it ends here: one line, exit 130, and the folder a new run made is removed.
+@one_line_errors(errors=(ValueError, OSError, ImportError, FloatingPointError),
+                 interrupted="stopped before training began; no step was trained. Run the same command to start again")
+def main(argv: list[str] | None = None) -> int:
     config = parse_flags(argv, prog="train.py", description=__doc__)
     from gpt2_jax import launch  # noqa: PLC0415
 
     launch.start_jax(config)
     import jax  # noqa: PLC0415
 
-    try:
-        if config.micro_batch_size == 0 and jax.default_backend() in ("gpu", "tpu"):
-            from gpt2_jax.plan import auto_micro_batch  # noqa: PLC0415
-            from gpt2_jax.training.setup import checkpoint_shape  # noqa: PLC0415
+    if config.micro_batch_size == 0 and jax.default_backend() in ("gpu", "tpu"):
+        from gpt2_jax.plan import auto_micro_batch  # noqa: PLC0415
+        from gpt2_jax.training.setup import checkpoint_shape  # noqa: PLC0415
 
-            micro, note = auto_micro_batch(checkpoint_shape(config, quiet=True))  # the shape --init_from has
-            print(note, flush=True)
-            if micro:
-                config = dataclasses.replace(config, micro_batch_size=micro)
-        from gpt2_jax.training import run  # noqa: PLC0415
+        micro, note = auto_micro_batch(checkpoint_shape(config, quiet=True))  # the shape --init_from has
+        print(note, flush=True)
+        if micro:
+            config = dataclasses.replace(config, micro_batch_size=micro)
+    from gpt2_jax.training import run  # noqa: PLC0415
 
-        summary = run(config)
-    except (ValueError, OSError, ImportError, FloatingPointError) as e:  # OSError: missing files, unreachable bucket
-        sys.exit(f"error: {e}")
+    summary = run(config)
     if summary.get("interrupted"):  # stopped by a signal, after writing a checkpoint
-        sys.exit(128 + signal.Signals[summary["interrupted"]].value)
+        return 128 + signal.Signals[summary["interrupted"]].value
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -160,9 +160,13 @@ class WandbWriter:
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's form
             id_file.write_text(run_id + "\n")
         local_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, entity=entity or None, name=name or None, id=run_id, resume="allow",
-                              dir=str(local_dir), config=config or {},
-                              settings=wandb.Settings(silent=True, disable_git=True, save_code=False))
+        try:
+            self.run = wandb.init(project=project, entity=entity or None, name=name or None, id=run_id,
+                                  resume="allow", dir=str(local_dir), config=config or {},
+                                  settings=wandb.Settings(silent=True, disable_git=True, save_code=False))
+        except wandb.errors.Error as e:  # no API key, an unknown entity, no network: one line, not a traceback
+            raise ValueError(f"Weights & Biases could not start the run ({type(e).__name__}: {e}); run `wandb login`, "
+                             f"or set WANDB_MODE=offline to keep it in {local_dir / 'wandb'} for `wandb sync`") from e
 
     def log(self, row: dict[str, Any]) -> None:
         """A metrics.jsonl row (JSON values: null is NaN) at its step."""
@@ -173,7 +177,9 @@ class WandbWriter:
         self.run.log({"samples": table}, step=step)
 
     def finish(self) -> None:
+        """End the run, and stop W&B's service process: its files are then whole (to upload, or to sync)."""
         self.run.finish()
+        self._wandb.teardown()
 
 
 class MetricsLogger:

@@ -28,7 +28,9 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))
-    return {k: v for k, v in os.environ.items()}
+    wandb.teardown()  # W&B reads the environment when it sets up, once per process: here, with these settings
+    yield dict(os.environ)
+    wandb.teardown()
 
 
 def wandb_records(path):
@@ -172,3 +174,14 @@ def test_two_processes_only_process_0_logs(tmp_path, char_data, offline):
     runs = offline_runs(out)
     assert len(runs) == 1 and runs[0][0] == (out / WANDB_RUN_ID_FILE).read_text().strip()
     assert_rows_logged(read_metrics(out / "metrics.jsonl"), runs[0][2])
+
+
+def test_online_without_an_api_key_is_one_line(tmp_path, offline, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "no-settings"))  # (no key stored there either)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    wandb.teardown()  # (as in `offline`)
+    with pytest.raises(ValueError, match=r"Weights & Biases could not start the run \(UsageError: No API key "
+                                         r".*run `wandb login`, or set WANDB_MODE=offline"):
+        MetricsLogger(tmp_path, tensorboard=False, wandb={"project": "p"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -72,13 +73,20 @@ def setup(tc: TrainConfig) -> Trainer:
     """
     out_dir = storage.run_path(tc.out_dir)
     storage.check_writable(out_dir, "--out_dir")  # a bucket: fail now, not at the first checkpoint
+    for flag, path in (("--data", tc.data), ("--init_from", tc.init_from), ("--hellaswag_data", tc.hellaswag_data)):
+        storage.check_readable(path, flag)  # the same for the buckets the run reads: one line, in seconds
     tc = resolve(checkpoint_shape(tc), jax.default_backend(), jax.device_count())
     mesh = sharding.make_mesh(tc.mesh)
     grad_accum_steps(tc, sharding.data_parallel_size(mesh), jax.process_count())  # the batch arithmetic
     made = []  # the local folders this start makes: a failed start removes them
     if not storage.is_remote(out_dir):  # (a bucket has no folders to make)
         made = [f for f in (out_dir, out_dir / runs.CHECKPOINTS) if broadcast_from_primary(not f.exists())]
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a read-only parent, a file in the way, a name too long
+            shorter = " with a shorter path" if e.errno == errno.ENAMETOOLONG else ""
+            raise type(e)(f"--out_dir={tc.out_dir}: cannot make the folder {out_dir} ([Errno {e.errno}] "
+                          f"{e.strerror}); pass an --out_dir{shorter} in a folder you may write to") from None
     lock = runlock.acquire(out_dir)  # a second trainer on this folder stops here
     try:
         return _build(tc, mesh, out_dir, lock)
@@ -120,6 +128,7 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
     fingerprint = {"dir": where, "shards": train_loader.state()["shards"]}
     val_windows = (data_lib.EvalWindows(data_dir, tc.block_size, tc.micro_batch_size, tc.eval_tokens or None,
                                         **per_process) if tc.eval_every else None)
+    first_batches(train_loader, val_windows)  # tokens outside meta.json's vocabulary: now, not after the build
     check_run_folder(ckpt, cfg, fingerprint, tc)  # before the checks below: a changed --data explains them
     sample_ids = sample_prompt(tc, cfg, tokenizer)
     hellaswag_examples = load_hellaswag_for(tc, tokenizer, data_dir)
@@ -154,6 +163,9 @@ def prepare_data(tc: TrainConfig, out_dir: epath.Path) -> Path:
     if tc.data:
         if storage.is_remote(tc.data):  # a local cache folder; the shards are fetched as the loader needs them
             return data_lib.open_remote(tc.data, tc.data_cache_gb)
+        if Path(tc.data).is_file():
+            raise ValueError(f"--data={tc.data} is a file; training reads a folder of token shards. Make one from a "
+                             f"text file with `python -m gpt2_jax.data text {tc.data} --out DIR`, then pass --data=DIR")
         return Path(tc.data)
     if storage.is_remote(out_dir):
         folder = storage.local_folder_for(out_dir, "char-data")
@@ -167,6 +179,16 @@ def prepare_data(tc: TrainConfig, out_dir: epath.Path) -> Path:
             data_lib.prepare_text_string(data_lib.default_corpus(), folder, tokenizer="char")
         sync("prepare_data")
     return folder
+
+
+def first_batches(train_loader: data_lib.TokenLoader, val_windows: data_lib.EvalWindows | None) -> None:
+    """Read the first train batch (the loader then starts over) and the first val batch: their tokens are
+    checked against the vocabulary, so data whose meta.json does not match its shards stops the start here,
+    before the model is built (and the start removes the out_dir it made), not at the first step."""
+    train_loader.next_batch()
+    train_loader.reset()
+    if val_windows is not None and len(val_windows):
+        next(iter(val_windows))
 
 
 def _prepare_bundled_corpus(folder: Path) -> None:
