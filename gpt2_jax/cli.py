@@ -1,10 +1,60 @@
-"""What the command lines share before JAX starts: argparse types for their flags.
+"""What the command lines share before JAX starts: argparse types for their flags, and the one way a tool ends
+on an error (`one_line_errors`): one line on stderr, an exit status, no traceback.
+
+Exit statuses: 0 done; 1 an error the message says how to fix; 2 a bad flag (as argparse's own errors); 130
+interrupted by Ctrl-C (SIGINT), as a shell reports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import sys
+from collections.abc import Callable
+
+EXIT_ERROR, EXIT_BAD_FLAG, EXIT_INTERRUPTED = 1, 2, 130
+# What a tool reports as one line: missing or unreadable files, an unreachable bucket, values that make no sense,
+# a missing extra. Anything else is a bug, and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, RuntimeError, ImportError)
+
+
+class CliError(Exception):
+    """An error a tool reports as `error: <message>` with exit status `status` (1)."""
+
+    status = EXIT_ERROR
+
+
+class BadFlag(CliError):
+    """A flag whose value cannot be used (exit status 2)."""
+
+    status = EXIT_BAD_FLAG
+
+
+def one_line_errors(errors: tuple[type[BaseException], ...] = USER_ERRORS,
+                    interrupted: str = "stopped before it finished") -> Callable:
+    """Decorator for a tool's `main(argv) -> int`: a CliError or one of `errors` becomes `error: <message>` on
+    stderr and its exit status (CliError's, else 1); Ctrl-C becomes one line, `interrupted (SIGINT): ...`,
+    and 130. SystemExit (argparse) passes through."""
+
+    def wrap(main: Callable[..., int | None]) -> Callable[..., int | None]:
+        @functools.wraps(main)
+        def run(argv=None):
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                print(f"interrupted (SIGINT): {interrupted}", file=sys.stderr)
+                return EXIT_INTERRUPTED
+            except CliError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return e.status
+            except errors as e:
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_ERROR
+
+        return run
+
+    return wrap
 
 
 def finite_float(text: str) -> float:

@@ -33,12 +33,13 @@ from tqdm import tqdm
 
 from gpt2_jax import hellaswag
 from gpt2_jax.backends import add_platform_flag, pin_platform
+from gpt2_jax.cli import BadFlag, CliError, one_line_errors
 from gpt2_jax.data import EvalWindows, open_remote
 from gpt2_jax.loss import token_losses
 from gpt2_jax.model import GPT
 from gpt2_jax.runs import load_model
 from gpt2_jax.sharding import eval_mesh, place_for_rows, run_on_rows
-from gpt2_jax.storage import is_remote, results_file
+from gpt2_jax.storage import check_readable, is_remote, results_file
 from gpt2_jax.tokenizer import Tokenizer
 
 
@@ -172,21 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors(interrupted="stopped before the evaluation finished; nothing was written")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = results_file(args.out, "--out") if args.out else None  # before the evaluation, not after it
     except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise BadFlag(e) from None
     if problem := pin_platform(args.platform):  # before any JAX backend starts
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        result = (_loss_command if args.command == "loss" else hellaswag.command)(args)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:  # OSError: FileNotFoundError, NotADirectoryError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CliError(problem)
+    for flag, path in (("--init_from", args.init_from), ("--data", args.data)):
+        check_readable(path, flag)  # a bucket: one line in seconds, not a minute of retries
+    result = (_loss_command if args.command == "loss" else hellaswag.command)(args)
     if out is not None:
         out.write_text(json.dumps(result, indent=1) + "\n")  # local or gs://
         print(f"wrote {args.out}")

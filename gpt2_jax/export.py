@@ -25,10 +25,11 @@ from pathlib import Path
 from etils import epath
 
 from gpt2_jax.backends import add_platform_flag, pin_platform
+from gpt2_jax.cli import CliError, one_line_errors
 from gpt2_jax.config import GPT2_VOCAB_SIZE, GPTConfig
 from gpt2_jax.convert import config_to_hf, export_hf, export_vocab_size
 from gpt2_jax.runs import CHECKPOINTS, CONFIG_FILE, TOKENIZER_FILE, load_run, write_tokenizer
-from gpt2_jax.storage import is_remote, run_path
+from gpt2_jax.storage import check_readable, check_writable, is_remote, run_path
 
 EXPORT_FILES = (CONFIG_FILE, "model.safetensors", TOKENIZER_FILE)  # what an export writes (and nothing else)
 EXPORT_TEMPORARIES = (".config.json.tmp", ".model.safetensors.tmp")  # an interrupted export's (convert.export_hf)
@@ -103,16 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors(interrupted="stopped before the export finished")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if problem := pin_platform(args.platform):  # before any JAX backend starts
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        folder, info = export_run(args.out_dir, args.to, args.step)
-    except (OSError, ValueError, RuntimeError) as e:  # OSError: FileNotFoundError, NotADirectoryError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CliError(problem)
+    check_readable(args.out_dir, "out_dir")  # buckets: one line in seconds, not a minute of retries
+    check_writable(run_path(args.to), "--to")
+    folder, info = export_run(args.out_dir, args.to, args.step)
     sliced = f" (sliced from {info['model_vocab_size']})" if info["model_vocab_size"] != info["vocab_size"] else ""
     print(f"wrote {folder} from step {info['step']}: GPT-2 with n_layer={info['n_layer']}, n_head={info['n_head']}, "
           f"n_embd={info['n_embd']}, block_size={info['block_size']}, vocab_size={info['vocab_size']}{sliced}")

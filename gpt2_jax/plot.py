@@ -16,16 +16,18 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gpt2_jax.backends import add_platform_flag, pin_platform
+from gpt2_jax.cli import BadFlag, CliError, one_line_errors
 from gpt2_jax.config import GPT2_VOCAB_SIZE
 from gpt2_jax.metrics import read_metrics
 from gpt2_jax.runs import CONFIG_FILE, METRICS_FILE, PLOT_FILE
-from gpt2_jax.storage import is_remote, results_file, run_path
+from gpt2_jax.storage import check_readable, is_remote, results_file, run_path
 
 # OpenAI's GPT-2 124M, evaluated as in the lecture: loss on the FineWeb-Edu validation split (10M tokens)
 # and HellaSwag acc_norm on the 10,042 validation examples.
@@ -88,7 +90,15 @@ def run_figure(out_dir: str | Path) -> Figure:
     metrics_path = out_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise FileNotFoundError(f"no metrics file at {metrics_path} (is {out_dir} a run's --out_dir?)")
-    rows = read_metrics(metrics_path)
+    with warnings.catch_warnings(record=True) as skipped:  # one per unparseable line: said once, below
+        warnings.simplefilter("always")
+        rows = read_metrics(metrics_path)
+    if not any("step" in row for row in rows) and metrics_path.read_bytes().strip():  # (empty: a run's first steps)
+        raise ValueError(f"{metrics_path} holds no metrics rows (no line is a JSON row with a step): is it a run's "
+                         "metrics.jsonl? Nothing was plotted")
+    if skipped:
+        warnings.warn(f"{metrics_path}: skipped {len(skipped)} unparseable lines; first: {skipped[0].message}",
+                      stacklevel=2)
     train_steps, train = _series(rows, "loss")
     val_steps, val = _series(rows, "val_loss")
     hs_steps, hs = _series(rows, "hellaswag_acc_norm")
@@ -165,21 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_errors(interrupted="stopped before the plot was written")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         out = results_file(args.out, "--out") if args.out else None
     except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise BadFlag(e) from None
     if problem := pin_platform(args.platform):  # before any JAX backend starts
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        path = plot_run(args.out_dir, out)
-    except (OSError, ValueError) as e:  # no metrics file, an unreadable one
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise CliError(problem)
+    check_readable(args.out_dir, "out_dir")  # a bucket: one line in seconds, not a minute of retries
+    path = plot_run(args.out_dir, out)  # no metrics file, an unreadable one: one line (one_line_errors)
     print(f"wrote {path}")
     return 0
 

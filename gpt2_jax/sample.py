@@ -33,7 +33,8 @@ import time
 from collections.abc import Sequence
 
 from gpt2_jax.backends import add_platform_flag, pin_platform
-from gpt2_jax.cli import finite_float
+from gpt2_jax.cli import CliError, finite_float, one_line_errors
+from gpt2_jax.storage import check_readable
 
 
 def start_ids(tokenizer) -> list[int]:
@@ -102,35 +103,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@one_line_errors(interrupted="stopped before the samples were drawn")
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)  # bad flags exit here, before JAX starts
     if problem := pin_platform(args.platform):  # before any JAX backend starts
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
+        raise CliError(problem)
+    check_readable(args.init_from, "--init_from")  # a bucket: one line in seconds, not a minute of retries
     from gpt2_jax.generate import generate  # noqa: PLC0415
     from gpt2_jax.runs import load_model  # noqa: PLC0415
 
-    try:
-        model, tokenizer, _ = load_model(args.init_from, step=args.step, dtype=args.dtype)
-        if tokenizer is None:
-            raise ValueError(f"{args.init_from} has no known tokenizer (vocab_size {model.config.vocab_size} is not "
-                             "GPT-2's): sample from the training run's out_dir, or export it with gpt2_jax.export")
-        rows, skips = [], []
-        for p, prompt in enumerate(args.prompt):
-            ids = tokenizer.encode(prompt) or start_ids(tokenizer)
-            ids, dropped = crop_prompt(ids, model.config.block_size)
-            if dropped:
-                print(f"warning: prompt {p} is {len(ids) + dropped} tokens; keeping its last {len(ids)}, the "
-                      "model's context (block_size)", file=sys.stderr)
-            rows += [ids] * args.num_samples
-            skips += [0 if prompt else len(ids)] * args.num_samples  # don't print the start token
-        t0 = time.perf_counter()
-        out = generate(model, rows, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size),
-                       seed=args.seed)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:  # OSError: FileNotFoundError, NotADirectoryError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model, tokenizer, _ = load_model(args.init_from, step=args.step, dtype=args.dtype)
+    if tokenizer is None:
+        raise ValueError(f"{args.init_from} has no known tokenizer (vocab_size {model.config.vocab_size} is not "
+                         "GPT-2's): sample from the training run's out_dir, or export it with gpt2_jax.export")
+    rows, skips = [], []
+    for p, prompt in enumerate(args.prompt):
+        ids = tokenizer.encode(prompt) or start_ids(tokenizer)
+        ids, dropped = crop_prompt(ids, model.config.block_size)
+        if dropped:
+            print(f"warning: prompt {p} is {len(ids) + dropped} tokens; keeping its last {len(ids)}, the "
+                  "model's context (block_size)", file=sys.stderr)
+        rows += [ids] * args.num_samples
+        skips += [0 if prompt else len(ids)] * args.num_samples  # don't print the start token
+    t0 = time.perf_counter()
+    out = generate(model, rows, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size), seed=args.seed)
     dt = time.perf_counter() - t0
     for i, (row, skip) in enumerate(zip(out, skips)):
         p, j = divmod(i, args.num_samples)

@@ -76,16 +76,41 @@ def local_folder_for(remote: str | os.PathLike, what: str) -> Path:
 
 def check_writable(folder: epath.Path, flag: str, timeout: float | None = None) -> None:
     """Fail fast, before anything compiles, if the remote `folder` can't be written: no network, no bucket,
-    no credentials. Writes and deletes a small probe object; raises OSError naming the bucket and the cause.
-
-    gcsfs retries a failed request 6 times with backoff 1, 2, 4, 8, 16 s (`GCSFileSystem.retries`, fixed when
-    the class is defined), so an unreachable endpoint takes ~33 s to fail inside gcsfs. The probe runs in a
-    thread and gives up after `timeout` seconds (PROBE_TIMEOUT_S, or $GPT2_JAX_STORAGE_TIMEOUT), reporting
-    the last error gcsfs retried on (it logs each one)."""
+    no credentials. Writes and deletes a small probe object; raises OSError naming the flag, the bucket and the
+    cause (`probe_bucket`). A local folder: nothing to do here."""
     if not is_remote(folder):
         return
+
+    def write_probe():
+        # No mkdir: GCS folders are implicit, and gcsfs's makedirs would create a missing bucket.
+        probe_file = folder / f".gpt2_jax-probe-{uuid.uuid4().hex[:8]}"
+        probe_file.write_text("ok")
+        probe_file.unlink()
+
+    probe_bucket(folder, flag, write_probe, "writing a probe object", timeout)
+
+
+def check_readable(path: str | os.PathLike | None, flag: str, timeout: float | None = None) -> None:
+    """The same for a remote path a flag reads (--data, --init_from, --hellaswag_data, a tool's run folder): one
+    look-up of it, within the same time budget, so that an unreachable bucket is one line naming the flag
+    instead of a minute of gcsfs retries. Whether it exists is for the reader to say; None, "" and local
+    paths: nothing to do."""
+    if not path or not is_remote(path):
+        return
+    remote = run_path(path)
+    probe_bucket(remote, flag, remote.exists, "looking it up", timeout)
+
+
+def probe_bucket(path: epath.Path, flag: str, probe, doing: str, timeout: float | None = None) -> None:
+    """Run `probe()` (a first request to the bucket of `path`) in a thread; raise if it fails or takes more
+    than `timeout` seconds (PROBE_TIMEOUT_S, or $GPT2_JAX_STORAGE_TIMEOUT): TimeoutError or OSError, one
+    line naming the flag, the bucket, the cause and what to check.
+
+    gcsfs retries a failed request 6 times with backoff 1, 2, 4, 8, 16 s (`GCSFileSystem.retries`, fixed when
+    the class is defined), so an unreachable endpoint takes ~33 s to fail inside gcsfs; the probe gives up
+    sooner, reporting the last error gcsfs retried on (it logs each one)."""
     timeout = timeout or float(os.environ.get("GPT2_JAX_STORAGE_TIMEOUT", PROBE_TIMEOUT_S))
-    where = f"{flag}={folder} (bucket {bucket_of(folder)!r})"
+    where = f"{flag}={path} (bucket {bucket_of(path)!r})"
     retried, logger = _LastError(), logging.getLogger("gcsfs")
     saved = logger.level, logger.propagate
     logger.addHandler(retried)  # gcsfs logs each retried error at DEBUG: keep the last, print none
@@ -93,17 +118,14 @@ def check_writable(folder: epath.Path, flag: str, timeout: float | None = None) 
     logger.propagate = False
     outcome: list[BaseException | None] = []
 
-    def probe():
+    def run():
         try:
-            # No mkdir: GCS folders are implicit, and gcsfs's makedirs would create a missing bucket.
-            probe_file = folder / f".gpt2_jax-probe-{uuid.uuid4().hex[:8]}"
-            probe_file.write_text("ok")
-            probe_file.unlink()
+            probe()
             outcome.append(None)
-        except BaseException as e:  # noqa: BLE001 -- reported by the caller's thread
+        except BaseException as e:  # noqa: BLE001  (any failure, even an exit: reported by the caller's thread)
             outcome.append(e)
 
-    thread = threading.Thread(target=probe, name="storage-probe", daemon=True)
+    thread = threading.Thread(target=run, name="storage-probe", daemon=True)
     try:
         thread.start()
         thread.join(timeout)
@@ -113,14 +135,15 @@ def check_writable(folder: epath.Path, flag: str, timeout: float | None = None) 
         logger.propagate = saved[1]
     if not outcome:
         cause = f"; the last error was: {retried.message}" if retried.message else ""
-        raise TimeoutError(f"cannot reach {where}: writing a probe object took more than {timeout:.0f} s"
-                           f"{cause}. Check the network, the bucket name and the credentials "
-                           "(gcloud auth application-default login, or the VM's service account)")
+        raise TimeoutError(f"cannot reach {where}: {doing} took more than {timeout:.0f} s{cause}. Check the "
+                           "network, the bucket name and the credentials (gcloud auth application-default login, "
+                           "or the VM's service account)")
     if outcome[0] is not None:
         e = outcome[0]
         missing = " (no such bucket?)" if isinstance(e, FileNotFoundError) else ""
-        raise OSError(f"cannot write to {where}{missing}: {type(e).__name__}: {str(e)[:300]}. Check the bucket "
-                      "name, and that the credentials may write there") from e
+        verb = "write to" if doing.startswith("writing") else "read"
+        raise OSError(f"cannot {verb} {where}{missing}: {type(e).__name__}: {str(e)[:300]}. Check the bucket "
+                      f"name, and that the credentials may {verb.split()[0]} there") from e
 
 
 def probe_folder(folder: str | os.PathLike) -> None:

@@ -284,3 +284,213 @@ def test_the_open_file_limit_is_named_not_a_corrupt_shard(many_shards, monkeypat
         assert error.errno == errno.EMFILE and "open-file limit is reached (ulimit -n: " in message, message
         assert "the shard itself is fine. Raise the limit (e.g. `ulimit -n" in message
         assert "corrupt" not in message and "recreate" not in message
+
+
+# ------------------------------------------------------------------------------------- UGLY: gs:// paths offline
+
+
+def _offline_env() -> dict:
+    """A machine with no route to Cloud Storage: the storage endpoint is a closed port on 127.0.0.1 (gcsfs then
+    retries ~33 s per request); the probe gives up after 4 s."""
+    import socket
+
+    import gcs_emulator
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    return {**os.environ, **gcs_emulator.emulator_env(closed), "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
+            "GPT2_JAX_STORAGE_TIMEOUT": "4"}
+
+
+GS = "gs://no-network-bucket"
+OFFLINE_CASES = {  # command -> the flag and path its one line names
+    "train --data": (["train.py", f"--data={GS}/data"], f"--data={GS}/data"),
+    "train --init_from": (["train.py", f"--init_from={GS}/run"], f"--init_from={GS}/run"),
+    "train --hellaswag_data": (["train.py", f"--hellaswag_data={GS}/h.jsonl"], f"--hellaswag_data={GS}/h.jsonl"),
+    "sample --init_from": (["-m", "gpt2_jax.sample", f"--init_from={GS}/run"], f"--init_from={GS}/run"),
+    "evaluate --data": (["-m", "gpt2_jax.evaluate", "loss", f"--data={GS}/data"], f"--data={GS}/data"),
+    "export --to": (["-m", "gpt2_jax.export", "some-run", "--to", f"{GS}/hf"], f"--to={GS}/hf"),
+    "export out_dir": (["-m", "gpt2_jax.export", f"{GS}/run", "--to", "hf"], f"out_dir={GS}/run"),
+    "plot out_dir": (["-m", "gpt2_jax.plot", f"{GS}/run"], f"out_dir={GS}/run"),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", OFFLINE_CASES)
+def test_every_bucket_path_fails_fast_offline(case, tmp_path):
+    """Offline, only --out_dir=gs:// used to fail in one line (18 s); --data, --init_from, --to ... took 60-140 s and
+    100-200 lines of gcsfs warnings and aiohttp tracebacks naming neither flag nor bucket. Now each flag gets the
+    same probe: one line naming the flag and the bucket, after the probe's timeout, exit 1."""
+    argv, named = OFFLINE_CASES[case]
+    if argv[0] == "train.py":
+        argv = [*argv, f"--out_dir={tmp_path / 'out'}", "--max_steps=1"]
+    r = subprocess.run([sys.executable, *argv], cwd=tmp_path if argv[0] == "-m" else ROOT, capture_output=True,
+                       text=True, timeout=HANG, env={**_offline_env(), "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: cannot reach {named} (bucket 'no-network-bucket'): "),\
+        r.stderr[-3000:]
+    assert "took more than 4 s" in errors[0] and "Check the network, the bucket name and the credentials" in errors[0]
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 3, r.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- UGLY: Ctrl-C at start-up
+
+
+def _interrupt_when(argv: list[str], ready, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `argv`; once `ready(line)` holds for a line of its output (it is then in start-up), send SIGINT."""
+    import signal
+
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if ready(line):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=HANG)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(argv, proc.returncode, "".join(seen) + rest, "")
+
+
+@pytest.mark.e2e
+def test_an_interrupt_during_start_up_is_one_line(char_data, tmp_path):
+    """Ctrl-C while train.py starts used to print a 49-76 line KeyboardInterrupt traceback. Now one line, exit
+    130, and the new run's folder is removed."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "train.py", *train_flags({**TINY_RUN, **ONE_LAYER, "platform": "cpu", "data": char_data,
+                                                      "out_dir": out, "compile_cache": "off"})]
+    r = _interrupt_when(argv, lambda line: line.startswith("compile cache"), ROOT)
+    assert r.returncode == 130, r.stdout[-3000:]
+    assert "Traceback" not in r.stdout and "KeyboardInterrupt" not in r.stdout, r.stdout[-3000:]
+    assert r.stdout.splitlines()[-1] == ("interrupted (SIGINT): stopped before training began; no step was trained. "
+                                         "Run the same command to start again"), r.stdout[-3000:]
+    assert not out.exists()
+
+
+@pytest.mark.e2e
+def test_an_interrupt_in_a_tool_is_one_line(tiny_run, tmp_path):
+    """The same for a tool: sample, interrupted while it compiles (after its warning about the long prompt)."""
+    argv = [sys.executable, "-m", "gpt2_jax.sample", f"--init_from={tiny_run}", "--prompt", "x" * 40,
+            "--max_new_tokens=400", "--platform=cpu"]
+    r = _interrupt_when(argv, lambda line: line.startswith("warning: prompt 0 is"), ROOT)
+    assert r.returncode == 130, r.stdout[-3000:]
+    assert "Traceback" not in r.stdout and r.stdout.splitlines()[-1] == (
+        "interrupted (SIGINT): stopped before the samples were drawn"), r.stdout[-3000:]
+
+
+# ---------------------------------------------------------------------- UGLY: the words of start-up errors
+
+
+@pytest.mark.parametrize("where", ["under a file", "a name too long"])
+def test_an_out_dir_that_cannot_be_made_names_the_flag(where, char_data, tmp_path):
+    """An OS error making --out_dir used to be `error: [Errno 13] Permission denied: '/.../run'`: now it names
+    the flag, the folder, the cause and the fix."""
+    from gpt2_jax.training.setup import setup
+
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" / "run" if where == "under a file" else tmp_path / ("x" * 300) / "run"
+    with pytest.raises(OSError) as e:
+        setup(tiny_train_config(out, char_data, **ONE_LAYER, compile_cache="off"))
+    cause = "[Errno 20] Not a directory" if where == "under a file" else "[Errno 36] File name too long"
+    fix = "an --out_dir in" if where == "under a file" else "an --out_dir with a shorter path in"
+    assert str(e.value) == (f"--out_dir={out}: cannot make the folder {out} ({cause}); pass {fix} a folder you may "
+                            "write to")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.e2e
+def test_an_out_dir_under_a_read_only_folder_names_the_flag(char_data, tmp_path):
+    if not _can_remount_read_only(tmp_path):
+        pytest.skip("no private mount namespace here (unshare -rm + a read-only bind mount)")
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    train = " ".join([sys.executable, "train.py", *train_flags({**TINY_RUN, **ONE_LAYER, "platform": "cpu",
+                                                                "data": char_data, "out_dir": parent / "run"})])
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"{_ro_bind(parent)} && {train}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=HANG)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1] == (f"error: --out_dir={parent}/run: cannot make the folder {parent}/run "
+                                         "([Errno 30] Read-only file system); pass an --out_dir in a folder you may "
+                                         "write to"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("what", ["a text file", "a shard"])
+def test_data_that_is_a_file_says_what_training_reads(what, char_data, tmp_path):
+    """--data=<a text file> used to say the data directory "does not exist"; the file exists: say that training
+    reads a folder of token shards, and how to make one."""
+    from gpt2_jax.training.setup import setup
+
+    data = tmp_path / "book.txt" if what == "a text file" else char_data / "train_000000.npy"
+    if what == "a text file":
+        data.write_text("Call me Ishmael.")
+    with pytest.raises(ValueError) as e:
+        setup(tiny_train_config(tmp_path / "out", data, **ONE_LAYER, compile_cache="off"))
+    assert str(e.value) == (f"--data={data} is a file; training reads a folder of token shards. Make one from a text "
+                            f"file with `python -m gpt2_jax.data text {data} --out DIR`, then pass --data=DIR")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_shards_beyond_meta_vocabulary_stop_before_the_model_is_built(split, char_data, tmp_path, monkeypatch):
+    """A meta.json whose vocabulary is smaller than its shards' ids used to stop at the first step (or the first
+    eval), after the model was built, leaving the new out_dir behind. Now the first batches are read at start-up:
+    the error comes before the model is built, and the folder the start made is removed."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from gpt2_jax.training import setup as setup_lib
+
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["vocab_size"], meta["chars"] = 40, meta["chars"][:40]  # (letters are past the 40th character)
+    (data / "meta.json").write_text(json.dumps(meta))
+    other = "val" if split == "train" else "train"
+    for shard in data.glob(f"{other}_*.npy"):  # only `split` holds ids past the vocabulary
+        np.save(shard, np.minimum(np.load(shard), 39).astype(np.uint16))
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the data was checked")
+
+    monkeypatch.setattr(setup_lib, "build_step", built)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"token id \d+ >= vocab_size=40 in shard .*" + split):
+        setup_lib.setup(tiny_train_config(out, data, **ONE_LAYER, compile_cache="off", eval_every=1))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"\x8b\x00\xffrandom bytes\n" * 140, b"\x00\x13\x37 no newline at all",
+                                     b'{"a": 1}\n{"b": 2}\n'])
+def test_plot_of_garbage_metrics_is_one_line_and_no_png(content, tmp_path, capsys):
+    """plot on a metrics.jsonl of random bytes used to print 140 warnings and write an empty PNG, exit 0."""
+    from gpt2_jax import plot
+
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+    assert plot.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'metrics.jsonl'} holds no metrics rows (no line is a JSON row with a step): "
+                   "is it a run's metrics.jsonl? Nothing was plotted\n"), err
+    assert not list(tmp_path.glob("*.png*"))
+
+
+@pytest.mark.parametrize("flags", [["--micro_batch_size=1000000000"], ["--micro_batch_size=40000000",
+                                                                       "--block_size=64"]])
+def test_plan_of_an_impossible_micro_batch_is_one_line(flags, capsys):
+    """plan --micro_batch_size=1000000000 used to end in a 58-line OverflowError from inside the loss."""
+    from gpt2_jax.plan.cli import main
+
+    try:
+        code = main(["--target=local", "--preset=char", *flags])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code not in (0, None) and "Traceback" not in err and "OverflowError" not in err, err
+    assert "tokens per micro-batch, more than a 32-bit index counts" in err and "lower --micro_batch_size" in err

@@ -26,6 +26,8 @@ from gpt2_jax.model import GPT, Unroll
 from gpt2_jax.optim import OptimConfig, make_optimizer
 from gpt2_jax.training.settings import TrainConfig, grad_accum_steps
 
+INT32_MAX = 2**31 - 1
+
 
 class TrainState(nnx.Module):
     """Everything the train step updates: the model and its optimizer (AdamW moments and step)."""
@@ -174,6 +176,10 @@ def build_step(tc: TrainConfig, cfg: GPTConfig, mesh, vocab_limit: int | None = 
                unroll: Unroll | None = None) -> TrainStep:
     """The train step for a resolved `tc` and its model `cfg` on `mesh` (any devices, attached or not).
     `unroll` (model.Unroll): how the traced loops unroll; None: as suits the backend this process runs."""
+    if (tokens := tc.micro_batch_size * tc.block_size) > INT32_MAX:  # (the loss indexes a micro-batch's tokens)
+        raise ValueError(f"--micro_batch_size={tc.micro_batch_size} x --block_size={tc.block_size} = {tokens:,} "
+                         f"tokens per micro-batch, more than a 32-bit index counts ({INT32_MAX:,}) and far more than "
+                         "any device holds; lower --micro_batch_size")
     grad_accum = grad_accum_steps(tc, sharding.data_parallel_size(mesh), jax.process_count())
     oc = optim_config(tc)
     tx = make_optimizer(oc)
