@@ -494,3 +494,32 @@ def test_plan_of_an_impossible_micro_batch_is_one_line(flags, capsys):
     err = capsys.readouterr().err
     assert code not in (0, None) and "Traceback" not in err and "OverflowError" not in err, err
     assert "tokens per micro-batch, more than a 32-bit index counts" in err and "lower --micro_batch_size" in err
+
+
+# ------------------------------------------------------------------------------------- also seen: resuming
+
+
+@pytest.mark.slow
+def test_resume_names_a_changed_schedule_and_drops_rows_past_the_checkpoint(char_data, tmp_path, capsys):
+    """A run checkpointed at step 2, killed after logging steps 3-5 (rows appended here), resumed with a larger
+    --max_steps: the log names the schedule change and the rates (it used to jump with no word), and metrics.jsonl
+    holds each step once (the dead run's rows 3-5 used to stay, then repeat)."""
+    import json
+
+    from gpt2_jax.training import run
+
+    out = tmp_path / "out"
+    config = dict(**ONE_LAYER, compile_cache="off", warmup_steps=1)
+    run(tiny_train_config(out, char_data, max_steps=2, **config))
+    metrics = out / "metrics.jsonl"
+    with metrics.open("a") as f:
+        for step in (3, 4, 5):
+            f.write(json.dumps({"step": step, "loss": 9.0}) + "\n")
+    capsys.readouterr()
+    run(tiny_train_config(out, char_data, max_steps=4, **config))
+    log = capsys.readouterr().out
+    assert "note: the learning-rate schedule changed since the checkpoint (--max_steps 2 -> 4): the next step " \
+           "trains at lr " in log, log
+    assert f"{metrics}: removed 3 rows of steps after 2" in log
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4] and all(row["loss"] != 9.0 for row in rows), rows

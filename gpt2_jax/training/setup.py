@@ -28,6 +28,7 @@ from gpt2_jax.config import GPT2_SIZES, GPTConfig
 from gpt2_jax.distributed import broadcast_from_primary, is_primary, log, sync
 from gpt2_jax.metrics import MetricsLogger, flops_per_token, mfu_banner, peak_flops
 from gpt2_jax.model import GPT
+from gpt2_jax.optim import OptimConfig, lr_at
 from gpt2_jax.tokenizer import Tokenizer
 from gpt2_jax.training.guards import NanPolicy
 from gpt2_jax.training.settings import TrainConfig, grad_accum_steps, model_config, resolve, with_checkpoint_shape
@@ -138,6 +139,8 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
     step = build_step(tc, cfg, mesh, vocab_limit=tokenizer.vocab_size)
     nan = NanPolicy(tc.on_nan, tc.max_skips)
     restored = restore_latest(ckpt, step, cfg, fingerprint, train_loader, nan)
+    if restored:
+        drop_metrics_past(out_dir, restored[1])
     state, start_step = restored or (init_params(tc, cfg, step, step.init_state(cfg, tc.seed), tokenizer), 0)
     eval_sh = sharding.batch_sharding(mesh, ndim=2)
     trainer = Trainer(
@@ -242,7 +245,54 @@ def restore_latest(ckpt: Checkpointer, step: TrainStep, cfg: GPTConfig, fingerpr
     damaged = [s for s in complete if s > at]
     log(f"resumed from {ckpt.directory} at step {at}"
         + (f" (could not restore the newer checkpoints {damaged}: see the warnings above)" if damaged else ""))
+    if note := schedule_change(meta.train_config, step.optim, at - nan.skipped):
+        log(note)
     return state, at
+
+
+SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr_ratio")  # the flags that shape the learning rate
+
+
+def schedule_change(saved: dict, optim: OptimConfig, done: int) -> str | None:
+    """A line saying how the learning-rate schedule of a resumed run differs from the one it was trained with
+    (e.g. a new --max_steps stretches the cosine: the rate jumps at the resume), or None if it does not."""
+    changed = {k: saved[k] for k in SCHEDULE if k in saved and saved[k] != getattr(optim, k)}
+    if not changed:
+        return None
+    before = dataclasses.replace(optim, **changed)
+    flags = ", ".join(f"--{k} {v} -> {getattr(optim, k)}" for k, v in changed.items())
+    return (f"note: the learning-rate schedule changed since the checkpoint ({flags}): the next step trains at "
+            f"lr {lr_at(done, optim):.3g}, where the run's own schedule had {lr_at(done, before):.3g}")
+
+
+def drop_metrics_past(out_dir: epath.Path, step: int) -> None:
+    """A resumed run: metrics.jsonl rows of steps after `step`, written by the run before it was killed (after its
+    last checkpoint), are removed, so that the file holds each step once (the resumed run logs them again).
+    Lines that are not JSON rows stay as they are."""
+    path = out_dir / runs.METRICS_FILE
+    if not is_primary() or not path.exists():
+        return
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    kept = [line for line in lines if not _row_after(line, step)]
+    if len(kept) == len(lines):
+        return
+    text = "".join(kept)
+    if storage.is_remote(path):  # an object is replaced whole
+        path.write_text(text)
+    else:  # a temporary name, then rename: a kill now leaves the old file or the new one
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    log(f"{path}: removed {len(lines) - len(kept)} rows of steps after {step}, logged before the run stopped without "
+        "a checkpoint of them; they are trained and logged again")
+
+
+def _row_after(line: str, step: int) -> bool:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step
 
 
 def check_resume(meta: runs.CheckpointMeta, cfg: GPTConfig, fingerprint: dict) -> None:
