@@ -272,3 +272,20 @@ def test_prep_benchmark_runs_and_both_ways_agree():
     assert result["tokens"] >= 100_000 and len(result["tokens_per_s"]) == 3
     assert all(rate > 0 for rate in result["tokens_per_s"].values())
     assert all(set(hours) == {"2", "8", "32"} for hours in result["hours_10B"].values())
+
+
+def test_a_text_prep_in_the_folder_forgets_the_resumable_state(tmp_path, gpt2_bpe, capsys):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in DOCS])
+    out = tmp_path / "ds"
+    data.prepare_files([src], out, num_proc=1, progress=False)
+    data.prepare_text_string("another dataset entirely", out, "char", val_fraction=0.25)
+    capsys.readouterr()
+    meta = data.prepare_files([src], out, num_proc=1, progress=False)  # not "already complete": rebuilt
+    assert "already complete" not in capsys.readouterr().out and meta["tokenizer"] == "gpt2"
+    check_split(out, DOCS, n_val=4)
+
+
+def test_non_utf8_text_file_names_it(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text \(byte offset 3: .*iconv"):
+        data.prepare_files([tmp_path / "latin1.txt"], tmp_path / "ds", num_proc=1, progress=False)

@@ -74,10 +74,7 @@ def _begin_output(out_dir: str | os.PathLike) -> Path:
     new shards; old shards, so none is left over; temp files of a killed run. `out_dir` may be gs://..."""
     out = storage.run_path(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)
-    for path in out.iterdir() if out.exists() else ():  # (a bucket has no empty folders)
-        if SHARD_NAME.fullmatch(path.name) or (path.name.startswith(".") and path.suffix == ".tmp"):
-            path.unlink()
+    _clear(out)  # (a resumable prep's state too: it no longer describes the folder)
     return out
 
 

@@ -82,21 +82,21 @@ def _records(ds: Any, field: str, what: str, where: Callable[[int], str], start:
         i += len(texts)
 
 
-def _file_texts(path: Path, field: str, start: int) -> Iterator[str]:
+def _file_texts(path: Path, field: str) -> Iterator[str]:
+    """The documents of one file, in order."""
     if path.suffix.lower() == ".txt":
-        if start == 0:
-            try:
-                yield path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not UTF-8 text (byte offset {e.start}: {e.reason}); convert it "
-                                 "first (e.g. iconv -f latin1 -t utf-8 IN > OUT)") from None
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (byte offset {e.start}: {e.reason}); convert it "
+                             "first (e.g. iconv -f latin1 -t utf-8 IN > OUT)") from None
         return
     if path.stat().st_size == 0:  # no records (`datasets` fails on an empty file)
         return
     kind = RECORD[path.suffix.lower()]
     ds = _datasets().load_dataset(FORMATS[path.suffix.lower()], data_files=[str(path)], split="train",
                                   streaming=True)
-    yield from _records(ds, field, str(path), lambda i: f"{path} {kind} {i + 1}", start)
+    yield from _records(ds, field, str(path), lambda i: f"{path} {kind} {i + 1}", 0)
 
 
 def _count(texts: Iterator[str], chars: set[str] | None) -> int:
@@ -149,7 +149,7 @@ def prepare_files(patterns: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
     def texts(start: int) -> Iterator[str]:
         for path in files:
-            for text in _file_texts(path, text_field, 0):  # (skipping by reading: cheap next to tokenising)
+            for text in _file_texts(path, text_field):  # (skipping by reading: cheap next to tokenising)
                 if start:
                     start -= 1
                     continue
