@@ -283,6 +283,23 @@ def test_tpu_step_holds_the_pallas_kernel(tiny_v5e_plans):
         assert "tpu_custom_call" in p["custom_calls"] and p["attention"].startswith("Pallas TPU splash"), p
 
 
+@pytest.mark.slow  # in CI: the two tiny TPU compiles above, shared
+@needs("v5e-8")
+def test_step_time_of_a_tpu_compile(tiny_v5e_plans):
+    """The step-time floor in --json (gpt2_jax.plan.step_time): compute, communication and, the TPU compiler
+    reporting bytes accessed, memory traffic; the MFU ceilings they imply."""
+    for mesh, p in tiny_v5e_plans.items():
+        st = p["step_time"]
+        assert st["compute_s"] > 0 and st["comm_s"] > 0 and st["memory_s"] > 0, (mesh, st)
+        assert st["compute_s"] == pytest.approx(p["flops_6n"] / (8 * 197e12), rel=1e-12)  # v5e: 197 TFLOP/s
+        assert st["comm_s"] == pytest.approx(sum(p["collective_sends"].values()) / 200e9, rel=1e-12)
+        assert st["floor_s"] == max(st["compute_s"], st["comm_s"], st["memory_s"])
+        assert 0 < st["mfu_ceiling_no_overlap"] < st["mfu_ceiling"] <= 1
+        assert p["collective_sends"].keys() == p["collectives"].keys()
+        # XLA's bytes accessed (each loop body once, on-chip memory included) beside the HBM estimate (loop trips).
+        assert p["bytes_accessed"] > 0 and st["compiler_bytes_accessed"] == p["bytes_accessed"]
+
+
 @pytest.mark.slow  # in CI: the 48-layer step, ~1 min on 2 idle cores (a few under load)
 @needs("v5e-8")
 def test_gpt2_xl_trains_on_one_v5e_8_with_fsdp_and_remat(tmp_path):

@@ -5,6 +5,7 @@ the compiler says about it (python -m gpt2_jax.plan --help).
     devices.py   a target's devices (compile-only for GPU/TPU) and memory budget
     record.py    Plan, what the compiler says about one configuration (no JAX)
     hlo.py       text parsing of compiled programs and compiler messages (no JAX)
+    step_time.py the step-time floor: compute, communication and memory-traffic times at the datasheet peaks (no JAX)
     compile.py   plan a TrainConfig on a Target: plan_one, largest_micro_batch, search, auto_micro_batch
     cli.py       the CLI: flags, the sandboxed child process for deviceless compiles, the report
 """

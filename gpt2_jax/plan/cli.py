@@ -10,8 +10,9 @@ memory, cuDNN version), TPU slices from libtpu's topology names (`v5e:2x4`). The
 one the trainer would run (same step function, shardings, donation, dtype, attention, remat), so its
 memory plan says whether a run fits before one pays for the machine. Printed per device: argument,
 output, temporary and code bytes against the device's memory, fits or not and what to change, the
-attention kernel in the program, FLOPs per step beside the 6N + 12LHQT estimate the trainer logs, and
-the collectives.
+attention kernel in the program, FLOPs per step beside the 6N + 12LHQT estimate the trainer logs, the
+collectives, and a step-time floor: compute, communication and (TPU) memory-traffic times at the chips' datasheet
+peaks, and the MFU ceiling they imply (gpt2_jax.plan.step_time; docs/step-time.md).
 
 GPU and TPU compiles run in a child process with JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1, inside a
 private network namespace (`unshare -n`) where the machine allows: libtpu then cannot reach a cloud

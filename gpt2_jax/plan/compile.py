@@ -21,9 +21,18 @@ from gpt2_jax.config import GPT2_SIZES, GPT2_VOCAB_SIZE, PRESETS
 from gpt2_jax.metrics import flops_per_token
 from gpt2_jax.model import Unroll, count_params
 from gpt2_jax.plan.devices import load_target
-from gpt2_jax.plan.hardware import Target, gib, parse_target
-from gpt2_jax.plan.hlo import _first_line, _parse_exhausted, attention_kernel, collectives, custom_calls
+from gpt2_jax.plan.hardware import Target, chip_of, gib, parse_target
+from gpt2_jax.plan.hlo import (
+    _first_line,
+    _parse_exhausted,
+    attention_kernel,
+    collective_sends,
+    collectives,
+    custom_calls,
+    hbm_traffic,
+)
 from gpt2_jax.plan.record import REMATS, STATE_BYTES_PER_PARAM, Plan
+from gpt2_jax.plan.step_time import plan_step_time
 from gpt2_jax.sharding import data_parallel_size, make_mesh
 from gpt2_jax.training.settings import TrainConfig, model_config, resolve
 from gpt2_jax.training.step import build_step
@@ -99,10 +108,14 @@ def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flo
         p.custom_calls = custom_calls(hlo)
         p.attention = attention_kernel(p.custom_calls, cfg.attention)
         p.collectives = collectives(hlo)
+        p.collective_sends = collective_sends(hlo)
         cost = compiled.cost_analysis()  # None for GPU targets
         p.compiled_flops = float(cost["flops"]) if cost and cost.get("flops") else None
+        if cost and cost.get("bytes accessed"):  # TPU: counts each loop body once; the HLO estimate counts trips
+            p.bytes_accessed, p.hbm_bytes = float(cost["bytes accessed"]), float(hbm_traffic(hlo)[0])
         if count_flops:
             p.flops_per_step, p.flops_source = count_step_flops(tc, cfg, vocab_limit)
+        p.step_time = plan_step_time(p, chip_of(target.spec, target.kind), target.kind, mesh.size)
     if not p.fits:
         p.suggestions = suggestions(tc, mesh, p)
     return p

@@ -24,6 +24,66 @@ TPU_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4
 DEFAULT_MEM_FRACTION = 0.75  # JAX's GPU allocator takes 75% of the memory unless told otherwise
 
 
+# ---------------------------------------------------------------------------------------------------
+# Bandwidths per chip, for the step-time floor (step_time.py). Datasheet peaks, in bytes/s; approximations: no
+# chip has been measured here, and a real step reaches a fraction of them.
+#
+# Convention: `link` is what ONE chip can SEND per second over all its links together, in one direction: half the
+# "bidirectional" total the vendors quote (a chip sends and receives at once). The collective bytes it is divided
+# by are the bytes each chip sends (hlo.collective_sends), so the two agree. `hbm` is the HBM bandwidth per chip,
+# reads and writes together.
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipBandwidth:
+    hbm: float  # bytes/s
+    link: float  # bytes/s one chip sends over its chip-to-chip links together (per direction)
+    link_name: str
+    source: str
+
+
+# Sources (vendor datasheets and Cloud TPU system-architecture pages):
+#   H100 SXM: NVIDIA H100 Tensor Core GPU datasheet: HBM3 3.35 TB/s; NVLink 4, 900 GB/s bidirectional (18 links).
+#   H200 SXM: NVIDIA H200 Tensor Core GPU datasheet: HBM3e 4.8 TB/s; NVLink 4, 900 GB/s bidirectional.
+#   A100 80GB SXM4: NVIDIA A100 datasheet: HBM2e 2,039 GB/s; NVLink 3, 600 GB/s bidirectional (12 links).
+#   TPU v4: cloud.google.com/tpu/docs/v4: HBM2 1200 GBps. The page gives no ICI figure per chip: 6 ICI links (3-D
+#     torus) at about 50 GB/s each way (400 Gbps; the TPU v4 paper, Jouppi et al., ISCA 2023): ~300 GB/s per
+#     direction, ~600 GB/s bidirectional. The least certain figure here.
+#   TPU v5e: cloud.google.com/tpu/docs/v5e: HBM2 819 GBps; ICI 400 GBps bidirectional per chip (4 ports).
+#   TPU v5p: cloud.google.com/tpu/docs/v5p: HBM2e 2765 GBps; ICI 1200 GBps bidirectional per chip (4800 Gbps).
+#   TPU v6e: cloud.google.com/tpu/docs/v6e: HBM 1638 GBps (~1.64 TB/s); ICI 800 GBps bidirectional per chip
+#     (4 ports).
+CHIP_BANDWIDTH: dict[str, ChipBandwidth] = {
+    "h100": ChipBandwidth(3.35e12, 450e9, "NVLink 4", "NVIDIA H100 SXM datasheet (HBM3 3.35 TB/s, NVLink 900 GB/s "
+                          "bidirectional)"),
+    "h200": ChipBandwidth(4.8e12, 450e9, "NVLink 4", "NVIDIA H200 SXM datasheet (HBM3e 4.8 TB/s, NVLink 900 GB/s "
+                          "bidirectional)"),
+    "a100": ChipBandwidth(2.039e12, 300e9, "NVLink 3", "NVIDIA A100 80GB SXM4 datasheet (HBM2e 2,039 GB/s, NVLink "
+                          "600 GB/s bidirectional)"),
+    "v4": ChipBandwidth(1.2e12, 300e9, "ICI", "Cloud TPU v4 page (HBM2 1200 GBps); ICI ~600 GB/s bidirectional: 6 "
+                        "links x ~50 GB/s each way (TPU v4 paper, ISCA 2023), approximate"),
+    "v5e": ChipBandwidth(819e9, 200e9, "ICI", "Cloud TPU v5e page (HBM2 819 GBps, ICI 400 GBps bidirectional)"),
+    "v5p": ChipBandwidth(2.765e12, 600e9, "ICI", "Cloud TPU v5p page (HBM2e 2765 GBps, ICI 1200 GBps "
+                         "bidirectional)"),
+    "v6e": ChipBandwidth(1.638e12, 400e9, "ICI", "Cloud TPU v6e page (HBM 1638 GBps, ICI 800 GBps bidirectional)"),
+}
+# An attached device's kind (lower case) -> CHIP_BANDWIDTH key, for --target=local; first match wins. H100 PCIe and
+# the 40 GB A100 have other bandwidths, and no entry.
+_LOCAL_CHIPS = [(r"h200", "h200"), (r"h100(?!.*pcie)", "h100"), (r"a100.*80", "a100"), (r"tpu\s*v4\b", "v4"),
+                (r"tpu\s*v5\s*(lite|e)\b", "v5e"), (r"tpu\s*v5\s*p?\b", "v5p"), (r"tpu\s*v6\s*(lite|e)\b", "v6e")]
+
+
+def chip_of(spec: TargetSpec, device_kind: str) -> str:
+    """The CHIP_BANDWIDTH key of a target's chips ("" if none is known): the GPU or TPU generation it names, or
+    for --target=local the attached device's kind."""
+    if spec.platform == "gpu":
+        return {f: k for k, f in GPU_TARGETS.items()}[spec.gpu_file]
+    if spec.platform == "tpu":
+        return spec.generation
+    kind = device_kind.lower()
+    return next((key for pattern, key in _LOCAL_CHIPS if re.search(pattern, kind)), "")
+
+
 class MissingExtra(RuntimeError):
     """The GPU plugin or libtpu is not installed."""
 

@@ -52,6 +52,54 @@ def collectives(hlo: str) -> dict:
     dims and replica groups; the layouts may differ) in the start fusion, the done fusion and the compute fused
     with it. The channel_id alone is no key: the collectives written out in a shard_map all get channel_id 1.
     """
+    out: dict[str, dict] = {}
+    for kind, trips, nbytes, _ in _collective_ops(hlo):
+        row = out.setdefault(kind, {"count": 0, "bytes": 0})
+        row["count"] += trips
+        row["bytes"] += trips * nbytes
+    return out
+
+
+# The bytes one device sends for a collective whose result is R bytes, in a group of n devices, by the
+# bandwidth-optimal (ring) algorithms: what a link must carry at least, whatever the algorithm.
+_SEND_FACTOR = {
+    "all-gather": lambda n: (n - 1) / n,  # R is the gathered array: each device sends its 1/n to the others
+    "all-reduce": lambda n: 2 * (n - 1) / n,  # a reduce-scatter, then an all-gather, of R
+    "reduce-scatter": lambda n: n - 1,  # R is this device's 1/n of the reduced array
+    "all-to-all": lambda n: (n - 1) / n,  # keeps its own 1/n
+    "collective-permute": lambda n: 1,  # sends its operand (the result's size) to one peer
+}
+
+
+def collective_sends(hlo: str) -> dict:
+    """Bytes each device sends per step, by collective kind: {"all-reduce": bytes, ...}. The ops and loop
+    trips of `collectives`, each op's result bytes times its ring algorithm's factor for its group of n devices
+    (_SEND_FACTOR: all-reduce 2(n-1)/n, all-gather and all-to-all (n-1)/n, reduce-scatter n-1, collective-permute
+    1). A group of one device sends nothing."""
+    out: dict[str, float] = {}
+    for kind, trips, nbytes, n in _collective_ops(hlo):
+        out[kind] = out.get(kind, 0.0) + (trips * nbytes * _SEND_FACTOR[kind](n) if n > 1 else 0.0)
+    return out
+
+
+def _group_size(line: str, num_partitions: int) -> int:
+    """Devices in each replica group of a collective: `{{0,1,2,3},{4,5,6,7}}` (4), the iota form `[2,4]<=[8]`
+    (4), the mesh form `mesh['axis_0'=2,'axis_1'=4] {'axis_1'}` (4: the sizes of the named axes), or none
+    (`{}`: every device). A collective-permute's pairs are no group: 2."""
+    if "source_target_pairs=" in line:
+        return 2
+    if m := re.search(r"\breplica_groups=\{\{([\d,]*)\}", line):
+        return len(m.group(1).split(","))
+    if m := re.search(r"\breplica_groups=\[[\d,]*?(\d+)\]<=", line):
+        return int(m.group(1))
+    if m := re.search(r"\breplica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line):
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([^']+)'", m.group(2)))
+    return num_partitions
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[str]], list[str], str | None]:
+    """The computations of an HLO text: ({name: instruction lines}, names in print order, the entry's name)."""
     comps: dict[str, list[str]] = {}
     order, current, entry = [], None, None
     for line in hlo.splitlines():
@@ -63,24 +111,40 @@ def collectives(hlo: str) -> dict:
                 entry = current
         elif current is not None and line.strip() and line.strip() != "}":
             comps[current].append(line)
-    mult = dict.fromkeys(comps, 0)
-    if entry is None:
-        return {}
-    mult[entry] = 1
+    return comps, order, entry
+
+
+def _multiplicities(comps, order, entry) -> tuple[dict[str, int], dict[str, int]]:
+    """How many times each computation runs per execution of the entry (loop trips multiplied through), with
+    the trips taken (`trips`) and with each loop body once (`once`)."""
+    trips, once = dict.fromkeys(comps, 0), dict.fromkeys(comps, 0)
+    trips[entry] = once[entry] = 1
     for name in reversed(order):  # callers print after their callees: walk from the entry down
-        if not mult[name]:
+        if not once[name]:
             continue
         for line in comps[name]:
-            trip = _trip_count(line, comps)
+            n = _trip_count(line, comps)
             for key, callee in re.findall(r"\b(body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)",
                                           line):
-                if callee in mult:
-                    mult[callee] += mult[name] * (trip if key == "body" else 1)
-    out: dict[str, dict] = {}
+                if callee in trips:
+                    trips[callee] += trips[name] * (n if key == "body" else 1)
+                    once[callee] += once[name]
+    return trips, once
+
+
+def _collective_ops(hlo: str):
+    """(kind, runs per step, result bytes, group size) of each collective op, each op once (see `collectives`)."""
+    comps, order, entry = _computations(hlo)
+    if entry is None:
+        return
+    mult = _multiplicities(comps, order, entry)[0]
+    partitions = re.search(r"\bnum_partitions=(\d+)", hlo)
+    num_partitions = int(partitions.group(1)) if partitions else 1
     pattern = re.compile(r"=\s*(\(.*?\)|[\w]+\[[\d,]*\](?:\{[^}]*\})?)\s+(" + "|".join(COLLECTIVES)
                          + r")(-done)?\(")
     seen = set()  # (kind, channel_id, result dims, replica groups) of the collectives counted
     for name, lines in comps.items():
+        defs = {d.group(1): ln for ln in lines if (d := re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=", ln))}
         for line in lines:
             if (m := pattern.search(line)) and mult[name]:
                 if channel := re.search(r"\bchannel_id=(\d+)", line):
@@ -90,10 +154,9 @@ def collectives(hlo: str) -> dict:
                     if key in seen:
                         continue
                     seen.add(key)
-                row = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
-                row["count"] += mult[name]
-                row["bytes"] += mult[name] * _shape_bytes(m.group(1))
-    return out
+                if m.group(3) and (start := re.search(r"-done\(\s*(?:\S+\s+)?%([\w.\-]+)", line)):
+                    line = defs.get(start.group(1), line)  # an async pair's groups are written on its -start
+                yield m.group(2), mult[name], _shape_bytes(m.group(1)), _group_size(line, num_partitions)
 
 
 def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
@@ -133,3 +196,117 @@ def fsdp_traffic(collectives: dict) -> int:
     """Bytes per step of FSDP's weight gathers: all-gathers, and the collective-permutes that XLA's TPU
     backend turns them into (rings of neighbour exchanges), as `collectives` counts them."""
     return sum(collectives.get(k, {}).get("bytes", 0) for k in ("all-gather", "collective-permute"))
+
+
+# Ops that move no data in HBM themselves: structure, aliases, and the loops and calls whose bodies count apart.
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "iota"}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\](\{[^}]*\})?")
+
+
+def _hbm_bytes(shape: str) -> int:
+    """Bytes of the arrays of an HLO type that live in HBM: those whose layout names no other memory space
+    (`S(1)`: TPU's on-chip vector memory, where XLA's memory-space assignment keeps and prefetches buffers)."""
+    return sum(_SIZES[t] * math.prod(int(d) for d in dims.split(",") if d)
+               for t, dims, layout in _ARRAY.findall(shape) if t in _SIZES and "S(" not in (layout or ""))
+
+
+def hbm_traffic(hlo: str) -> tuple[int, int]:
+    """Bytes each device reads and writes in HBM per step, estimated from an optimized HLO text: (with the
+    loops' trips, with each loop body once).
+
+    Each instruction outside fusions counts its operands and its result in HBM (not those in another memory
+    space, `S(1)`), as XLA's cost analysis counts bytes accessed; a fusion's operand that the fusion only slices
+    counts the slices (a layer's weights out of the stacked layers), and a fusion that updates a buffer in place
+    (dynamic-update-slice) counts the update, not the buffer. An async pair counts its operands at the -start
+    and its result at the -done; a loop's condition (a scalar compare) counts nothing. Loops multiply by their trip
+    counts (`_trip_count`); the compiler's own count
+    (cost_analysis' "bytes accessed") takes each loop body once, as the second figure does. An estimate: what
+    stays in on-chip memory inside a fusion is not counted, caches are not modelled.
+    """
+    total = total_once = 0
+    for _, trips, once, _, nbytes in _traffic(hlo):
+        total += trips * nbytes
+        total_once += once * nbytes
+    return total, total_once
+
+
+def _traffic(hlo: str):
+    """(instruction name, runs per step, runs with each loop body once, op, HBM bytes per run) of each
+    instruction outside fusions (see hbm_traffic)."""
+    comps, order, entry = _computations(hlo)
+    if entry is None:
+        return
+    trips, once = _multiplicities(comps, order, entry)
+    control = {entry} | {c for ln in hlo.splitlines()
+                         for c in re.findall(r"\b(?:body|branch_computations)=\{?%?([\w.\-]+)", ln)}
+    control |= {c for ln in hlo.splitlines() if " call(" in ln for c in re.findall(r"\bto_apply=%?([\w.\-]+)", ln)}
+    for name in control & set(comps):
+        lines = comps[name]
+        types = {m.group(1): m.group(2) for ln in lines if (m := _INSTRUCTION.match(ln))}
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m or m.group(3) in _NO_TRAFFIC or not trips[name] or '"AllocateBuffer"' in line:
+                continue  # XLA:TPU's AllocateBuffer custom call only reserves a buffer
+            op, args = m.group(3), m.group(4)
+            operands = re.findall(r"%([\w.\-]+)", args.split("), ")[0] if "), " in args else args)
+            if op == "slice-start":  # reads the slice: its result, less the operand it carries along
+                nbytes = max(0, _shape_bytes(m.group(2)) - sum(_shape_bytes(types.get(o, "")) for o in operands))
+                nbytes *= not any("S(" in types.get(o, "") for o in operands)
+            elif op.endswith("-start"):
+                nbytes = sum(_hbm_bytes(types.get(o, "")) for o in operands)
+            elif op.endswith("-done"):
+                nbytes = _hbm_bytes(m.group(2))
+            elif op == "fusion" and (fused := re.search(r"\bcalls=%?([\w.\-]+)", line)) and fused.group(1) in comps:
+                nbytes = _fusion_bytes(comps[fused.group(1)], [types.get(o, "") for o in operands], m.group(2))
+            else:
+                nbytes = _hbm_bytes(m.group(2)) + sum(_hbm_bytes(types.get(o, "")) for o in operands)
+            yield m.group(1), trips[name], once[name], op, nbytes
+
+
+def _fusion_bytes(body: list[str], operand_types: list[str], result: str) -> int:
+    """HBM bytes of one fusion: its operands (only the slices, where the fused computation only slices one) and
+    its results (only the update, where a result updates a buffer in place: a dynamic-update-slice, alone or in
+    the tuple of a multi-output fusion, possibly behind a bitcast; the buffer is then not read either)."""
+    defs, params, uses = {}, {}, {}
+    root = None
+    for line in body:
+        if not (m := _INSTRUCTION.match(line)):
+            continue
+        ops = re.findall(r"%([\w.\-]+)", m.group(4).split("), ")[0])
+        defs[m.group(1)] = (m.group(3), m.group(2), ops)
+        if m.group(3) == "parameter" and (i := re.match(r"\s*(\d+)", m.group(4))):
+            params[m.group(1)] = int(i.group(1))
+        for k, o in enumerate(ops):
+            uses.setdefault(o, []).append((m.group(3), k, m.group(2)))
+        if line.lstrip().startswith("ROOT"):
+            root = m.group(1)
+
+    def through_bitcasts(name):
+        while name in defs and defs[name][0] in ("bitcast", "copy") and defs[name][2]:
+            name = defs[name][2][0]
+        return name
+
+    outputs = defs[root][2] if root in defs and defs[root][0] == "tuple" else [root]
+    arrays = _ARRAY.findall(result)
+    in_place, nbytes = set(), 0
+    for k, (dtype, dims, layout) in enumerate(arrays):
+        if dtype not in _SIZES or "S(" in (layout or ""):
+            continue
+        full = _SIZES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+        out = through_bitcasts(outputs[k]) if k < len(outputs) else None
+        if out in defs and defs[out][0] == "dynamic-update-slice" and len(defs[out][2]) > 1:
+            buffer, update = through_bitcasts(defs[out][2][0]), defs[out][2][1]
+            in_place.add(buffer)
+            full = min(full, _hbm_bytes(re.sub(r"S\(\d+\)", "", defs[update][1])) if update in defs else full)
+        nbytes += full
+    for pname, i in params.items():
+        if i >= len(operand_types) or pname in in_place:
+            continue
+        users = uses.get(pname, [])
+        if users and all(op in ("dynamic-slice", "slice") and k == 0 for op, k, _ in users):
+            nbytes += sum(_hbm_bytes(t) if "S(" not in operand_types[i] else 0 for _, _, t in users)
+        else:
+            nbytes += _hbm_bytes(operand_types[i])
+    return nbytes

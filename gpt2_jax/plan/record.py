@@ -27,6 +27,10 @@ class Plan:
     compiled_flops: float | None = None  # the compiled program's own count per device (TPU): loops once
     flops_6n: float = 0.0  # 6N + 12LHQT per token x tokens per step (metrics.flops_per_token)
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {"count", "bytes"} per step
+    collective_sends: dict = dataclasses.field(default_factory=dict)  # kind -> bytes each device sends per step
+    bytes_accessed: float | None = None  # the compiler's count per device (TPU), each loop body once
+    hbm_bytes: float | None = None  # HBM bytes per device per step, estimated from the program (hlo.hbm_traffic)
+    step_time: dict | None = None  # the step-time floor on the target (step_time.step_time)
     suggestions: list = dataclasses.field(default_factory=list)
     by_arithmetic: bool = False  # refused before compiling: the params and AdamW state alone do not fit
 

@@ -13,6 +13,7 @@ from gpt2_jax.plan.devices import load_target
 from gpt2_jax.plan.hardware import Target, gib
 from gpt2_jax.plan.hlo import fsdp_traffic
 from gpt2_jax.plan.record import REMATS, Plan
+from gpt2_jax.plan.step_time import describe
 from gpt2_jax.sharding import make_mesh
 from gpt2_jax.training.settings import TrainConfig
 
@@ -70,6 +71,7 @@ def report(config: TrainConfig, target: Target, p: Plan, grad_accum: int = 1) ->
         if (fsdp := fsdp_traffic(p.collectives)) and mesh.shape["fsdp"] > 1:
             lines.append(f"  FSDP weight gathers: {gib(fsdp)} (all-gathers and, on TPU, the collective-permute "
                          f"rings XLA turns them into)")
+    lines += describe(p.step_time)
     return "\n".join(lines)
 
 
