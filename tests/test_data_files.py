@@ -124,6 +124,8 @@ def test_errors_name_fields_records_and_files(tmp_path):
     (tmp_path / "g.csv").write_text("text\nx\n")
     with pytest.raises(ValueError, match=r"g.csv: unknown format '.csv'; pass .txt, .jsonl, .json, .parquet"):
         data.prepare_files([tmp_path / "g.csv"], out, num_proc=1, progress=False)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.0"):
+        data.prepare_files([src], out, val_fraction=1.0, num_proc=1, progress=False)
     assert not (out / "meta.json").exists()
 
 

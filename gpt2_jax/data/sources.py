@@ -114,8 +114,6 @@ def _stat(path: Path) -> list[Any]:
 
 def _split_parts(texts: Callable[[int], Iterator[str]], n: int, val_fraction: float, what: str) -> list[Part]:
     """Train: the first documents; val: the last round(n * val_fraction), at least one; each split non-empty."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if n == 0:
         raise ValueError(f"no documents in {what}")
     n_val = max(1, round(n * val_fraction))
@@ -126,6 +124,16 @@ def _split_parts(texts: Callable[[int], Iterator[str]], n: int, val_fraction: fl
     def part_texts(lo: int, hi: int) -> Callable[[int], Iterator[str]]:
         return lambda start: (t for _, t in zip(range(lo + start, hi), texts(lo + start)))
     return [Part("train", part_texts(0, n - n_val), n - n_val), Part("val", part_texts(n - n_val, n), n_val)]
+
+
+def _check(tokenizer: str, val_fraction: float) -> None:
+    """Before any pass over the data."""
+    if tokenizer not in ("gpt2", "char"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected 'gpt2' or 'char'")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if tokenizer == "gpt2":
+        Tokenizer.gpt2()  # tiktoken's BPE files: a missing cache offline fails here, not after a pass
 
 
 def _tokenizer(name: str, chars: set[str] | None) -> Tokenizer:
@@ -145,6 +153,7 @@ def prepare_files(patterns: Sequence[str | os.PathLike], out_dir: str | os.PathL
 
     A first pass counts the documents (and, for "char", collects the vocabulary); a rerun of the same
     command after a kill resumes (`prepare_documents`)."""
+    _check(tokenizer, val_fraction)
     files = expand_files([os.fspath(p) for p in patterns])
 
     def texts(start: int) -> Iterator[str]:
@@ -205,6 +214,7 @@ def prepare_hf(name: str, out_dir: str | os.PathLike, subset: str | None = None,
 
     Validation: the `val_split` split, or else the last `val_fraction` of `split`'s documents (their number
     from the dataset's info, or a first pass over a local dataset)."""
+    _check(tokenizer, val_fraction)
     train, n = _hf_split(name, subset, split)
     label = f"{name} split {split!r}"
 
