@@ -185,3 +185,21 @@ def test_online_without_an_api_key_is_one_line(tmp_path, offline, monkeypatch):
     with pytest.raises(ValueError, match=r"Weights & Biases could not start the run \(UsageError: No API key "
                                          r".*run `wandb login`, or set WANDB_MODE=offline"):
         MetricsLogger(tmp_path, tensorboard=False, wandb={"project": "p"})
+
+
+@pytest.mark.slow
+def test_bucket_out_dir_keeps_the_run_id_there_and_uploads_the_offline_files(tmp_path, gcs_dir, offline):
+    from etils import epath
+
+    for attempt in range(2):  # a run, then its resume
+        with MetricsLogger(gcs_dir, tensorboard=False, wandb={"project": "p"}) as logger:
+            logger.log(attempt + 1, loss=1.0 + attempt)
+    bucket = epath.Path(gcs_dir)
+    run_id = (bucket / WANDB_RUN_ID_FILE).read_text().strip()
+    local = tmp_path / "copy"  # the uploaded W&B files, read back from the bucket
+    for f in (bucket / "wandb").glob("offline-run-*/run-*.wandb"):
+        (local / "wandb" / f.parent.name).mkdir(parents=True)
+        (local / "wandb" / f.parent.name / f.name).write_bytes(f.read_bytes())
+    runs = offline_runs(local)
+    assert [r[0] for r in runs] == [run_id, run_id]
+    assert [sorted(r[2]) for r in runs] == [[1], [2]] and runs[1][2][2]["loss"] == 2.0
