@@ -141,24 +141,17 @@ def write_shards(token_iter: Iterable[Any], out_dir: str | os.PathLike, tokenize
 
 @functools.cache
 def _gpt2_tokenizer() -> Tokenizer:
-    return Tokenizer.gpt2()  # once per (worker) process
-
-
-def _gpt2_document(text: str) -> np.ndarray:
-    """<|endoftext|> + the GPT-2 tokens of one document."""
-    tok = _gpt2_tokenizer()
-    return np.array([tok.eot_token, *tok.encode(text)], dtype=np.uint16)  # ids < 50257 fit
+    return Tokenizer.gpt2()  # loaded once per process
 
 
 # ----------------------------------------------------------------------------- the resumable prep
 # Documents are tokenised in batches by a thread per core (tiktoken straight into numpy arrays, one uint16 array
 # per batch; build-nanogpt pickles each document to a process and an array back), and packed into shards in
-# their order. After each
-# shard, STATE_FILE records where the next one starts (part, document, token), so rerunning the same command
-# after a kill continues from there and writes the same bytes an uninterrupted prep would.
+# their order. After each shard, STATE_FILE records where the next one starts (part, document, token), so
+# rerunning the same command after a kill continues from there and writes the bytes an uninterrupted prep would.
 
 STATE_FILE = ".prep_state.json"
-BATCH_DOCS, BATCH_CHARS = 1024, 2**20  # a batch for one worker: at most this many documents or characters
+BATCH_DOCS, BATCH_CHARS = 1024, 2**20  # a batch for one thread: at most this many documents or characters
 
 
 @dataclasses.dataclass
