@@ -134,6 +134,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["files", str(src), "--out", str(tmp_path / "ds")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no field 'text'; its fields: content" in err
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "cut short\n')
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    for name, what in [("bad.jsonl", "JSON Lines"), ("fake.parquet", "Parquet")]:
+        assert main(["files", str(tmp_path / name), "--out", str(tmp_path / "ds")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{tmp_path / name} is not a valid {what} file (" in err, err
     for bad in ["1", "999", "0", "-5", "2000000000"]:
         with pytest.raises(SystemExit) as e:
             main(["files", str(src), "--out", str(tmp_path / "ds"), f"--shard_size={bad}"])

@@ -23,6 +23,7 @@ from gpt2_jax.tokenizer import Tokenizer
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 RECORD = {".jsonl": "line", ".json": "record", ".parquet": "row"}  # what an error calls a document's place
+FORMAT_NAMES = {".jsonl": "JSON Lines", ".json": "JSON", ".parquet": "Parquet"}
 READ_BATCH = 1000  # records per read from `datasets`
 DATA_EXTRA = 'pip install "gpt2-jax[data]"'
 
@@ -34,7 +35,7 @@ def _datasets() -> Any:
         raise ImportError(f"reading jsonl, json, parquet and Hub datasets needs Hugging Face `datasets`: "
                           f"{DATA_EXTRA}") from e
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors come back as exceptions, said once
     return datasets
 
 
@@ -94,9 +95,14 @@ def _file_texts(path: Path, field: str) -> Iterator[str]:
     if path.stat().st_size == 0:  # no records (`datasets` fails on an empty file)
         return
     kind = RECORD[path.suffix.lower()]
-    ds = _datasets().load_dataset(FORMATS[path.suffix.lower()], data_files=[str(path)], split="train",
-                                  streaming=True)
-    yield from _records(ds, field, str(path), lambda i: f"{path} {kind} {i + 1}", 0)
+    try:
+        ds = _datasets().load_dataset(FORMATS[path.suffix.lower()], data_files=[str(path)], split="train",
+                                      streaming=True)
+        yield from _records(ds, field, str(path), lambda i: f"{path} {kind} {i + 1}", 0)
+    except ValueError as e:  # pyarrow's ArrowInvalid (a ValueError) names neither the file nor the format
+        if str(e).startswith(str(path)):  # (ours: it does)
+            raise
+        raise ValueError(f"{path} is not a valid {FORMAT_NAMES[path.suffix.lower()]} file ({e})") from None
 
 
 def _count(texts: Iterator[str], chars: set[str] | None) -> int:
