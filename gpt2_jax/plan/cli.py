@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 from gpt2_jax.backends import cpu_if_no_accelerator
+from gpt2_jax.cli import BadFlag, one_line_errors
 from gpt2_jax.plan.hardware import MissingExtra, TargetSpec, missing_extra, parse_target
 from gpt2_jax.training.settings import TrainConfig, add_flags
 
@@ -124,12 +125,12 @@ def can_unshare_net() -> bool:
         return False
 
 
+@one_line_errors(interrupted="stopped before the plan was made")
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if why := missing_extra(args.spec):
-        print(f"error: {why}", file=sys.stderr)
-        return 2
+        raise BadFlag(why)
     if args.spec.deviceless and not args.no_sandbox and not os.environ.get(CHILD_ENV):
         cmd, env = sandbox_command(argv, args.spec)
         if cmd[0] != "unshare":
@@ -145,12 +146,10 @@ def main(argv=None) -> int:
     try:
         target = load_target(args.spec)
     except MissingExtra as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise BadFlag(e) from None
     if line := xla_flags_line(args.spec):
         print(line)
     try:
         return run(args, target)
     except ValueError as e:  # bad flags: micro-batch vs devices, mesh, preset sizes
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise BadFlag(e) from None
