@@ -230,6 +230,62 @@ def _clear(out: Path) -> None:
             path.unlink()
 
 
+class _Packer:
+    """Packs one part's token batches into shards of `shard_size`: saves each full shard, then the state that
+    says where the next one starts (part, document, token), so a rerun resumes there."""
+
+    def __init__(self, out: Path, fingerprint: dict[str, Any], shards: dict[str, int], p: int, part: Part,
+                 buf: np.ndarray):
+        self.out, self.fingerprint, self.shards, self.p, self.part, self.buf = out, fingerprint, shards, p, part, buf
+        self.fill = 0
+        self.count = len(shards) if part.first_val else sum(1 for n in shards if n.startswith(f"{part.split}_"))
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, first_doc: int, offset: int) -> None:
+        """A batch whose first document is number `first_doc` of the part, from its token `offset` on (the
+        tokens before it are in earlier shards)."""
+        ends = np.cumsum(lengths)  # where each document of the batch ends, counting the skipped tokens
+        i, size = offset, len(self.buf)  # i: the batch's next token to write
+        while i < len(tokens):
+            take = min(size - self.fill, len(tokens) - i)
+            self.buf[self.fill:self.fill + take] = tokens[i:i + take]
+            self.fill, i = self.fill + take, i + take
+            if self.fill == size:
+                k = int(np.searchsorted(ends, i, side="right"))  # documents wholly written
+                self._save(self.buf, next_at=[self.p, first_doc + k, i - (int(ends[k - 1]) if k else 0)])
+
+    def finish(self) -> None:
+        """The part's last, shorter shard (a rerun after a kill here writes it again from the last state)."""
+        if self.fill:
+            self._save(self.buf[:self.fill], next_at=None)
+
+    def _save(self, tokens: np.ndarray, next_at: list[int] | None) -> None:
+        name = _shard_name(self.part, self.count)
+        _save_shard(self.out, name, tokens)
+        self.shards[name] = len(tokens)
+        self.count, self.fill = self.count + 1, 0
+        if next_at is not None:
+            _save_state(self.out, self.fingerprint, self.shards, next_at)
+
+
+def _resume_point(out: Path, fingerprint: dict[str, Any],
+                  log: Callable[[str], None]) -> tuple[dict[str, int], list[int], bool]:
+    """(shards written, [part, document, token] to go on from, whether the dataset is complete) of the prep
+    of `fingerprint` in `out`; anything else there is cleared, saying so if it was another prep's."""
+    state = _read_state(out)
+    if state is not None and state.get("fingerprint") == fingerprint:
+        if (out / META_FILE).exists() and state.get("complete"):
+            log(f"{out} is already complete for these inputs; nothing to do")
+            return state["shards"], state["next"], True
+        log(f"resuming in {out} after {len(state['shards'])} complete shard(s)")
+        (out / META_FILE).unlink(missing_ok=True)
+        return dict(state["shards"]), state["next"], False
+    if state is not None:
+        what = "a dataset" if state.get("complete") else "an unfinished prep"
+        log(f"{out} holds {what} of other inputs, another tokenizer or shard size: starting over")
+    _clear(out)
+    return {}, [0, 0, 0], False
+
+
 def prepare_documents(parts: Sequence[Part], out_dir: str | os.PathLike, tokenizer: Tokenizer,
                       fingerprint: dict[str, Any], shard_size: int = DEFAULT_SHARD_SIZE,
                       num_proc: int | None = None, progress: bool = True,
@@ -246,65 +302,31 @@ def prepare_documents(parts: Sequence[Part], out_dir: str | os.PathLike, tokeniz
     out = storage.run_path(out_dir) if storage.is_remote(out_dir) else Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = {**fingerprint, "tokenizer": tokenizer.to_meta(), "shard_size": shard_size}
-    state = _read_state(out)
-    if state is not None and state.get("fingerprint") == fingerprint:
-        if (out / META_FILE).exists() and state.get("complete"):
-            log(f"{out} is already complete for these inputs; nothing to do")
-            return json.loads((out / META_FILE).read_text())
-        shards = dict(state["shards"])
-        part_i, doc_i, skip = state["next"]
-        log(f"resuming in {out} after {len(shards)} complete shard(s)")
-    else:
-        if state is not None:
-            what = "a dataset" if state.get("complete") else "an unfinished prep"
-            log(f"{out} holds {what} of other inputs, another tokenizer or shard size: starting over")
-        _clear(out)
-        shards, part_i, doc_i, skip = {}, 0, 0, 0
-    (out / META_FILE).unlink(missing_ok=True)
+    shards, (part_i, doc_i, skip), complete = _resume_point(out, fingerprint, log)
+    if complete:
+        return json.loads((out / META_FILE).read_text())
     num_proc = num_proc or default_num_proc()
     buf = np.empty(shard_size, dtype=np.uint16)
     # Threads, not processes: tiktoken releases the GIL while it encodes, so the texts and tokens need no
     # pickling between processes, and there is no start-up per worker. (A char tokenizer runs in Python
     # under the GIL, on one core at a time; char datasets are small.)
     pool = ThreadPoolExecutor(num_proc, thread_name_prefix="tokenise") if num_proc > 1 else None
-    bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenising into {out}", disable=not progress,
-               smoothing=0.1)
+    bar = tqdm(unit="tok", unit_scale=True, desc=f"tokenising into {out}", disable=not progress, smoothing=0.1)
     known = all(part.num_docs is not None for part in parts[part_i:])
     docs_left = sum(part.num_docs for part in parts[part_i:]) - doc_i if known else None
-    docs_before = 0  # documents tokenised in the parts before this one
+    docs_seen = 0  # by this run, for the estimate of the tokens to come
     try:
         for p in range(part_i, len(parts)):
-            part = parts[p]
-            start = doc_i if p == part_i else 0
-            count = len(shards) if part.first_val else sum(1 for n in shards if n.startswith(f"{part.split}_"))
-            fill, docs_done = 0, start
-            offset = skip if p == part_i else 0  # tokens of the first document already in earlier shards
-            for tokens, lengths in _tokenised(part.texts(start), tokenizer, pool, num_proc):
-                ends = np.cumsum(lengths)  # where each document of the batch ends, counting dropped tokens
-                i = offset  # next token of this batch to write
-                while i < len(tokens):
-                    take = min(shard_size - fill, len(tokens) - i)
-                    buf[fill:fill + take] = tokens[i:i + take]
-                    fill, i = fill + take, i + take
-                    if fill == shard_size:  # the shard is full: save it, then where the next one starts
-                        k = int(np.searchsorted(ends, i, side="right"))  # documents wholly written
-                        nxt = [p, docs_done + k, i - (int(ends[k - 1]) if k else 0)]
-                        name = _shard_name(part, count)
-                        _save_shard(out, name, buf)
-                        shards[name] = shard_size
-                        count, fill = count + 1, 0
-                        _save_state(out, fingerprint, shards, nxt)
-                offset = 0
-                docs_done += len(lengths)
+            start, offset = (doc_i, skip) if p == part_i else (0, 0)
+            packer = _Packer(out, fingerprint, shards, p, parts[p], buf)
+            for tokens, lengths in _tokenised(parts[p].texts(start), tokenizer, pool, num_proc):
+                packer.add(tokens, lengths, start, offset)
+                start, offset, docs_seen = start + len(lengths), 0, docs_seen + len(lengths)
                 bar.update(int(lengths.sum()))
-                if docs_left is not None:  # the tokens to come at this run's tokens per document, for the ETA
+                if docs_left is not None:  # the tokens to come at this run's tokens per document: the ETA
                     docs_left -= len(lengths)
-                    bar.total = bar.n + round(bar.n / (docs_done - start + docs_before) * max(0, docs_left))
-            docs_before += docs_done - start
-            if fill:
-                name = _shard_name(part, count)
-                _save_shard(out, name, buf[:fill])
-                shards[name] = fill
+                    bar.total = bar.n + round(bar.n / docs_seen * max(0, docs_left))
+            packer.finish()
             if p + 1 < len(parts):
                 _save_state(out, fingerprint, shards, [p + 1, 0, 0])
     finally:
