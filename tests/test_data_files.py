@@ -165,6 +165,15 @@ def test_hf_saved_dataset_with_a_named_val_split(tmp_path, gpt2_bpe):
         sources.prepare_hf(str(folder), tmp_path / "x", split="test", num_proc=1, progress=False)
 
 
+def test_hf_saved_dataset_last_fraction_of_its_split(tmp_path, gpt2_bpe):
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS, "n": list(range(40))}),
+                          "test": datasets.Dataset.from_dict({"text": ["unused"]})}).save_to_disk(folder)
+    out = tmp_path / "ds"
+    sources.prepare_hf(str(folder), out, val_fraction=0.25, shard_size=1000, num_proc=2, progress=False)
+    check_split(out, DOCS, n_val=10)
+
+
 def test_hf_folder_of_jsonl_last_fraction(tmp_path, gpt2_bpe):
     folder = tmp_path / "raw"
     folder.mkdir()
