@@ -523,3 +523,29 @@ def test_resume_names_a_changed_schedule_and_drops_rows_past_the_checkpoint(char
     assert f"{metrics}: removed 3 rows of steps after 2" in log
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4] and all(row["loss"] != 9.0 for row in rows), rows
+
+
+def test_a_remote_dataset_keeps_a_bounded_number_of_shards_mapped(monkeypatch):
+    """A dataset in a bucket: each shard read kept its memory map (a descriptor, and the disk space of a shard the
+    cache had evicted) for the whole run. Now at most OPEN_SHARDS stay mapped; a shard let go is opened again
+    from the cache when read again, with the same tokens."""
+    import numpy as np
+
+    from gpt2_jax.data.remote import LazyShard
+
+    class Cache:  # what LazyShard asks of data.remote.ShardCache
+        sizes = {f"train_{i:06d}.npy": 10 for i in range(300)}
+        opened: list[str] = []
+
+        def open(self, name):
+            self.opened.append(name)
+            return np.full(10, int(name[6:12]), np.uint16)
+
+    monkeypatch.setattr(LazyShard, "_mapped", type(LazyShard._mapped)())
+    cache = Cache()
+    shards = [LazyShard(cache, name) for name in Cache.sizes]
+    for k, shard in enumerate(shards):
+        assert shard[3] == k
+        assert sum(s._tokens is not None for s in shards) <= LazyShard.OPEN_SHARDS
+    assert shards[0][0] == 0 and len(cache.opened) == 301  # let go, then opened again
+    assert shards[-1][0] == 299 and len(cache.opened) == 301  # still mapped

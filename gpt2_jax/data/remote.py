@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,13 @@ class ShardCache:
 
 
 class LazyShard:
-    """A shard of a remote dataset as the loaders index it (len, slices): fetched on the first read."""
+    """A shard of a remote dataset as the loaders index it (len, slices): fetched on the first read. Its memory
+    map holds a file descriptor, so at most OPEN_SHARDS of them stay mapped (the least recently read are let go,
+    and opened again from the cache, or fetched again, when next read): a long run over thousands of shards
+    neither passes the open-file limit nor keeps evicted shards' disk space."""
+
+    OPEN_SHARDS = 64
+    _mapped: OrderedDict[LazyShard, None] = OrderedDict()  # the shards holding a map, least recently read first
 
     def __init__(self, cache: ShardCache, name: str):
         self.cache, self.name, self._tokens = cache, name, None
@@ -152,8 +159,13 @@ class LazyShard:
         return self.cache.sizes[self.name]
 
     def __getitem__(self, index) -> np.ndarray:
+        mapped = LazyShard._mapped
         if self._tokens is None:
+            while len(mapped) >= self.OPEN_SHARDS:
+                mapped.popitem(last=False)[0]._tokens = None
             self._tokens = self.cache.open(self.name)
+        mapped[self] = None
+        mapped.move_to_end(self)
         return self._tokens[index]
 
     def prefetch(self) -> None:
