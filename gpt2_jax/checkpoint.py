@@ -164,19 +164,12 @@ class Checkpointer:
         host memory, so the train step may donate or overwrite its buffers right away.
       read_only: only list and restore: never create, clean up or delete anything (another run's checkpoints).
 
-    A local folder that cannot hold a checkpoint (not writable, or a path so long that orbax's would pass the
-    system's limit) raises CheckpointWriteError here; a save that fails later raises it (or DiskFullError)
-    from `save`, `wait` or `close`, and never leaves the process hanging.
+    A local folder that cannot hold a checkpoint raises CheckpointWriteError here; a failed save raises it (a full
+    disk: DiskFullError) from `save`, `wait` or `close`, and never leaves the process hanging.
     """
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        *,
-        max_to_keep: int | None = 3,
-        async_save: bool = True,
-        read_only: bool = False,
-    ):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
+                 read_only: bool = False):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 (or None to keep every checkpoint)")
         if "://" not in str(directory):

@@ -83,13 +83,8 @@ def compares_to_gpt2(out_dir: Path, has_hellaswag: bool) -> bool:
     return int(vocab_size) >= GPT2_VOCAB_SIZE
 
 
-def run_figure(out_dir: str | Path) -> Figure:
-    """The figure for `out_dir/metrics.jsonl`: loss (train and val), and HellaSwag acc_norm if the run
-    has HellaSwag evals; the GPT-2 124M baselines where they compare (see `compares_to_gpt2`)."""
-    out_dir = run_path(out_dir)  # local or gs://
-    metrics_path = out_dir / METRICS_FILE
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"no metrics file at {metrics_path} (is {out_dir} a run's --out_dir?)")
+def _read_rows(metrics_path) -> list[dict]:
+    """The rows of a metrics.jsonl; ValueError if it holds something, but no row (random bytes, other JSON)."""
     with warnings.catch_warnings(record=True) as skipped:  # one per unparseable line: said once, below
         warnings.simplefilter("always")
         rows = read_metrics(metrics_path)
@@ -98,7 +93,18 @@ def run_figure(out_dir: str | Path) -> Figure:
                          "metrics.jsonl? Nothing was plotted")
     if skipped:
         warnings.warn(f"{metrics_path}: skipped {len(skipped)} unparseable lines; first: {skipped[0].message}",
-                      stacklevel=2)
+                      stacklevel=3)
+    return rows
+
+
+def run_figure(out_dir: str | Path) -> Figure:
+    """The figure for `out_dir/metrics.jsonl`: loss (train and val), and HellaSwag acc_norm if the run
+    has HellaSwag evals; the GPT-2 124M baselines where they compare (see `compares_to_gpt2`)."""
+    out_dir = run_path(out_dir)  # local or gs://
+    metrics_path = out_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"no metrics file at {metrics_path} (is {out_dir} a run's --out_dir?)")
+    rows = _read_rows(metrics_path)
     train_steps, train = _series(rows, "loss")
     val_steps, val = _series(rows, "val_loss")
     hs_steps, hs = _series(rows, "hellaswag_acc_norm")
