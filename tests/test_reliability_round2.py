@@ -228,11 +228,10 @@ def many_shards(tmp_path_factory) -> Path:
     return folder
 
 
-def _low_file_limit(limit: int):
-    """A preexec_fn: the child may hold `limit` open files (soft and hard), as under `ulimit -n LIMIT`."""
-    import resource
-
-    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+def _with_file_limit(limit: int, argv: list[str]) -> list[str]:
+    """`argv` run under `ulimit -n LIMIT` (soft and hard): a shell sets it, not a preexec_fn (Python code in a
+    child forked from this multithreaded process could deadlock)."""
+    return ["sh", "-c", f'ulimit -n {limit} && exec "$@"', "sh", *argv]
 
 
 @pytest.mark.parametrize("order", ["sequential", "shuffle"])
@@ -251,8 +250,8 @@ windows = EvalWindows({str(many_shards)!r}, 32, 4, max_tokens=None)
 batches = sum(1 for _ in windows)
 print(len(seen), batches)
 """
-    r = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=HANG,
-                       preexec_fn=_low_file_limit(128))
+    r = subprocess.run(_with_file_limit(128, [sys.executable, "-c", program]), cwd=ROOT, capture_output=True,
+                       text=True, timeout=HANG)
     assert r.returncode == 0, r.stderr[-3000:]
     seen, batches = map(int, r.stdout.split())
     assert seen >= 300 and batches > 200, r.stdout
