@@ -74,7 +74,7 @@ def setup(tc: TrainConfig) -> Trainer:
     """
     out_dir = storage.run_path(tc.out_dir)
     storage.check_writable(out_dir, "--out_dir")  # a bucket: fail now, not at the first checkpoint
-    for flag, path in (("--data", tc.data), ("--init_from", tc.init_from), ("--hellaswag_data", tc.hellaswag_data)):
+    for flag, path in (("--data", tc.data), ("--hellaswag_data", tc.hellaswag_data)):  # (--init_from: below)
         storage.check_readable(path, flag)  # the same for the buckets the run reads: one line, in seconds
     tc = resolve(checkpoint_shape(tc), jax.default_backend(), jax.device_count())
     mesh = sharding.make_mesh(tc.mesh)
@@ -107,6 +107,7 @@ def checkpoint_shape(tc: TrainConfig, quiet: bool = False) -> TrainConfig:
     checkpoint's meta or config.json, not its arrays), logged unless `quiet`; `tc` itself without --init_from."""
     if tc.init_from == "scratch":
         return tc
+    storage.check_readable(tc.init_from, "--init_from")  # a bucket: one line in seconds (train.py calls this first)
     tc, note = with_checkpoint_shape(tc, runs.source_config(tc.init_from))
     if not quiet:
         log(note)
