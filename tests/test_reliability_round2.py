@@ -364,7 +364,7 @@ def test_an_interrupt_during_start_up_is_one_line(char_data, tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "train.py", *train_flags({**TINY_RUN, **ONE_LAYER, "platform": "cpu", "data": char_data,
                                                       "out_dir": out, "compile_cache": "off"})]
-    r = _interrupt_when(argv, lambda line: line.startswith("compile cache"), ROOT)
+    r = _interrupt_when(argv, lambda line: True, ROOT)  # its first line (the compile cache's): JAX starts next
     assert r.returncode == 130, r.stdout[-3000:]
     assert "Traceback" not in r.stdout and "KeyboardInterrupt" not in r.stdout, r.stdout[-3000:]
     assert r.stdout.splitlines()[-1] == ("interrupted (SIGINT): stopped before training began; no step was trained. "
