@@ -149,7 +149,14 @@ def _chunk_loop(x, embedding, targets, vocab_limit: int, chunk_len: int, unroll:
 # plain path) and the backward pass only scales it. Without differentiation (eval) only the loss runs.
 def _chunked_loss_fwd(x, embedding, targets, vocab_limit, chunk_len, unroll):
     loss, dx, dw = _chunk_loop_per_shard(x, embedding, targets, vocab_limit, chunk_len, unroll)
-    return loss, (dx, dw)
+    return loss, (_varying_like(dx, x), _varying_like(dw, embedding))
+
+
+def _varying_like(a: jax.Array, ref: jax.Array) -> jax.Array:
+    """`a`, typed as varying over the manual mesh axes that `ref` varies over: inside the train step's shard_map
+    over `data`, a gradient must be each replica's own, as its input is (step._gradient_sums)."""
+    missing = tuple(sorted(jax.typeof(ref).manual_axis_type.varying - jax.typeof(a).manual_axis_type.varying))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
 
 
 def _chunk_loop_per_shard(x, embedding, targets, vocab_limit: int, chunk_len: int, unroll: bool):

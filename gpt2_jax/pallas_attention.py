@@ -16,6 +16,8 @@ How it runs, and why:
   tests) this falls back to XLA's attention, which is the same math.
 - The kernels have no CPU lowering: on a CPU mesh they run in Pallas interpret mode (slow; for tests).
 - No dropout: splash has none; attention with dropout runs on the einsum path (attention.py).
+- Inside the train step's shard_map over every axis (a data-parallel mesh: step._gradient_sums), the arrays are
+  each device's own, and the kernel runs on them directly.
 
 Block sizes: 512 (or the largest of 512/256/128 dividing T), as MaxText's default; whether they suit each
 TPU generation is unmeasured (no TPU here).
@@ -54,12 +56,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool |
     `interpret`: run the kernel in Pallas interpret mode; None = where the context mesh is a CPU one.
     Without a mesh context (or one without batch axes): jax.nn.dot_product_attention's XLA path.
     """
-    axes = sharding.mesh_batch_axes()
-    if not axes:
+    axes, mesh = sharding.mesh_batch_axes(), jax.sharding.get_abstract_mesh()
+    own = not mesh.empty and not mesh.auto_axes  # inside a shard_map manual over every axis: this device's arrays
+    if not axes and not own:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-    mesh = jax.sharding.get_abstract_mesh()
     B, T, H, D = q.shape
-    tensor = mesh.shape.get("tensor", 1)
+    tensor = 1 if own else mesh.shape.get("tensor", 1)
     if H % tensor:
         raise ValueError(f"attention='splash' splits the {H} heads over tensor:{tensor}, which does not divide "
                          f"them; use a tensor size that divides n_head, or attention='xla'")
@@ -77,5 +79,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool |
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (b, h, T, D)
         return jax.vmap(kernel)(q, k, v).transpose(0, 2, 1, 3)  # (b, T, h, D)
 
+    if own:
+        # The train step of a data-parallel mesh runs each replica's micro-batches under a shard_map manual over
+        # every axis (step._gradient_sums): the kernel runs on this device's arrays as they are.
+        return per_shard(q, k, v)
     spec = P(axes, None, "tensor" if "tensor" in mesh.axis_names else None, None)
     return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)

@@ -144,11 +144,14 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_dim: int = 0) -> NamedSharding:
 
 def mesh_batch_axes() -> tuple[str, ...]:
     """The batch axes (BATCH_AXES) of the mesh context set by `jax.sharding.use_abstract_mesh` (the train
-    and eval steps set it while tracing); () where none is set: decoding, HellaSwag, unsharded tests."""
+    and eval steps set it while tracing) that are not manual; () where none is set: decoding, HellaSwag,
+    unsharded tests."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
-    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    # Inside the train step's shard_map over `data` (each device's own gradient sums) that axis is manual: the
+    # rows are already this replica's, and only the automatic axes are left to split them.
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names and a not in mesh.manual_axes)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

@@ -222,51 +222,50 @@ def test_the_warmup_help_says_so(capsys):
 @pytest.mark.slow
 def test_a_gpt2_size_on_a_cpu_names_the_batch_and_estimates_a_step(tmp_path, char_data, capsys):
     """`--preset=gpt2 --platform=cpu`: 2**19 tokens a step. The run says so at the start, and how long a step
-    takes after its first micro-steps (here a 1-layer GPT-2 of 4 micro-steps a step)."""
-    run(tiny(tmp_path / "run", char_data, preset="gpt2", total_batch_size=4 * 8 * 32, max_steps=1))
+    takes once one has run without its compile (here a 1-layer GPT-2 of 4 micro-steps a step)."""
+    run(tiny(tmp_path / "run", char_data, preset="gpt2", total_batch_size=4 * 8 * 32, max_steps=3))
     out = " ".join(capsys.readouterr().out.split())
     assert ("note: gpt2 on a CPU: a step is --total_batch_size=1,024 tokens, 4 micro-steps of 8 x 32; it may take "
             "minutes or hours") in out and "e.g. --total_batch_size=256" in out
-    assert re.search(r"first step: micro-step 1 of 4 took [\d.]+ s \(compiling included\), micro-step 2 [\d.]+ s: "
-                     r"about [\d.]+ s per step of --total_batch_size=1,024 tokens \(4 micro-steps of 8 x 32\)",
-                     out), out
+    assert re.search(r"a step takes about [\d.]+ (s|min|h) \(4 micro-steps of 8 x 32\): [\d.]+ (s|min|h) for "
+                     r"--max_steps=3; a stop signal waits for the step in progress, then saves", out), out
 
 
 @pytest.mark.e2e
-def test_a_stop_signal_lands_between_micro_steps_and_the_resume_is_exact(tmp_path, char_data, monkeypatch, capsys):
-    """SIGTERM during micro-step 2 of step 3 (of 4 micro-steps): the run stops after that micro-step, drops
-    the partial step, checkpoints step 2 with its loader position; the same command then ends bit-identical
-    to a run never stopped (the split steps compute what the fused step does: test_train.py checks the
-    numbers against torch)."""
-    flags_ = dict(total_batch_size=4 * 8 * 32, max_steps=4, dropout=0.1)
+def test_a_stop_signal_during_a_long_step_finishes_it_says_how_long_and_the_resume_is_exact(
+        tmp_path, char_data, monkeypatch, capsys):
+    """SIGTERM while step 4 (of 4 micro-steps) runs: the step is one program, so it finishes; the message says how
+    long a step takes (timed on step 2); step 4 is checkpointed with its loader position, and the same command
+    then ends bit-identical to a run never stopped."""
+    flags_ = dict(total_batch_size=4 * 8 * 32, max_steps=6, dropout=0.1)
     straight = run(tiny(tmp_path / "straight", char_data, **flags_))
     calls = []
 
-    def signalling(make):
-        def make_(*args, **kwargs):
-            parts = make(*args, **kwargs)
+    def signalling(build):
+        def build_(*args, **kwargs):
+            built = build(*args, **kwargs)
 
-            def micro(*a):
+            def fn(*a):
                 calls.append(len(calls))
-                if len(calls) == 2 * 4 + 2:  # step 3, micro-step 2
+                if len(calls) == 4:  # step 4 is dispatched
                     os.kill(os.getpid(), signal.SIGTERM)
-                return parts.micro(*a)
-            return dataclasses.replace(parts, micro=micro)
-        return make_
+                return built.fn(*a)
+            return dataclasses.replace(built, fn=fn)
+        return build_
 
-    from gpt2_jax.training import step as step_lib
+    from gpt2_jax.training import setup as setup_lib
     with monkeypatch.context() as m:
-        m.setattr(step_lib, "make_micro_steps", signalling(step_lib.make_micro_steps))
+        m.setattr(setup_lib, "build_step", signalling(setup_lib.build_step))
         stopped = run(tiny(tmp_path / "run", char_data, **flags_))
     out = capsys.readouterr()
-    assert stopped["interrupted"] == "SIGTERM" and stopped["step"] == 2
-    assert len(calls) == 10  # no micro-step after the signal's
-    assert ("stopped by SIGTERM after step 2 (the next step stopped after micro-step 2 of 4; its partial gradient "
-            "is dropped); checkpoint saved in") in out.out
-    assert "SIGTERM: finishing this micro-step, dropping the partial step and writing a checkpoint" in out.err
-    assert complete_steps(tmp_path / "run") == [2]
+    assert stopped["interrupted"] == "SIGTERM" and stopped["step"] == 4
+    assert len(calls) == 4  # no step after the signal's
+    assert "stopped by SIGTERM after step 4; checkpoint saved in" in out.out
+    assert re.search(r"SIGTERM: finishing this step and writing a checkpoint \(a step takes about [\d.]+ (s|min) "
+                     r"here\)", out.err), out.err
+    assert complete_steps(tmp_path / "run") == [4]
     resumed = run(tiny(tmp_path / "run", char_data, **flags_))
-    assert resumed["start_step"] == 2 and resumed["step"] == 4
+    assert resumed["start_step"] == 4 and resumed["step"] == 6
     assert timeline(tmp_path / "run") == timeline(tmp_path / "straight")
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), resumed["params"],
                         straight["params"])

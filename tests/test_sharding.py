@@ -43,7 +43,10 @@ def test_tensor_parallel_step_reshuffles_nothing(mesh):
 
     The all-to-alls and permutes were q/k/v reshuffled to whole heads (forward split, backward concat).
     What is left, per layer: 2 all-reduces forward (after attn.c_proj and mlp.c_proj), 2 backward
-    (before c_attn and c_fc), plus those of the embeddings, the loss and the gradients."""
+    (before c_attn and c_fc), plus those of the embeddings, the loss and the gradients. Since the gradients are
+    summed over `data` once after the micro-batches (step._gradient_sums), that sum is one all-reduce of its own:
+    15 all-reduces, of fewer bytes (564,028 B on data:4,tensor:2; 785,852 B on data:2,tensor:4)."""
+    most_bytes = {"data:4,tensor:2": 580_412, "data:2,tensor:4": 794_044}  # before: no more than then
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "collectives.py"), f"--mesh={mesh}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -52,4 +55,4 @@ def test_tensor_parallel_step_reshuffles_nothing(mesh):
     assert counts["all-to-all"]["count"] == 0
     assert counts["collective-permute"]["count"] == 0
     assert counts["reduce-scatter"]["count"] == 0
-    assert counts["all-reduce"]["count"] <= 14
+    assert counts["all-reduce"]["count"] <= 15 and counts["all-reduce"]["bytes"] <= most_bytes[mesh]

@@ -65,15 +65,15 @@ class StopSignal:
     Processes of one run must stop after the same step, because they save the checkpoint together:
     `agreed()` is the decision of all of them, so a signal to any one process stops the whole run.
 
-    A long step of several micro-batches (`midway`, a single process) stops between two micro-steps instead:
-    the loop drops the partial step and checkpoints the last complete one (loop.run_step).
+    The step in progress always finishes (it is one program): the message says how long a step takes once the
+    loop has timed one (`step_time`), which on a CPU may be minutes.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, midway: bool = False):
+    def __init__(self):
         self.received = None  # name of the first signal, as the main thread saw it
-        self.midway = midway
+        self.step_time = ""  # "3.2 min": how long a step takes here, once the loop knows
         self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
@@ -92,9 +92,9 @@ class StopSignal:
                 count += 1
                 name = signal.Signals(signum).name
                 if count == 1:
-                    what = ("this micro-step, dropping the partial step" if self.midway else "this step") + \
-                        " and writing a checkpoint"
-                    print(f"\n{name}: finishing {what} (send again to exit at once)", file=sys.stderr, flush=True)
+                    took = f" (a step takes about {self.step_time} here)" if self.step_time else ""
+                    print(f"\n{name}: finishing this step and writing a checkpoint{took} (send again to exit at "
+                          "once)", file=sys.stderr, flush=True)
                 else:
                     print(f"\nsecond signal ({name}): exiting now; the checkpoints on disk are intact",
                           file=sys.stderr, flush=True)

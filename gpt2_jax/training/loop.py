@@ -36,12 +36,13 @@ def train(t: Trainer) -> dict:
     The host never waits for the device without need: step N+1 is dispatched before step N's metrics
     are read (they are logged and checked one step behind, which is safe: a non-finite step leaves the
     state unchanged), and batch N+2 is read and placed while step N+1 runs. Where a periodic task or a
-    stop is due, the loop catches up first, so tasks see the state and counts of their own step. A step of
-    several micro-batches runs them one by one (run_step), and a stop between two drops the partial step.
+    stop is due, the loop catches up first, so tasks see the state and counts of their own step. A step is one
+    program (step.build_step, the one the planner compiles): a stop signal waits for the step in progress, and
+    the log says how long a step takes once it is known.
     """
     tc = t.tc
     tasks = periodic_tasks(t)
-    stop = StopSignal(midway=t.step.micro_steps is not None and jax.process_count() == 1)
+    stop = StopSignal()
     profiler = StepProfiler(tc.profile_steps, t.out_dir)
     summary = {"out_dir": str(t.out_dir), "start_step": t.start_step, "loss": None, "val_loss": None}
     step, rng = t.start_step, jax.random.key(tc.seed)
@@ -51,20 +52,14 @@ def train(t: Trainer) -> dict:
     batch = next_batch(t) if step < tc.max_steps else None
     pending, saved = None, step  # (step, its metrics, still on the device); the newest step with a checkpoint
     try:
-        clock, estimate = StepClock(), FirstStepEstimate(t)
+        clock = StepClock()
         while step < tc.max_steps:
             profiler.before(step + 1)
-            out = run_step(t, batch, jax.random.fold_in(rng, step), stop, estimate)
-            if isinstance(out, str):  # stopped between micro-steps: the partial step is dropped
-                if pending is not None:
-                    summary["loss"] = record_step(t, *pending, clock)
-                stop_here(t, step, stop.received, step != saved, summary, f" ({out})")
-                break
-            t.state, metrics = out
+            t.state, metrics = t.step.fn(t.state, *batch, jax.random.fold_in(rng, step))
             step += 1
             profiler.after(step, t.state)
             if pending is not None:  # the previous step's metrics, while this one runs
-                summary["loss"] = record_step(t, *pending, clock)
+                summary["loss"] = record_step(t, *pending, clock, stop)
             t.loader_position = t.train_loader.state()  # where a resume after `step` goes on
             batch = next_batch(t) if step < tc.max_steps else None
             pending = (step, metrics)
@@ -73,7 +68,7 @@ def train(t: Trainer) -> dict:
             stopping = stop.agreed(step)
             if not (due or stopping):
                 continue
-            summary["loss"], pending = record_step(t, *pending, clock), None
+            summary["loss"], pending = record_step(t, *pending, clock, stop), None
             for task in due:
                 summary.update(task(t, step))
             saved = step if save in due else saved
@@ -92,14 +87,14 @@ def train(t: Trainer) -> dict:
     return finish(t, step, summary)
 
 
-def stop_here(t: Trainer, step: int, signal_name: str, unsaved: bool, summary: dict, note: str = "") -> None:
+def stop_here(t: Trainer, step: int, signal_name: str, unsaved: bool, summary: dict) -> None:
     """A stop signal: checkpoint `step` (unless it has one) with its loader position, so that the same
     command resumes exactly."""
     if unsaved and step > 0:
         save(t, step)
     t.ckpt.wait()
     where = f"checkpoint saved in {t.ckpt.directory}" if step > 0 else "no step to save: the same command starts over"
-    log(f"stopped by {signal_name} after step {step}{note}; {where}. Resume with the same command "
+    log(f"stopped by {signal_name} after step {step}; {where}. Resume with the same command "
         f"(python train.py ... --out_dir={t.tc.out_dir})")
     summary["interrupted"] = signal_name
 
@@ -112,49 +107,6 @@ def finish(t: Trainer, step: int, summary: dict) -> dict:
         except Exception as e:  # noqa: BLE001 -- a plot must never fail a finished run
             log(f"(no plot: {type(e).__name__}: {e})")
     return summary
-
-
-def run_step(t: Trainer, batch, key, stop: StopSignal, estimate: FirstStepEstimate) -> tuple | str:
-    """Dispatch one optimizer step: the fused train step, or, where a step has several micro-batches, its
-    micro-steps one by one (step.MicroSteps: the same numbers), so that a stop signal is honoured between
-    two of them. Returns (state, metrics), or a note on where the step stopped: then the partial gradient is
-    dropped and `t.state` is the last complete step's. The host waits for micro-step i-1 while i runs."""
-    parts = t.step.micro_steps
-    if parts is None:
-        return t.step.fn(t.state, *batch, key)
-    acc, previous, n = parts.zeros(t.state), None, t.step.grad_accum
-    for i in range(n):
-        acc, loss = parts.micro(t.state, acc, *batch, np.int32(i), key)
-        if not estimate.done:  # the first step: time each micro-step
-            estimate.lap(loss)
-        elif previous is not None:
-            previous.block_until_ready()
-        if stop.midway and stop.received:
-            return f"the next step stopped after micro-step {i + 1} of {n}; its partial gradient is dropped"
-        previous = loss
-    return parts.apply(t.state, acc)
-
-
-class FirstStepEstimate:
-    """Times the first micro-steps of a run's first step and says what a step will take (a step of many
-    micro-batches, e.g. a GPT-2 size on a CPU, may take minutes or hours)."""
-
-    def __init__(self, t: Trainer):
-        self.t, self.times = t, [time.perf_counter()]
-        self.done = t.step.micro_steps is None
-
-    def lap(self, loss: jax.Array) -> None:
-        loss.block_until_ready()
-        self.times.append(time.perf_counter())
-        if len(self.times) < 3 and len(self.times) <= self.t.step.grad_accum:
-            return
-        self.done = True
-        tc, n = self.t.tc, self.t.step.grad_accum
-        first, each = self.times[1] - self.times[0], self.times[-1] - self.times[-2]
-        log(f"first step: micro-step 1 of {n} took {first:.1f} s (compiling included), micro-step 2 {each:.2f} s: "
-            f"about {_duration(each * n)} per step of --total_batch_size={tc.total_batch_size:,} tokens "
-            f"({n} micro-steps of {tc.micro_batch_size} x {tc.block_size}), {_duration(each * n * tc.max_steps)} for "
-            f"--max_steps={tc.max_steps}; a smaller --total_batch_size makes shorter steps")
 
 
 def _duration(seconds: float) -> str:
@@ -199,12 +151,19 @@ class StepClock:
         return dt
 
 
-def record_step(t: Trainer, step: int, metrics: dict, clock: StepClock) -> float:
+def record_step(t: Trainer, step: int, metrics: dict, clock: StepClock, stop: StopSignal) -> float:
     """Read a step's metrics (waiting for the device), apply --on_nan, log every --log_every steps;
-    returns the loss."""
+    returns the loss. The first step timed without its compile says how long a step takes (for the stop
+    message, and in the log where a step has several micro-batches)."""
     tc = t.tc
     metrics = jax.device_get(metrics)
     dt = clock.lap()
+    if step == t.start_step + 2:
+        stop.step_time = _duration(dt)
+        if t.step.grad_accum > 1:
+            log(f"a step takes about {_duration(dt)} ({t.step.grad_accum} micro-steps of {tc.micro_batch_size} x "
+                f"{tc.block_size}): {_duration(dt * (tc.max_steps - t.start_step))} for --max_steps={tc.max_steps}; "
+                f"a stop signal waits for the step in progress, then saves")
     t.nan.check(step, metrics, t.ckpt)  # raises to stop; else counts a skipped update
     tps = tc.total_batch_size / dt
     # Skipped updates did not advance the optimizer's step count, nor its schedule.

@@ -2,10 +2,10 @@
 and for the planner's ahead-of-time compiles (for devices that need not be attached).
 
 One `jax.jit` train step with explicit in/out shardings does a whole optimizer step: the gradients of
-`grad_accum` micro-batches are summed inside it with `lax.scan`, then clipped and applied. Its state
-argument is donated, so params and optimizer state are updated in place. With grad_accum > 1 the same step
-also comes in parts (MicroSteps: a jitted micro-step per micro-batch, then the update), which the loop runs
-so that a stop signal need not wait for a whole long step.
+`grad_accum` micro-batches are summed inside it with `lax.scan` (each data-parallel replica its own, added over
+the replicas once: _gradient_sums), then clipped and applied. Its state argument is donated, so params and
+optimizer state are updated in place. It is the one program of a step: the loop runs it, and the planner,
+the benchmarks and the auto micro-batch compile it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gpt2_jax import sharding
 from gpt2_jax.config import GPTConfig
@@ -43,17 +44,58 @@ def optim_config(tc: TrainConfig) -> OptimConfig:
                        eps=tc.eps, grad_clip=tc.grad_clip)
 
 
-def _loss_fn(model_def, vocab_limit: int | None, dropout: bool, unroll, mesh):
-    """(params, x, y, key) -> the mean loss of one micro-batch (x, y: (micro_batch, T)).
+def _gradient_sums(model_def, param_shardings, mesh, vocab_limit: int | None, dropout: bool, unroll):
+    """(params, x, y, keys) -> (the sum of the micro-batches' mean losses, the sum of their mean gradients), for
+    x, y: (grad_accum, micro_batch, T) and a key per micro-batch.
 
-    Traced with `mesh` as the context: activations split by batch (sharding.constrain_batch) and the Pallas
-    attention's shard_map find it there (jax.sharding.use_abstract_mesh: jax.set_mesh does not work under jit)."""
+    Data parallelism reduces the gradient ONCE per optimizer step: with a `data` axis, the micro-batches run under
+    a shard_map that is manual over `data`, so each replica sums its own rows' gradients through every micro-batch
+    and they are added over `data` once, after the loop, on each device's 1/fsdp of them. (Left to the
+    partitioner, every micro-step all-reduced the whole gradient: XLA does not hoist the reduction out of the
+    loop.) `fsdp` and `tensor` stay automatic: parameters are gathered and each micro-step's gradient is
+    reduce-scattered over `fsdp`, as ZeRO-3 does; where both have size 1 the shard_map is manual over every axis
+    (one device's program, as DDP). The activations' and the attention's mesh context is the step's mesh, with
+    `data` manual inside the shard_map (sharding.mesh_batch_axes leaves it out)."""
+    replicas = mesh.shape.get("data", 1)
+
     def loss_fn(params, x, y, key):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key if dropout else None,
-                                                     unroll=unroll)
+        return nnx.merge(model_def, params).loss(x, y, vocab_limit, dropout_rng=key if dropout else None,
+                                                 unroll=unroll)
 
-    return loss_fn
+    def constrain(grads):  # a gradient lives where its parameter does (split over fsdp / tensor, never data)
+        if not jax.sharding.get_abstract_mesh().auto_axes:  # every axis manual (data parallel alone): one device's
+            return grads
+        return jax.tree.map(lambda sh, g: jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sh.spec), g),
+                            param_shardings, grads)
+
+    def sums(params, x, y, keys):
+        def micro_step(carry, batch):
+            loss_sum, grad_sum = carry
+            xi, yi, key = batch
+            key = jax.random.fold_in(key, jax.lax.axis_index("data")) if replicas > 1 else key
+            loss, grads = jax.value_and_grad(loss_fn)(params, xi, yi, key)
+            return (loss_sum + loss, constrain(jax.tree.map(jnp.add, grad_sum, grads))), None
+
+        zeros = (jnp.zeros((), jnp.float32), constrain(jax.tree.map(jnp.zeros_like, params)))
+        (loss, grads), _ = jax.lax.scan(micro_step, zeros, (x, y, keys))
+        if replicas > 1:  # the mean over all rows is the mean of the replicas' means (equal row counts)
+            loss = jax.lax.psum(loss, "data") / replicas
+            grads = constrain(jax.tree.map(lambda g: jax.lax.psum(g, "data") / replicas, grads))
+        return loss, grads
+
+    def traced(params, x, y, keys):  # under the step's mesh: activations and attention find it there
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            if replicas == 1:
+                return sums(params, x, y, keys)
+            # Each device its own rows of every micro-batch, and its own sums until the psum; check_vma=False: the
+            # psum is written out (no automatic one for the replicated params), and the Pallas kernel declares
+            # no varying types. Data parallel alone: manual over every axis, the body is one device's program.
+            rows = P(None, "data")  # (grad_accum, micro_batch, T)
+            manual = {"data"} if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1 else set(mesh.axis_names)
+            return jax.shard_map(sums, mesh=mesh, in_specs=(P(), rows, rows, P()), out_specs=(P(), P()),
+                                 axis_names=manual, check_vma=False)(params, x, y, keys)
+
+    return traced
 
 
 def _apply(ts: TrainState, state, loss, grads):
@@ -76,62 +118,13 @@ def make_train_step(graphdef, state_shardings, batch_sharding, grad_accum: int, 
         # overwrite `state` too, and a non-finite step could not be undone.
         ts = nnx.merge(graphdef, state, copy=True)
         model_def, params = nnx.split(ts.model)
-        loss_fn = _loss_fn(model_def, vocab_limit, dropout, unroll, batch_sharding.mesh)
-
-        def micro_step(carry, batch):
-            loss_sum, grad_sum = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
-
-        keys = jax.random.split(rng, grad_accum) if dropout else None
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss, grads), _ = jax.lax.scan(micro_step, (jnp.zeros((), jnp.float32), zeros), (x, y, keys))
+        sums = _gradient_sums(model_def, state_shardings["model"], batch_sharding.mesh, vocab_limit, dropout, unroll)
+        loss, grads = sums(params, x, y, jax.random.split(rng, grad_accum))
         return _apply(ts, state, loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads))
 
     return jax.jit(train_step, donate_argnums=0,
                    in_shardings=(state_shardings, batch_sharding, batch_sharding, repl),
                    out_shardings=(state_shardings, repl))
-
-
-@dataclasses.dataclass(frozen=True)
-class MicroSteps:
-    """The train step in parts, for a loop that may stop between micro-steps (a long step, grad_accum > 1):
-    `acc = zeros(state)`, then for i in range(grad_accum) `acc, loss_i = micro(state, acc, x, y, i, rng)`, then
-    `state, metrics = apply(state, acc)`. The same arithmetic, in the same order, as the fused step's scan.
-    `acc` is donated to each call; `state` only to `apply`, so dropping `acc` midway leaves the state whole."""
-
-    zeros: Callable  # state -> acc: {"loss": 0, "grads": zeros like the params}
-    micro: Callable  # (state, acc, x, y, i, rng) -> (acc + micro-batch i's loss and gradient, its loss)
-    apply: Callable  # (state, acc) -> (state, metrics), as the fused step's
-
-
-def make_micro_steps(graphdef, state_shardings, batch_sharding, grad_accum: int, dropout: bool,
-                     vocab_limit: int | None = None, unroll=None) -> MicroSteps:
-    repl = sharding.replicated(batch_sharding.mesh)
-    acc_sh = {"loss": repl, "grads": state_shardings["model"]}
-
-    def zeros(state):
-        params = nnx.split(nnx.merge(graphdef, state).model)[1]
-        return {"loss": jnp.zeros((), jnp.float32), "grads": jax.tree.map(jnp.zeros_like, params)}
-
-    def micro(state, acc, x, y, i, rng):
-        model_def, params = nnx.split(nnx.merge(graphdef, state).model)
-        key = jax.random.split(rng, grad_accum)[i] if dropout else None
-        xi, yi = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in (x, y))
-        loss_fn = _loss_fn(model_def, vocab_limit, dropout, unroll, batch_sharding.mesh)
-        loss, grads = jax.value_and_grad(loss_fn)(params, xi, yi, key)
-        return {"loss": acc["loss"] + loss, "grads": jax.tree.map(jnp.add, acc["grads"], grads)}, loss
-
-    def apply(state, acc):
-        ts = nnx.merge(graphdef, state, copy=True)
-        return _apply(ts, state, acc["loss"] / grad_accum, jax.tree.map(lambda g: g / grad_accum, acc["grads"]))
-
-    return MicroSteps(
-        zeros=jax.jit(zeros, in_shardings=(state_shardings,), out_shardings=acc_sh),
-        micro=jax.jit(micro, donate_argnums=1, in_shardings=(state_shardings, acc_sh, batch_sharding,
-                                                             batch_sharding, repl, repl), out_shardings=(acc_sh, repl)),
-        apply=jax.jit(apply, donate_argnums=0, in_shardings=(state_shardings, acc_sh),
-                      out_shardings=(state_shardings, repl)))
 
 
 def make_eval_step(graphdef, state_shardings, batch_sharding, vocab_limit: int | None = None):
@@ -157,7 +150,6 @@ class TrainStep:
     batch_sharding: NamedSharding  # of a train batch (grad_accum, micro_batch, T)
     fn: Callable  # (state, x, y, rng) -> (state, metrics)
     batch_shape: tuple[int, int, int]  # (grad_accum, micro_batch, T)
-    micro_steps: MicroSteps | None = None  # `fn` in parts, for grad_accum > 1 (a loop that may stop midway)
 
     def abstract_args(self) -> tuple:
         """`fn`'s arguments as ShapeDtypeStructs with their shardings: `step.fn.lower(*step.abstract_args())`."""
@@ -188,8 +180,6 @@ def build_step(tc: TrainConfig, cfg: GPTConfig, mesh, vocab_limit: int | None = 
     batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
     fn = make_train_step(graphdef, shardings, batch_sh, grad_accum, dropout=cfg.dropout > 0, vocab_limit=vocab_limit,
                          unroll=unroll)
-    parts = (make_micro_steps(graphdef, shardings, batch_sh, grad_accum, dropout=cfg.dropout > 0,
-                              vocab_limit=vocab_limit, unroll=unroll) if grad_accum > 1 else None)
     return TrainStep(graphdef, abstract, shardings, tx, oc, grad_accum, batch_sh, fn,
-                     batch_shape=(grad_accum, tc.micro_batch_size, tc.block_size), micro_steps=parts)
+                     batch_shape=(grad_accum, tc.micro_batch_size, tc.block_size))
 
