@@ -6,11 +6,10 @@ communication, read from the program XLA actually runs (no timing, so a CPU with
 
 The step is `training.step.make_train_step` with the trainer's own state and batch shardings
 (`sharding.state_shardings`, `sharding.batch_sharding`), built exactly as the trainer builds it, then
-lowered and compiled for `--devices` fake CPU devices. In the compiled HLO text each collective
-instruction (all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute; an async
-`*-start`/`*-done` pair counts once) is counted, with the bytes of its result (per device). Counts are
-static: an instruction inside a loop body counts once (on CPU the layer scan is unrolled, so per-layer
-collectives appear n_layer times). Prints a table, then one JSON line.
+lowered and compiled for `--devices` fake CPU devices. The collectives in the compiled HLO text are counted by the
+planner's own counter (gpt2_jax.plan.hlo.collectives: each all-gather, all-reduce, reduce-scatter, all-to-all and
+collective-permute with the bytes of its result per device, an async pair once, an instruction in a loop once per
+trip), so this table and `python -m gpt2_jax.plan` count alike. Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -28,36 +26,13 @@ from gpt2_jax.backends import cpu_if_no_accelerator  # after the checkout is on 
 
 cpu_if_no_accelerator(os.environ)  # no GPU or TPU here: the CPU, without the plugins' start-up tracebacks
 
-KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-               "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-# `%name = <result type> <opcode>(` -- the result type is an array type or a tuple of them.
-INSTRUCTION = re.compile(r"=\s*(?P<type>\(.*?\)|\S+)\s+(?P<op>" + "|".join(KINDS) + r")(?:-start)?\(")
-ARRAY_TYPE = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+from gpt2_jax.plan.hlo import COLLECTIVES, collectives
 
 
 def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count": n, "bytes": result bytes summed}} for every kind in KINDS (zeros included).
-
-    For an async start the result tuple holds the operands too: only its last element (the output)
-    is counted for all-gather, which grows its input; for the others input and output have one size."""
-    out = {k: {"count": 0, "bytes": 0} for k in KINDS}
-    for m in INSTRUCTION.finditer(hlo_text):
-        arrays = [a for a in ARRAY_TYPE.finditer(m.group("type")) if a.group("dtype") in DTYPE_BYTES]
-        if m.group(0).rstrip("(").endswith("-start"):  # ((operands), outputs...): keep the outputs
-            arrays = arrays[len(arrays) // 2:]
-        size = sum(DTYPE_BYTES[a.group("dtype")] * _prod(a.group("dims")) for a in arrays)
-        out[m.group("op")]["count"] += 1
-        out[m.group("op")]["bytes"] += size
-    return out
-
-
-def _prod(dims: str) -> int:
-    n = 1
-    for d in filter(None, dims.split(",")):
-        n *= int(d)
-    return n
-
+    """{kind: {"count", "bytes"}} for every kind (zeros included), by the planner's counter."""
+    found = collectives(hlo_text)
+    return {k: found.get(k, {"count": 0, "bytes": 0}) for k in COLLECTIVES}
 
 def compiled_train_step_hlo(cfg, mesh_spec: str, micro_batch_size: int, grad_accum: int = 1) -> str:
     """The compiled HLO text of the trainer's train step (training.step.build_step) for `cfg` on `--mesh=mesh_spec`."""
@@ -84,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "that wte splits over tensor")
     p.add_argument("--block_size", type=int, default=64)
     p.add_argument("--micro_batch_size", type=int, default=8)
+    p.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--attention", default="", help="empty: the trainer's default on CPU")
     args = p.parse_args(argv)
 
@@ -103,15 +79,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"model: {args.preset} n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} "
           f"vocab={cfg.vocab_size} T={cfg.block_size} attention={cfg.attention} | batch {args.micro_batch_size} | "
           f"{args.devices} CPU devices | jax {jax.__version__}")
-    print(f"{'mesh':<20}" + "".join(f"{k:>24}" for k in KINDS))
+    print(f"{'mesh':<20}" + "".join(f"{k:>24}" for k in COLLECTIVES))
     results = {}
     for spec in meshes:
-        counts = count_collectives(compiled_train_step_hlo(cfg, spec, args.micro_batch_size))
+        counts = count_collectives(compiled_train_step_hlo(cfg, spec, args.micro_batch_size, args.grad_accum))
         results[spec] = counts
         print(f"{spec:<20}" + "".join(f"{c['count']:>8} ({c['bytes']:>9,} B)" for c in counts.values()))
-    print("(static counts in the compiled step; bytes: result size per device)")
+    print(f"(per optimizer step of {args.grad_accum} micro-batch(es), loop trips counted; bytes: result size per "
+          "device)")
     out = {"bench": "collectives", "jax": jax.__version__, "config": cfg.to_dict(),
-           "micro_batch_size": args.micro_batch_size, "meshes": results,
+           "micro_batch_size": args.micro_batch_size, "grad_accum": args.grad_accum, "meshes": results,
            "command": "python benchmarks/collectives.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     print(json.dumps(out))
     return out

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--log_every", type=int, default=1)
+    parser.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--rounds", type=int, default=3, help="bare and in-loop alternate this many times")
     args = parser.parse_args(argv)
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     def config(out: str) -> TrainConfig:
         return TrainConfig(preset="char", data=str(work / "data"), out_dir=str(work / out), n_layer=args.n_layer,
                            n_head=2, n_embd=args.n_embd, block_size=args.block, micro_batch_size=args.batch,
+                           total_batch_size=args.batch * args.block * args.grad_accum,
                            max_steps=args.steps, dropout=0.0, eval_every=0, sample_every=0, checkpoint_every=0,
                            log_every=args.log_every, mesh="data:1", tensorboard=False)
 
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
               f"ratio {in_loop[-1] / bare[-1]:.3f}", flush=True)
 
     b, loop = statistics.median(bare), statistics.median(in_loop)
-    print(f"\n{args.n_layer}L/{args.n_embd}, batch {args.batch} x {args.block}, {args.steps} steps, log_every "
+    print(f"\n{args.n_layer}L/{args.n_embd}, batch {args.batch} x {args.block} x {args.grad_accum} accum, "
+          f"{args.steps} steps, log_every "
           f"{args.log_every}, {jax.devices()[0].device_kind}: bare step {b:,.0f} tok/s, in loop {loop:,.0f} tok/s, "
           f"efficiency {loop / b:.3f} (median of {args.rounds} rounds)")
     print(json.dumps({"config": vars(args), "bare_tok_s": bare, "in_loop_tok_s": in_loop, "efficiency": loop / b}))

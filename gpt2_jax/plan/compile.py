@@ -31,7 +31,7 @@ from gpt2_jax.plan.hlo import (
     custom_calls,
     hbm_traffic,
 )
-from gpt2_jax.plan.record import REMATS, STATE_BYTES_PER_PARAM, Plan
+from gpt2_jax.plan.record import REMATS, STATE_BYTES_PER_PARAM, Plan, minimum_collectives
 from gpt2_jax.plan.step_time import plan_step_time
 from gpt2_jax.sharding import data_parallel_size, make_mesh
 from gpt2_jax.training.settings import TrainConfig, model_config, resolve
@@ -109,6 +109,8 @@ def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flo
         p.attention = attention_kernel(p.custom_calls, cfg.attention)
         p.collectives = collectives(hlo)
         p.collective_sends = collective_sends(hlo)
+        p.collective_minimum = minimum_collectives(count_params(cfg), dict(mesh.shape), tc.total_batch_size // (
+            tc.micro_batch_size * tc.block_size), 2 if cfg.dtype != "float32" else 4)
         cost = compiled.cost_analysis()  # None for GPU targets
         p.compiled_flops = float(cost["flops"]) if cost and cost.get("flops") else None
         if cost and cost.get("bytes accessed"):  # TPU: counts each loop body once; the HLO estimate counts trips

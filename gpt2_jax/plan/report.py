@@ -68,6 +68,10 @@ def report(config: TrainConfig, target: Target, p: Plan, grad_accum: int = 1) ->
     if p.memory:
         coll = ", ".join(f"{k} x{v['count']} ({gib(v['bytes'])})" for k, v in sorted(p.collectives.items()))
         lines.append(f"collectives per step per device: {coll or 'none'}")
+        if p.collective_minimum:
+            least, moved = sum(p.collective_minimum.values()), sum(v["bytes"] for v in p.collectives.values())
+            parts = ", ".join(f"{what}: {gib(n)}" for what, n in p.collective_minimum.items())
+            lines.append(f"  the mesh's minimum: {gib(least)} ({parts}); counted {gib(moved)} = {moved / least:.2f}x")
         if (fsdp := fsdp_traffic(p.collectives)) and mesh.shape["fsdp"] > 1:
             lines.append(f"  FSDP weight gathers: {gib(fsdp)} (all-gathers and, on TPU, the collective-permute "
                          f"rings XLA turns them into)")
