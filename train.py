@@ -30,6 +30,7 @@ import dataclasses
 import signal
 import sys
 
+from gpt2_jax import launch  # no JAX: it sets JAX's environment first
 from gpt2_jax.cli import one_line_errors
 from gpt2_jax.training.settings import parse_flags  # imports nothing heavy: JAX is not loaded yet
 
@@ -40,20 +41,18 @@ from gpt2_jax.training.settings import parse_flags  # imports nothing heavy: JAX
                  interrupted="stopped before training began; no step was trained. Run the same command to start again")
 def main(argv: list[str] | None = None) -> int:
     config = parse_flags(argv, prog="train.py", description=__doc__)
-    from gpt2_jax import launch  # noqa: PLC0415
-
     launch.start_jax(config)
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415 -- JAX, and the modules below that import it, only after start_jax set its environment
 
     if config.micro_batch_size == 0 and jax.default_backend() in ("gpu", "tpu"):
-        from gpt2_jax.plan import auto_micro_batch  # noqa: PLC0415
-        from gpt2_jax.training.setup import checkpoint_shape  # noqa: PLC0415
+        from gpt2_jax.plan import auto_micro_batch  # noqa: PLC0415 -- (loads JAX)
+        from gpt2_jax.training.setup import checkpoint_shape  # noqa: PLC0415 -- (loads JAX)
 
         micro, note = auto_micro_batch(checkpoint_shape(config, quiet=True))  # the shape --init_from has
         print(note, flush=True)
         if micro:
             config = dataclasses.replace(config, micro_batch_size=micro)
-    from gpt2_jax.training import run  # noqa: PLC0415
+    from gpt2_jax.training import run  # noqa: PLC0415 -- (loads JAX)
 
     summary = run(config)
     if summary.get("interrupted"):  # stopped by a signal, after writing a checkpoint

@@ -139,7 +139,7 @@ def start_jax(config: TrainConfig) -> None:
     os.environ.update(env)
     for note in notes:
         print(note, file=sys.stderr if note.startswith("warning:") else sys.stdout, flush=True)
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415 -- only once the environment JAX reads at import is set
 
     init_distributed(config)
     try:
@@ -160,7 +160,7 @@ def init_distributed(tc: TrainConfig) -> None:
     TPU_WORKER_HOSTNAMES lists several hosts (GKE). --distributed=true: SLURM and Open MPI clusters
     describe themselves; elsewhere pass --coordinator_address, --num_processes and --process_id.
     """
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415 -- only once the environment JAX reads at import is set
 
     if tc.local_device_count:
         jax.config.update("jax_num_cpu_devices", tc.local_device_count)

@@ -109,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem := pin_platform(args.platform):  # before any JAX backend starts
         raise CliError(problem)
     check_readable(args.init_from, "--init_from")  # a bucket: one line in seconds, not a minute of retries
-    from gpt2_jax.generate import generate  # noqa: PLC0415
-    from gpt2_jax.runs import load_model  # noqa: PLC0415
+    from gpt2_jax.generate import generate  # noqa: PLC0415 -- JAX loads after the flags and the platform are settled
+    from gpt2_jax.runs import load_model  # noqa: PLC0415 -- (as above)
 
     model, tokenizer, _ = load_model(args.init_from, step=args.step, dtype=args.dtype)
     if tokenizer is None:

@@ -42,7 +42,7 @@ def run_path(text: str | os.PathLike) -> epath.Path:
     text = os.fspath(text)
     if text.startswith("gs://"):
         try:
-            import gcsfs  # noqa: F401, PLC0415
+            import gcsfs  # noqa: F401, PLC0415 -- the gcs extra: only whether it is installed, for gs:// paths
         except ImportError as e:
             raise ImportError(f"{text} is in Cloud Storage, which needs gcsfs: {GCS_EXTRA}") from e
         return epath.Path(text)

@@ -93,7 +93,10 @@ def test_nnx_state_round_trip(tmp_path):
         ckpt.save(1, state, {})
         restored, _, _ = ckpt.restore(abstract_like(state))
     assert type(restored) is type(state)
-    key_data = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+    def key_data(x):
+        return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
     assert_trees_equal(jax.tree.map(key_data, restored), jax.tree.map(key_data, state))
     assert isinstance(nnx.merge(graphdef, restored).opt.opt_state[0], optax.ScaleByAdamState)
 

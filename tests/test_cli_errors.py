@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny import TINY_MODEL, TINY_RUN, tiny_train_config, train_flags
+from tiny import TINY_MODEL, TINY_RUN, private_mount_works, tiny_train_config, train_flags
 
 import train
 from gpt2_jax import data as data_lib
@@ -245,11 +245,7 @@ def test_a_full_disk_is_one_error_and_keeps_the_checkpoints(tmp_path, monkeypatc
 
 
 def _can_mount_tmpfs(tmp_path) -> bool:
-    try:
-        return subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
-                              capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    return private_mount_works(f"mount -t tmpfs -o size=64k tmpfs {tmp_path}")
 
 
 @pytest.mark.e2e

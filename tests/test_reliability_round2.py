@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from tiny import TINY_RUN, tiny_train_config, train_flags
+from tiny import TINY_RUN, private_mount_works, tiny_train_config, train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_LAYER = dict(n_layer=1, mesh="data:1")
@@ -119,11 +119,7 @@ def _ro_bind(folder: Path) -> str:
 def _can_remount_read_only(tmp_path) -> bool:
     probe = tmp_path / "ro-probe"
     probe.mkdir()
-    try:
-        return subprocess.run(["unshare", "-rm", "sh", "-c", f"{_ro_bind(probe)} && ! touch {probe}/x 2>/dev/null"],
-                              capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    return private_mount_works(f"{_ro_bind(probe)} && ! touch {probe}/x 2>/dev/null")
 
 
 @pytest.mark.e2e

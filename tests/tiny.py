@@ -6,6 +6,7 @@ that needs another shape passes overrides -- `tiny_model(vocab_size=50257)`,
 `tiny_train_config(out, char_data, n_layer=1)` -- instead of restating the config.
 """
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,12 @@ def f32_atol(reference, terms: int) -> float:
     magnitude -- what float32 can promise, not what one machine measured. (A fixed atol=1e-6 on splash attention
     failed by 1.07e-6 on an Intel Xeon with AVX-512: 2.9 eps x max|ref| there, where this allows sqrt(384) = 19.6.)"""
     return float(np.sqrt(terms) * np.finfo(np.float32).eps * np.abs(np.asarray(reference)).max())
+
+
+def private_mount_works(script: str) -> bool:
+    """Whether `script` succeeds in a private user and mount namespace (`unshare -rm`): the tests that mount a small
+    or read-only filesystem over a folder skip where the machine does not allow it."""
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False

@@ -31,6 +31,7 @@ import sys
 
 from gpt2_jax.backends import cpu_if_no_accelerator
 from gpt2_jax.cli import BadFlag, one_line_errors
+from gpt2_jax.launch import GPU_XLA_FLAGS
 from gpt2_jax.plan.hardware import MissingExtra, TargetSpec, missing_extra, parse_target
 from gpt2_jax.training.settings import TrainConfig, add_flags
 
@@ -96,8 +97,6 @@ def sandbox_command(argv: list[str], spec: TargetSpec) -> tuple[list[str], dict]
 def gpu_flags_env(spec: TargetSpec, env) -> dict:
     """XLA_FLAGS for a GPU target's compile, as train.py --platform=gpu sets them: the recommended flags
     (launch.GPU_XLA_FLAGS) unless XLA_FLAGS is set already, so that the plan compiles the program the run will."""
-    from gpt2_jax.launch import GPU_XLA_FLAGS  # noqa: PLC0415
-
     if spec.platform != "gpu" or "XLA_FLAGS" in env:
         return {}
     return {"XLA_FLAGS": " ".join(GPU_XLA_FLAGS)}
@@ -105,8 +104,6 @@ def gpu_flags_env(spec: TargetSpec, env) -> dict:
 
 def xla_flags_line(spec: TargetSpec) -> str:
     """The report's line on the XLA flags of a GPU compile ("" for other targets)."""
-    from gpt2_jax.launch import GPU_XLA_FLAGS  # noqa: PLC0415
-
     if spec.platform != "gpu":
         return ""
     flags = os.environ.get("XLA_FLAGS", "")
@@ -141,7 +138,7 @@ def main(argv=None) -> int:
         cpu_if_no_accelerator(os.environ)  # the local target on a machine without GPU or TPU: quiet
     # JAX loads here, not at the top: the parent of a sandboxed compile never starts it, and a local target on a
     # machine without a GPU or TPU is set to the CPU first (JAX reads JAX_PLATFORMS when it is imported).
-    from gpt2_jax.plan.report import load_target, run  # noqa: PLC0415
+    from gpt2_jax.plan.report import load_target, run  # noqa: PLC0415 -- see above
 
     try:
         target = load_target(args.spec)

@@ -7,6 +7,6 @@
 def run(tc):
     """Train as `tc` (a training.settings.TrainConfig) says: `loop.train(setup.setup(tc))`. Imported lazily, so
     that `gpt2_jax.training.settings` stays free of JAX."""
-    from gpt2_jax.training.loop import run as run_  # noqa: PLC0415
+    from gpt2_jax.training.loop import run as run_  # noqa: PLC0415 -- keeps training.settings free of JAX
 
     return run_(tc)
