@@ -158,12 +158,6 @@ def record_step(t: Trainer, step: int, metrics: dict, clock: StepClock, stop: St
     tc = t.tc
     metrics = jax.device_get(metrics)
     dt = clock.lap()
-    if step == t.start_step + 2:
-        stop.step_time = _duration(dt)
-        if t.step.grad_accum > 1:
-            log(f"a step takes about {_duration(dt)} ({t.step.grad_accum} micro-steps of {tc.micro_batch_size} x "
-                f"{tc.block_size}): {_duration(dt * (tc.max_steps - t.start_step))} for --max_steps={tc.max_steps}; "
-                f"a stop signal waits for the step in progress, then saves")
     t.nan.check(step, metrics, t.ckpt)  # raises to stop; else counts a skipped update
     tps = tc.total_batch_size / dt
     # Skipped updates did not advance the optimizer's step count, nor its schedule.
@@ -176,6 +170,12 @@ def record_step(t: Trainer, step: int, metrics: dict, clock: StepClock, stop: St
     if step % tc.log_every == 0 or step == tc.max_steps:
         t.logger.log(step, **row)
         log(format_step_line(step, tc.max_steps, row))
+    if step == t.start_step + 2:  # the first step timed without its compile
+        stop.step_time = _duration(dt)
+        if t.step.grad_accum > 1:
+            log(f"a step takes about {_duration(dt)} ({t.step.grad_accum} micro-steps of {tc.micro_batch_size} x "
+                f"{tc.block_size}): {_duration(dt * (tc.max_steps - t.start_step))} for --max_steps={tc.max_steps}; "
+                f"a stop signal waits for the step in progress, then saves")
     return row["loss"]
 
 

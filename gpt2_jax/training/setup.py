@@ -372,8 +372,8 @@ def log_start(t: Trainer) -> None:
     if jax.default_backend() == "cpu" and tc.preset in GPT2_SIZES:
         log(f"note: {tc.preset} on a CPU: a step is --total_batch_size={tc.total_batch_size:,} tokens, "
             f"{t.step.grad_accum} micro-steps of {tc.micro_batch_size} x {tc.block_size}; it may take minutes or "
-            "hours (an estimate follows the first micro-steps). A smaller --total_batch_size makes shorter steps, "
-            f"e.g. --total_batch_size={tc.micro_batch_size * tc.block_size}")
+            "hours (how long is logged once a step has run without its compile). A smaller --total_batch_size "
+            f"makes shorter steps, e.g. --total_batch_size={tc.micro_batch_size * tc.block_size}")
     if peak_flops(jax.devices()[0]):
         log(mfu_banner(flops_per_token(cfg, tc.block_size), jax.devices()[0], jax.device_count()))
 
