@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -40,6 +41,8 @@ def one_line_errors(errors: tuple[type[BaseException], ...] = USER_ERRORS,
     def wrap(main: Callable[..., int | None]) -> Callable[..., int | None]:
         @functools.wraps(main)
         def run(argv=None):
+            previous_hook = sys.unraisablehook
+            sys.unraisablehook = _lost_interrupt_exits(f"interrupted (SIGINT): {interrupted}", previous_hook)
             try:
                 return main(argv)
             except KeyboardInterrupt:
@@ -51,10 +54,27 @@ def one_line_errors(errors: tuple[type[BaseException], ...] = USER_ERRORS,
             except errors as e:
                 print(f"error: {e}", file=sys.stderr)
                 return EXIT_ERROR
+            finally:
+                sys.unraisablehook = previous_hook
 
         return run
 
     return wrap
+
+
+def _lost_interrupt_exits(line: str, previous: Callable) -> Callable:
+    """An unraisable-exception hook: a Ctrl-C whose KeyboardInterrupt landed where Python cannot raise it (a garbage
+    collector's callback, a __del__: "Exception ignored in ...") would be lost and the tool would carry on. It prints
+    the tool's one line and exits with 130 instead."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            sys.stdout.flush()
+            print(line, file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        previous(unraisable)
+
+    return hook
 
 
 def finite_float(text: str) -> float:

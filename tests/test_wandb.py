@@ -10,6 +10,7 @@ import math
 import os
 import struct
 import sys
+import time
 
 import pytest
 from test_reliability import TrainProcess, free_port
@@ -54,6 +55,12 @@ def wandb_records(path):
     return out
 
 
+def next_second() -> None:
+    """Wait for the clock's next second: W&B names an offline run's folder by the second it starts and the run id,
+    so a resume within the same second as its run (only a test is that fast) would write into the run's folder."""
+    time.sleep(1 - time.time() % 1 + 0.01)
+
+
 def offline_runs(wandb_dir):
     """[(run id, config, {step: {key: value}})] of each offline run folder under `wandb_dir`, oldest first."""
     runs = []
@@ -94,6 +101,7 @@ def test_logger_logs_every_row_samples_and_config_and_resumes_the_run(tmp_path, 
         logger.log(2, loss=float("nan"), lr=2e-4)
         logger.log_samples(2, ["hello", "world"])
     run_id = (tmp_path / WANDB_RUN_ID_FILE).read_text().strip()
+    next_second()
     with MetricsLogger(tmp_path, tensorboard=False, wandb=opts) as logger:  # a resumed run
         logger.log(3, loss=2.0, hellaswag_acc_norm=0.25)
     runs = offline_runs(tmp_path)
@@ -192,6 +200,7 @@ def test_bucket_out_dir_keeps_the_run_id_there_and_uploads_the_offline_files(tmp
     from etils import epath
 
     for attempt in range(2):  # a run, then its resume
+        next_second()
         with MetricsLogger(gcs_dir, tensorboard=False, wandb={"project": "p"}) as logger:
             logger.log(attempt + 1, loss=1.0 + attempt)
     bucket = epath.Path(gcs_dir)
