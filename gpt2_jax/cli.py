@@ -42,7 +42,7 @@ def one_line_errors(errors: tuple[type[BaseException], ...] = USER_ERRORS,
         @functools.wraps(main)
         def run(argv=None):
             previous_hook = sys.unraisablehook
-            sys.unraisablehook = _lost_interrupt_exits(f"interrupted (SIGINT): {interrupted}", previous_hook)
+            hook = sys.unraisablehook = _lost_interrupt_exits(f"interrupted (SIGINT): {interrupted}", previous_hook)
             try:
                 return main(argv)
             except KeyboardInterrupt:
@@ -54,8 +54,9 @@ def one_line_errors(errors: tuple[type[BaseException], ...] = USER_ERRORS,
             except errors as e:
                 print(f"error: {e}", file=sys.stderr)
                 return EXIT_ERROR
-            finally:
-                sys.unraisablehook = previous_hook
+            finally:  # (a hook installed over this one since, e.g. checkpoint.py's filter, stays, and calls it)
+                if sys.unraisablehook is hook:
+                    sys.unraisablehook = previous_hook
 
         return run
 
