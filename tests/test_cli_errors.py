@@ -273,8 +273,12 @@ def test_train_on_a_full_disk_stops_with_one_line(char_data, tmp_path):
     assert full and int(full[1]) >= 2 and int(full[2]) == int(full[1]) - 1, r.stderr[-3000:]
     assert "ERROR:absl" not in r.stderr and "ERROR:asyncio" not in r.stderr, r.stderr[-3000:]
     assert len(errors) <= 8, r.stderr[-3000:]  # not ~340 lines of tracebacks
-    kept_steps = sorted(int(p.name) for p in (kept / "checkpoints").iterdir())
-    assert kept_steps[-1] == int(full[2]), kept_steps  # no partial folder of the failed save
+    names = [p.name for p in (kept / "checkpoints").iterdir()]
+    kept_steps = sorted(int(n) for n in names if n.isdigit())
+    assert kept_steps[-1] == int(full[2]), names  # the failed save committed nothing
+    # Its partial folder is removed, but orbax's writer threads may still be finishing it as the process exits:
+    # at most that one temporary folder is left, which orbax never restores.
+    assert set(names) - {str(n) for n in kept_steps} <= {f"{full[1]}.orbax-checkpoint-tmp"}, names
     from gpt2_jax.runs import load_run
 
     assert load_run(kept)[2]["step"] == int(full[2])
