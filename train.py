@@ -26,7 +26,6 @@ does not go on with an unfinished model.
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 
@@ -42,19 +41,16 @@ from gpt2_jax.training.settings import parse_flags  # imports nothing heavy: JAX
 def main(argv: list[str] | None = None) -> int:
     config = parse_flags(argv, prog="train.py", description=__doc__)
     launch.start_jax(config)
-    import jax  # noqa: PLC0415 -- JAX, and the modules below that import it, only after start_jax set its environment
+    from gpt2_jax.training import run  # noqa: PLC0415 -- JAX, and the modules below, only after start_jax set its environment
+    from gpt2_jax.training.resolved import resolve_run  # noqa: PLC0415 -- (loads JAX)
 
-    if config.micro_batch_size == 0 and jax.default_backend() in ("gpu", "tpu"):
+    resolved = resolve_run(config)  # once: --init_from's shape, the mesh, the auto values, the batch arithmetic
+    if config.micro_batch_size == 0 and resolved.platform in ("gpu", "tpu"):
         from gpt2_jax.plan import auto_micro_batch  # noqa: PLC0415 -- (loads JAX)
-        from gpt2_jax.training.setup import checkpoint_shape  # noqa: PLC0415 -- (loads JAX)
 
-        micro, note = auto_micro_batch(checkpoint_shape(config, quiet=True))  # the shape --init_from has
+        resolved, note = auto_micro_batch(resolved)  # the largest micro-batch that fits, or the default
         print(note, flush=True)
-        if micro:
-            config = dataclasses.replace(config, micro_batch_size=micro)
-    from gpt2_jax.training import run  # noqa: PLC0415 -- (loads JAX)
-
-    summary = run(config)
+    summary = run(resolved)
     if summary.get("interrupted"):  # stopped by a signal, after writing a checkpoint
         return 128 + signal.Signals[summary["interrupted"]].value
     return 0

@@ -15,6 +15,7 @@ trip), so this table and `python -m gpt2_jax.plan` count alike. Prints a table, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,13 +37,13 @@ def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 
 def compiled_train_step_hlo(cfg, mesh_spec: str, micro_batch_size: int, grad_accum: int = 1) -> str:
     """The compiled HLO text of the trainer's train step (training.step.build_step) for `cfg` on `--mesh=mesh_spec`."""
-    from gpt2_jax import sharding
+    from gpt2_jax.training.resolved import resolve_run
     from gpt2_jax.training.settings import TrainConfig
     from gpt2_jax.training.step import build_step
 
     tc = TrainConfig(micro_batch_size=micro_batch_size, block_size=cfg.block_size, max_steps=100, warmup_steps=10,
                      max_lr=1e-3, total_batch_size=micro_batch_size * cfg.block_size * grad_accum)
-    step = build_step(tc, cfg, sharding.make_mesh(mesh_spec))
+    step = build_step(resolve_run(dataclasses.replace(tc, mesh=mesh_spec)), cfg)
     return step.fn.lower(*step.abstract_args()).compile().as_text()  # ShapeDtypeStructs: nothing is allocated
 
 

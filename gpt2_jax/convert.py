@@ -236,14 +236,16 @@ def read_hf_config(folder: Path) -> GPTConfig:
     return config_from_hf(hf_config, where=str(config_file))
 
 
-def load_hf(name_or_path: str | os.PathLike, *, vocab_size: int | None = None, **overrides) -> GPT:
+def load_hf(name_or_path: str | os.PathLike, *, vocab_size: int | None = None, config: GPTConfig | None = None,
+            **overrides) -> GPT:
     """A GPT from an HF GPT-2 checkpoint: a Hub name (`gpt2`, `gpt2-medium`, ...) or a local folder.
 
-    `vocab_size=50304` pads the embedding with zero rows. Other keyword arguments override runtime
-    GPTConfig fields (`dtype`, `attention`, `remat`, `dropout`).
+    `vocab_size=50304` pads the embedding with zero rows. `config`: the folder's, where the caller has read it
+    (read_hf_config), else read here. Other keyword arguments override runtime GPTConfig fields (`dtype`,
+    `attention`, `remat`, `dropout`).
     """
     folder = resolve_checkpoint(name_or_path)
-    cfg = read_hf_config(folder)
+    cfg = config or read_hf_config(folder)
     if vocab_size is not None and vocab_size < cfg.vocab_size:
         raise ValueError(f"vocab_size={vocab_size} is smaller than the checkpoint's {cfg.vocab_size}; "
                          "it can only pad the embedding (e.g. 50257 -> 50304), never cut it")

@@ -115,7 +115,7 @@ def _quiet_orbax():
         absl.setLevel(level)
 
 
-def load_run(path: str | os.PathLike, step: int | None = None, *, shardings: Any = None,
+def load_run(path: str | os.PathLike, step: int | None = None, *, shardings: Any = None, saved: GPTConfig | None = None,
              **overrides: Any) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
     """(model, tokenizer, meta) from a training run's out_dir (or its checkpoints/ folder): the newest
     checkpoint that restores, or `step`. Only the params are read, not the optimizer state.
@@ -133,10 +133,11 @@ def load_run(path: str | os.PathLike, step: int | None = None, *, shardings: Any
         if not steps or (step is not None and step not in steps):
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} in {folder} "
                                     f"(complete steps: {steps or 'none'})")
-        meta = ckpt.read_meta(step)
-        if meta is None:
-            raise FileNotFoundError(f"no readable checkpoint in {folder}")
-        saved = CheckpointMeta.from_dict(meta).model
+        if saved is None:  # (a caller that read the meta already passes its model: source_config)
+            meta = ckpt.read_meta(step)
+            if meta is None:
+                raise FileNotFoundError(f"no readable checkpoint in {folder}")
+            saved = CheckpointMeta.from_dict(meta).model
         cfg = saved.replace(**overrides)
         if diff := saved.arch_diff(cfg):
             detail = ", ".join(f"{f} {getattr(saved, f)} (asked: {getattr(cfg, f)})" for f in diff)
@@ -179,16 +180,19 @@ def _check_hf_source(init_from: str, path: epath.Path) -> None:
 
 
 def load_model(init_from: str, *, step: int | None = None, shardings: Any = None, vocab_size: int | None = None,
-               block_size: int | None = None, **overrides: Any) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
+               block_size: int | None = None, saved: GPTConfig | None = None,
+               **overrides: Any) -> tuple[GPT, Tokenizer | None, dict[str, Any]]:
     """(model, tokenizer, meta) from `init_from`: a training run, an HF folder or an HF Hub name (see the
     module docstring). `meta` is the checkpoint's for a run, else {"source": the HF folder}.
 
     `vocab_size` pads an HF model's vocabulary with zero rows (e.g. 50304); a run keeps its own.
     `block_size` below the model's crops its learned positions (GPT.crop_block_size); above is an error.
     `overrides` set runtime GPTConfig fields (dtype, attention, remat). Missing paths raise FileNotFoundError.
+    `saved`: the model `init_from` holds, where the caller has read it already (source_config): its meta or
+    config.json is then not read again.
     """
     if block_size is not None:  # loaded whole on one device, cropped, then placed
-        model, tokenizer, meta = load_model(init_from, step=step, vocab_size=vocab_size, **overrides)
+        model, tokenizer, meta = load_model(init_from, step=step, vocab_size=vocab_size, saved=saved, **overrides)
         if block_size != model.config.block_size:
             model.crop_block_size(block_size)
         if shardings is not None:
@@ -198,7 +202,7 @@ def load_model(init_from: str, *, step: int | None = None, shardings: Any = None
     if is_training_run(path):
         if vocab_size is not None:
             overrides["vocab_size"] = vocab_size
-        return load_run(path, step, shardings=shardings, **overrides)
+        return load_run(path, step, shardings=shardings, saved=saved, **overrides)
     if step is not None:
         raise ValueError(f"--step={step} applies to training runs only; {init_from} is not one "
                          f"(no {CHECKPOINTS}/ folder)")
@@ -208,14 +212,14 @@ def load_model(init_from: str, *, step: int | None = None, shardings: Any = None
             for f in path.iterdir():
                 if f.is_file():
                     (Path(tmp) / f.name).write_bytes(f.read_bytes())
-            model, tokenizer, _ = _load_hf_folder(Path(tmp), vocab_size, shardings, overrides)
+            model, tokenizer, _ = _load_hf_folder(Path(tmp), vocab_size, shardings, saved, overrides)
         return model, tokenizer, {"source": str(path)}
     folder = resolve_checkpoint(init_from)  # a Hub name is downloaded (or found in the HF cache) once
-    return _load_hf_folder(folder, vocab_size, shardings, overrides)
+    return _load_hf_folder(folder, vocab_size, shardings, saved, overrides)
 
 
-def _load_hf_folder(folder: Path, vocab_size: int | None, shardings: Any, overrides: dict):
-    model = load_hf(folder, vocab_size=vocab_size, **overrides)
+def _load_hf_folder(folder: Path, vocab_size: int | None, shardings: Any, saved: GPTConfig | None, overrides: dict):
+    model = load_hf(folder, vocab_size=vocab_size, config=saved, **overrides)
     if shardings is not None:
         nnx.update(model, jax.device_put(nnx.state(model), shardings))
     return model, read_tokenizer(folder) or _guess_tokenizer(model.config), {"source": str(folder)}

@@ -11,6 +11,7 @@ import pytest
 
 from gpt2_jax import plan
 from gpt2_jax.launch import GPU_XLA_FLAGS
+from gpt2_jax.training.resolved import resolve_run
 from gpt2_jax.training.settings import TrainConfig, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,35 +92,37 @@ def test_auto_micro_batch_is_the_largest_power_of_two_that_fits(monkeypatch):
     of 8 and 16 need: 8 is chosen. (Each size is compiled once: plan_one is memoised here.)"""
     config = TrainConfig(**TINY, total_batch_size=64 * 64)
     local = plan.load_target(plan.parse_target("local"))
+    run = resolve_run(config, local.devices, local.platform)
     compiled, plan_one = {}, plan.plan_one
 
-    def memo(config, target, grad_accum=1, count_flops=True):
-        micro = config.micro_batch_size
+    def memo(run, target, count_flops=True):
+        micro = run.tc.micro_batch_size
         if micro not in compiled:
-            compiled[micro] = plan_one(config, dataclasses.replace(target, budget_bytes=2**62), grad_accum, False)
+            compiled[micro] = plan_one(run, dataclasses.replace(target, budget_bytes=2**62), False)
         p = dataclasses.replace(compiled[micro], budget_bytes=target.budget_bytes)
         return dataclasses.replace(p, fits=p.need_bytes <= target.budget_bytes)
 
     monkeypatch.setattr(plan.compile, "plan_one", memo)
-    need = {m: plan.compile.plan_one(dataclasses.replace(config, micro_batch_size=m), local, 2).need_bytes
+    need = {m: plan.compile.plan_one(run.replace(micro_batch_size=m, grad_accum=2), local).need_bytes
             for m in (8, 16)}
     assert need[8] < need[16]
     budget = (need[8] + need[16]) // 2
     monkeypatch.setattr(plan.compile, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=budget,
                                                                                  budget_note="a test's budget"))
-    micro, note = plan.auto_micro_batch(config)
-    assert micro == 8, note
+    chosen, note = plan.auto_micro_batch(run)
+    assert chosen.tc.micro_batch_size == 8 and chosen.grad_accum == 64 * 64 // (8 * 64), note
+    assert chosen.mesh is run.mesh  # the run's mesh: built once
     assert sorted(compiled) == [8, 16], "the search starts at 16 per device, halves once, and stops"
     assert note.startswith(f"micro-batch: 8, the largest power of two that fits ({need[8] / 2**30:.2f} GiB of ")
     # The largest that fits does not divide --total_batch_size into whole micro-batches: halved until it does.
-    micro, _ = plan.auto_micro_batch(dataclasses.replace(config, total_batch_size=4 * 64))
-    assert micro == 4
+    chosen, _ = plan.auto_micro_batch(resolve_run(dataclasses.replace(config, total_batch_size=4 * 64)))
+    assert chosen.tc.micro_batch_size == 4
     # A budget that even one sequence overflows: the trainer's default, said so (sizes 4, 2, 1 compiled as well).
     monkeypatch.setattr(plan.compile, "load_target", lambda spec: dataclasses.replace(local, budget_bytes=1024,
                                                                                  budget_note="a test's budget"))
-    micro, note = plan.auto_micro_batch(config)
+    chosen, note = plan.auto_micro_batch(run)
     default = resolve(config, "cpu", 1).micro_batch_size  # the trainer's own auto value for this config
-    assert micro == 0 and "none of the sizes tried fits a test's budget" in note
+    assert chosen is run and "none of the sizes tried fits a test's budget" in note
     assert f"using the default ({default})" in note
 
 
@@ -135,10 +138,13 @@ def test_train_asks_the_planner_only_on_gpu_and_tpu(monkeypatch, capsys, backend
     asked, ran = [], []
     monkeypatch.setattr(launch, "start_jax", lambda config: None)
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(plan, "auto_micro_batch", lambda config: asked.append(config) or (32, "micro-batch: 32"))
-    monkeypatch.setattr(training, "run", lambda config: ran.append(config) or {})
+    monkeypatch.setattr(plan, "auto_micro_batch",
+                        lambda run: asked.append(run) or (run.replace(micro_batch_size=32), "micro-batch: 32"))
+    monkeypatch.setattr(training, "run", lambda run: ran.append(run) or {})
     train.main([f"--micro_batch_size={flag}"])
-    assert len(asked) == calls and ran[0].micro_batch_size == used
+    default = resolve(TrainConfig(), backend, jax.device_count()).micro_batch_size
+    assert len(asked) == calls and ran[0].tc.micro_batch_size == (used or default)
+    assert ran[0].platform == backend and (not asked or asked[0].mesh is ran[0].mesh)  # resolved once, one mesh
     assert ("micro-batch: 32" in capsys.readouterr().out) == bool(calls)
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from tiny import TINY_MODEL, f32_atol
 
-from gpt2_jax import sharding
 from gpt2_jax.model import count_params
 from gpt2_jax.plan.hlo import collectives
-from gpt2_jax.training.settings import TrainConfig, resolve
+from gpt2_jax.training.resolved import resolve_run
+from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.training.step import build_step
 
 MICRO, ACCUM = 16, 4
@@ -25,10 +25,9 @@ def step_on(mesh_spec: str, grad_accum: int = ACCUM, block_size: int = TINY_MODE
     tc = TrainConfig(preset="char", micro_batch_size=MICRO, total_batch_size=MICRO * block_size * grad_accum,
                      mesh=mesh_spec, max_steps=10, warmup_steps=1, dropout=0.0, block_size=block_size,
                      **{k: getattr(TINY_MODEL, k) for k in ("n_layer", "n_head", "n_embd")})
-    tc = resolve(dataclasses.replace(tc, **overrides), "cpu", 8)
-    mesh = sharding.make_mesh(mesh_spec, jax.devices()[:1] if mesh_spec == "data:1" else None)
-    cfg = TINY_MODEL.replace(attention=tc.attention, block_size=block_size)
-    return build_step(tc, cfg, mesh), cfg
+    run = resolve_run(dataclasses.replace(tc, **overrides), jax.devices()[:1] if mesh_spec == "data:1" else None)
+    cfg = TINY_MODEL.replace(attention=run.tc.attention, block_size=block_size)
+    return build_step(run, cfg), cfg
 
 
 def batches(step, n: int = 2):

@@ -6,7 +6,8 @@ the compiler says about it (python -m gpt2_jax.plan --help).
     record.py    Plan, what the compiler says about one configuration (no JAX)
     hlo.py       text parsing of compiled programs and compiler messages (no JAX)
     step_time.py the step-time floor: compute, communication and memory-traffic times at the datasheet peaks (no JAX)
-    compile.py   plan a TrainConfig on a Target: plan_one, largest_micro_batch, search, auto_micro_batch
+    compile.py   plan a run on a Target: plan_run (resolve once), plan_one, largest_micro_batch, search,
+                 auto_micro_batch
     cli.py       the CLI: flags, the sandboxed child process for deviceless compiles, the report
 """
 
@@ -20,8 +21,8 @@ from gpt2_jax.plan.record import Plan
 # The names that load JAX come from their modules on first use (PEP 562): `python -m gpt2_jax.plan` runs this
 # file before the CLI has chosen the platform and the sandbox, and JAX reads JAX_PLATFORMS when it is imported.
 _LOADS_JAX = {"auto_micro_batch": "compile", "count_step_flops": "compile", "largest_micro_batch": "compile",
-              "plan_one": "compile", "resolved": "compile", "search": "compile", "load_target": "devices",
-              "report": "report"}
+              "plan_one": "compile", "plan_run": "compile", "planned_model": "compile", "search": "compile",
+              "load_target": "devices", "report": "report"}
 
 
 def __getattr__(name: str):
@@ -32,4 +33,5 @@ def __getattr__(name: str):
 
 __all__ = ["MissingExtra", "Plan", "Target", "TargetSpec", "attention_kernel", "auto_micro_batch", "collectives",
            "count_step_flops", "largest_micro_batch", "load_target", "main", "missing_extra", "parse_args",
-           "parse_target", "plan_one", "report", "resolved", "sandbox_command", "search", "xla_flags_line"]
+           "parse_target", "plan_one", "plan_run", "planned_model", "report", "sandbox_command", "search",
+           "xla_flags_line"]

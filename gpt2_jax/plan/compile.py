@@ -34,26 +34,24 @@ from gpt2_jax.plan.hlo import (
 from gpt2_jax.plan.record import REMATS, STATE_BYTES_PER_PARAM, Plan, minimum_collectives
 from gpt2_jax.plan.step_time import plan_step_time
 from gpt2_jax.sharding import data_parallel_size, make_mesh
-from gpt2_jax.training.settings import TrainConfig, model_config, resolve
+from gpt2_jax.training.resolved import ResolvedRun, resolve_run
+from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.training.step import build_step
 
 
-def resolved(config: TrainConfig, target: Target, grad_accum: int = 1):
-    """`config` as the trainer resolves it on `target`'s devices, with `grad_accum` micro-batches per step,
-    its model, and the vocabulary limit of the data: (tc, cfg, vocab_limit)."""
-
-    tc = resolve(config, target.platform, make_mesh(config.mesh, target.devices).size)
-    tc = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size * grad_accum)
-    data_vocab = GPT2_VOCAB_SIZE if tc.preset in GPT2_SIZES else PRESETS[tc.preset].vocab_size
-    cfg = model_config(tc, data_vocab)
-    return tc, cfg, data_vocab if data_vocab < cfg.vocab_size else None
+def planned_model(run: ResolvedRun):
+    """The model of `run` for the data the planner assumes (GPT-2's BPE for GPT-2 sizes, else the preset's
+    vocabulary), and that data's vocabulary limit where the model pads it: (cfg, vocab_limit)."""
+    data_vocab = GPT2_VOCAB_SIZE if run.tc.preset in GPT2_SIZES else PRESETS[run.tc.preset].vocab_size
+    cfg = run.model_config(data_vocab)
+    return cfg, data_vocab if data_vocab < cfg.vocab_size else None
 
 
-def _lower(tc, cfg, mesh, vocab_limit: int | None, unroll):
-    """The trainer's jitted train step for `mesh` (training.step.build_step, as the trainer builds it), lowered
+def _lower(run: ResolvedRun, cfg, vocab_limit: int | None, unroll):
+    """The trainer's jitted train step for `run` (training.step.build_step, as the trainer builds it), lowered
     on its abstract arguments. `unroll` (model.Unroll): how the model's loops unroll."""
 
-    step = build_step(tc, cfg, mesh, vocab_limit, unroll=unroll)
+    step = build_step(run, cfg, vocab_limit, unroll=unroll)
     return step.fn.lower(*step.abstract_args())
 
 
@@ -75,15 +73,15 @@ def _too_big_to_compile(tc, cfg, mesh, target: Target) -> Plan | None:
     return p
 
 
-def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flops: bool = True) -> Plan:
-    """Compile the train step of `config` (its remat policy and micro-batch; 0: the trainer's default) for
-    `target`, with `grad_accum` micro-batches per step, and read the result."""
+def plan_one(run: ResolvedRun, target: Target, count_flops: bool = True) -> Plan:
+    """Compile the train step of `run` (resolved on `target`'s devices: plan_run) for `target` and read the
+    result."""
 
-    tc, cfg, vocab_limit = resolved(config, target, grad_accum)
-    mesh = make_mesh(tc.mesh, target.devices)
+    tc, mesh = run.tc, run.mesh
+    cfg, vocab_limit = planned_model(run)
     if (refused := _too_big_to_compile(tc, cfg, mesh, target)) is not None:
         return refused
-    lowered = _lower(tc, cfg, mesh, vocab_limit, Unroll.for_platform(target.platform, cfg))  # the target's unrolling
+    lowered = _lower(run, cfg, vocab_limit, Unroll.for_platform(target.platform, cfg))  # the target's unrolling
     tokens = tc.total_batch_size
     p = Plan(tc.remat, tc.micro_batch_size, False, 0, target.budget_bytes,
              flops_6n=flops_per_token(cfg, tc.block_size) * tokens)
@@ -109,14 +107,14 @@ def plan_one(config: TrainConfig, target: Target, grad_accum: int = 1, count_flo
         p.attention = attention_kernel(p.custom_calls, cfg.attention)
         p.collectives = collectives(hlo)
         p.collective_sends = collective_sends(hlo)
-        p.collective_minimum = minimum_collectives(count_params(cfg), dict(mesh.shape), tc.total_batch_size // (
-            tc.micro_batch_size * tc.block_size), 2 if cfg.dtype != "float32" else 4)
+        p.collective_minimum = minimum_collectives(count_params(cfg), dict(mesh.shape), run.grad_accum,
+                                                   2 if cfg.dtype != "float32" else 4)
         cost = compiled.cost_analysis()  # None for GPU targets
         p.compiled_flops = float(cost["flops"]) if cost and cost.get("flops") else None
         if cost and cost.get("bytes accessed"):  # TPU: counts each loop body once; the HLO estimate counts trips
             p.bytes_accessed, p.hbm_bytes = float(cost["bytes accessed"]), float(hbm_traffic(hlo)[0])
         if count_flops:
-            p.flops_per_step, p.flops_source = count_step_flops(tc, cfg, vocab_limit)
+            p.flops_per_step, p.flops_source = count_step_flops(run, cfg, vocab_limit)
         p.step_time = plan_step_time(p, chip_of(target.spec, target.kind), target.kind, mesh.size)
     if not p.fits:
         p.suggestions = suggestions(tc, mesh, p)
@@ -143,7 +141,7 @@ def largest_buffers(lowered, n: int = 8) -> list[str]:
     return rows[:n]
 
 
-def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
+def count_step_flops(run: ResolvedRun, cfg, vocab_limit) -> tuple[float | None, str]:
     """FLOPs of one optimizer step, all devices together.
 
     XLA's cost analysis counts a loop body once, whatever its trip count: the layer scan and the
@@ -157,16 +155,16 @@ def count_step_flops(tc, cfg, vocab_limit) -> tuple[float | None, str]:
     """
 
 
-    grad_accum = tc.total_batch_size // (tc.micro_batch_size * tc.block_size)
+    tc = run.tc
     one = dataclasses.replace(tc, total_batch_size=tc.micro_batch_size * tc.block_size, mesh="data:1")
-    mesh = make_mesh("data:1", jax.devices("cpu")[:1])
+    on_one_cpu = dataclasses.replace(run, tc=one, mesh=make_mesh("data:1", jax.devices("cpu")[:1]))
     attention = "xla" if cfg.attention in ("cudnn", "splash") else cfg.attention
     unroll = Unroll(layers=True, loss_chunks=True)  # every loop unrolled: XLA counts a loop body once
-    cost = _lower(one, cfg.replace(attention=attention), mesh, vocab_limit, unroll).cost_analysis()
+    cost = _lower(on_one_cpu, cfg.replace(attention=attention), vocab_limit, unroll).cost_analysis()
     flops = (cost or {}).get("flops")
     if not flops:
         return None, "no cost analysis"
-    return float(flops) * grad_accum, "XLA cost analysis of a CPU lowering (layers unrolled)"
+    return float(flops) * run.grad_accum, "XLA cost analysis of a CPU lowering (layers unrolled)"
 
 
 def suggestions(tc, mesh, p: Plan) -> list[str]:
@@ -211,64 +209,69 @@ def _micro_estimate(tc, p: Plan, dp: int) -> int | None:
 # Searches
 
 
-def search(config: TrainConfig, target: Target, grad_accum: int = 1, remats: tuple[str, ...] = REMATS) -> list[Plan]:
+def plan_run(config: TrainConfig, target: Target, grad_accum: int = 1) -> ResolvedRun:
+    """`config` resolved as the trainer resolves it, on `target`'s devices, with `grad_accum` micro-batches per
+    step (the planner's --grad_accum; the total follows): the mesh is built here, once per plan."""
+    return resolve_run(config, target.devices, target.platform, grad_accum)
+
+
+def search(run: ResolvedRun, target: Target, remats: tuple[str, ...] = REMATS) -> list[Plan]:
     """For each remat policy in `remats`, the largest micro-batch that fits (largest_micro_batch)."""
-    return [largest_micro_batch(dataclasses.replace(config, remat=remat), target, grad_accum) for remat in remats]
+    return [largest_micro_batch(run.replace(remat=remat), target) for remat in remats]
 
 
-def largest_micro_batch(config: TrainConfig, target: Target, grad_accum: int = 1,
-                        log=lambda line: print(line, flush=True)) -> Plan:
-    """The plan of the largest micro-batch of (data-parallel devices) x 2^k that fits with `config`'s remat
-    policy; a Plan with micro_batch_size 0 when none does. Starts from its micro_batch_size (0: the trainer's
-    default, recipes.RECIPES: 16 per device for GPT-2 sizes), doubling while it fits and halving while it does not:
-    a handful of compiles. train.py --micro_batch_size=0 on a GPU or TPU calls this for --target=local
-    (auto_micro_batch)."""
+def largest_micro_batch(run: ResolvedRun, target: Target, log=lambda line: print(line, flush=True)) -> Plan:
+    """The plan of the largest micro-batch of (data-parallel devices) x 2^k that fits with `run`'s remat
+    policy and micro-batches per step; a Plan with micro_batch_size 0 when none does. Starts from its
+    micro-batch (the trainer's default where the flag is 0, recipes.RECIPES: 16 per device for GPT-2 sizes),
+    doubling while it fits and halving while it does not: a handful of compiles, on `run`'s mesh. train.py
+    --micro_batch_size=0 on a GPU or TPU calls this for --target=local (auto_micro_batch)."""
 
-    dp = data_parallel_size(make_mesh(config.mesh, target.devices))
-    start = resolved(config, target, grad_accum)[0].micro_batch_size / dp
+    dp = data_parallel_size(run.mesh)
+    start = run.tc.micro_batch_size / dp
     micro, fitting = dp * 2 ** max(0, round(math.log2(max(start, 1)))), None
     tried: dict[int, bool] = {}
     while micro not in tried and dp <= micro <= 2**14:
-        p = plan_one(dataclasses.replace(config, micro_batch_size=micro), target, grad_accum, count_flops=False)
+        p = plan_one(run.replace(micro_batch_size=micro), target, count_flops=False)
         tried[micro] = p.fits
         if log:
-            log(f"  remat={config.remat:<4} micro_batch_size={micro:<5} {'fits' if p.fits else 'does not fit'} "
+            log(f"  remat={run.tc.remat:<4} micro_batch_size={micro:<5} {'fits' if p.fits else 'does not fit'} "
                 f"({gib(p.need_bytes)} of {gib(p.budget_bytes)})")
         if p.fits:
             fitting = p if fitting is None or p.micro_batch_size > fitting.micro_batch_size else fitting
             micro *= 2
         else:
             micro //= 2
-    return fitting or Plan(config.remat, 0, False, 0, target.budget_bytes)
+    return fitting or Plan(run.tc.remat, 0, False, 0, target.budget_bytes)
 
 
-def auto_micro_batch(config: TrainConfig) -> tuple[int, str]:
-    """The largest micro-batch of (data-parallel devices) x 2^k whose train step fits the attached devices'
-    memory, by the planner (gpt2_jax.plan, --target=local: compiles, runs nothing), and a log line; (0, why)
-    when none fits or none divides --total_batch_size, and the trainer's default then applies."""
+def auto_micro_batch(run: ResolvedRun) -> tuple[ResolvedRun, str]:
+    """`run` with the largest micro-batch of (data-parallel devices) x 2^k whose train step fits the attached
+    devices' memory, by the planner (gpt2_jax.plan, --target=local: compiles, runs nothing), and a log line;
+    `run` itself, and why, when none fits or none divides --total_batch_size: the trainer's default then applies."""
 
     target = load_target(parse_target("local"))
-    mesh = make_mesh(config.mesh, target.devices)
-    tc = resolve(config, target.platform, mesh.size)  # the default micro-batch, block size, total batch
+    tc = run.tc  # the default micro-batch, block size and total batch
     # Plan with grad accumulation where the run accumulates: its scan keeps a float32 gradient accumulator.
     accum = 2 if tc.total_batch_size > tc.micro_batch_size * tc.block_size else 1
-    best = largest_micro_batch(config, target, accum, log=None)
+    best = largest_micro_batch(run.replace(grad_accum=accum), target, log=None)
     micro = best.micro_batch_size
     # The micro-batch must divide a fixed total (--total_batch_size, or the recipe's for GPT-2 sizes); otherwise
     # the total is one micro-batch and follows it.
-    fixed_total = config.total_batch_size or (tc.total_batch_size if config.preset in GPT2_SIZES else 0)
-    dp = data_parallel_size(mesh)
+    fixed_total = run.flags.total_batch_size or (tc.total_batch_size if run.flags.preset in GPT2_SIZES else 0)
+    dp = data_parallel_size(run.mesh)
     while micro > dp and fixed_total and fixed_total % (micro * tc.block_size):
         micro //= 2
     if not micro:
-        return 0, (f"micro-batch: none of the sizes tried fits {target.budget_note} with --remat={config.remat}; "
-                   f"using the default ({tc.micro_batch_size}); python -m gpt2_jax.plan --target=local --search "
-                   f"shows each policy's")
+        return run, (f"micro-batch: none of the sizes tried fits {target.budget_note} with --remat={tc.remat}; "
+                     f"using the default ({tc.micro_batch_size}); python -m gpt2_jax.plan --target=local --search "
+                     f"shows each policy's")
     if fixed_total and fixed_total % (micro * tc.block_size):
-        return 0, (f"micro-batch: no size that fits ({best.micro_batch_size} or less) divides --total_batch_size="
-                   f"{fixed_total} into micro-batches of {tc.block_size} tokens; using the default "
-                   f"({tc.micro_batch_size})")
+        return run, (f"micro-batch: no size that fits ({best.micro_batch_size} or less) divides --total_batch_size="
+                     f"{fixed_total} into micro-batches of {tc.block_size} tokens; using the default "
+                     f"({tc.micro_batch_size})")
     need = best.need_bytes if micro == best.micro_batch_size else None
-    return micro, (f"micro-batch: {micro}, the largest power of two that fits ("
-                   + (f"{need / 2**30:.2f} GiB of {target.budget_bytes / 2**30:.2f} GiB per device, " if need else "")
-                   + f"remat={config.remat}; --micro_batch_size=N to choose)")
+    return run.replace(micro_batch_size=micro), (
+        f"micro-batch: {micro}, the largest power of two that fits ("
+        + (f"{need / 2**30:.2f} GiB of {target.budget_bytes / 2**30:.2f} GiB per device, " if need else "")
+        + f"remat={tc.remat}; --micro_batch_size=N to choose)")

@@ -8,22 +8,21 @@ import json
 from pathlib import Path
 
 from gpt2_jax.model import count_params
-from gpt2_jax.plan.compile import plan_one, resolved, search
+from gpt2_jax.plan.compile import plan_one, plan_run, planned_model, search
 from gpt2_jax.plan.devices import load_target
 from gpt2_jax.plan.hardware import Target, gib
 from gpt2_jax.plan.hlo import fsdp_traffic
 from gpt2_jax.plan.record import REMATS, Plan
 from gpt2_jax.plan.step_time import describe
-from gpt2_jax.sharding import make_mesh
-from gpt2_jax.training.settings import TrainConfig
+from gpt2_jax.training.resolved import ResolvedRun
 
 __all__ = ["load_target", "report", "run"]
 
 
-def report(config: TrainConfig, target: Target, p: Plan, grad_accum: int = 1) -> str:
-    planned = dataclasses.replace(config, remat=p.remat, micro_batch_size=p.micro_batch_size)
-    tc, cfg, _ = resolved(planned, target, grad_accum)
-    mesh = make_mesh(tc.mesh, target.devices)
+def report(run: ResolvedRun, target: Target, p: Plan) -> str:
+    """The plan `p` of `run` on `target`, for a person."""
+    tc, mesh, grad_accum = run.tc, run.mesh, run.grad_accum
+    cfg, _ = planned_model(run)
     n = mesh.size
     lines = [
         f"target   {target.spec.name}: {n} x {target.kind} ({target.platform}), mesh "
@@ -80,10 +79,10 @@ def report(config: TrainConfig, target: Target, p: Plan, grad_accum: int = 1) ->
 
 
 def run(args, target: Target) -> int:
-    config = args.config
+    planned = plan_run(args.config, target, args.grad_accum)  # resolved once: the mesh is built here
     if args.search:
-        print(f"searching micro-batch sizes on {args.spec.name} ({target.kind}), preset {config.preset}:")
-        best = search(config, target, args.grad_accum, (args.remat,) if args.remat else REMATS)
+        print(f"searching micro-batch sizes on {args.spec.name} ({target.kind}), preset {planned.tc.preset}:")
+        best = search(planned, target, (args.remat,) if args.remat else REMATS)
         print(f"\n{'remat':<6} {'largest micro-batch that fits':>30} {'memory per device':>24}")
         for b in best:
             size = str(b.micro_batch_size) if b.fits else "none"
@@ -91,10 +90,10 @@ def run(args, target: Target) -> int:
         result = {"target": args.spec.name, "search": [dataclasses.asdict(b) for b in best]}
         fits = any(b.fits for b in best)
     else:
-        p = plan_one(config, target, args.grad_accum)
-        print(report(config, target, p, args.grad_accum))
-        result = {"target": args.spec.name, "device_kind": target.kind,
-                  "num_devices": make_mesh(config.mesh, target.devices).size, **dataclasses.asdict(p)}
+        p = plan_one(planned, target)
+        print(report(planned, target, p))
+        result = {"target": args.spec.name, "device_kind": target.kind, "num_devices": planned.mesh.size,
+                  **dataclasses.asdict(p)}
         fits = p.fits
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -24,6 +24,7 @@ from gpt2_jax.optim import lr_at
 from gpt2_jax.plot import plot_run
 from gpt2_jax.training.guards import StopSignal
 from gpt2_jax.training.profile import StepProfiler
+from gpt2_jax.training.resolved import ResolvedRun
 from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.training.setup import Trainer, setup
 
@@ -116,8 +117,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
-def run(tc: TrainConfig) -> dict:
-    """Train as `tc` says: `train(setup(tc))`."""
+def run(tc: ResolvedRun | TrainConfig) -> dict:
+    """Train as `tc` says (a resolved run, or a TrainConfig resolved here): `train(setup(tc))`."""
     return train(setup(tc))
 
 

@@ -1,7 +1,8 @@
 """Setup: everything the loop needs, built and checked before anything compiles.
 
-flags -> TrainConfig (resolved) -> mesh -> data -> the train step's shapes and shardings -> the state:
-resumed from out_dir's newest good checkpoint, else fresh (or --init_from's params) -> Trainer.
+a resolved run (training.resolved: settings, mesh, --init_from's shape) -> the run folder's lock -> data -> the
+train step's shapes and shardings -> the state: resumed from out_dir's newest good checkpoint, else fresh (or
+--init_from's params) -> Trainer.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from gpt2_jax.model import GPT
 from gpt2_jax.optim import OptimConfig, lr_at
 from gpt2_jax.tokenizer import Tokenizer
 from gpt2_jax.training.guards import NanPolicy
-from gpt2_jax.training.settings import TrainConfig, grad_accum_steps, model_config, resolve, with_checkpoint_shape
+from gpt2_jax.training.resolved import ResolvedRun, resolve_run
+from gpt2_jax.training.settings import TrainConfig
 from gpt2_jax.training.step import TrainStep, build_step, make_eval_step
 
 
@@ -65,20 +67,23 @@ class Trainer:
         return nnx.merge(self.step.graphdef, self.state).model
 
 
-def setup(tc: TrainConfig) -> Trainer:
-    """Resolve the settings, take the run folder's lock, then build the mesh, data, state (fresh, resumed or
-    initialised), compiled steps, logger and checkpointer. Bad input raises here, before anything compiles;
-    a failed start releases the lock and removes the out_dir it made.
+def setup(run: ResolvedRun | TrainConfig) -> Trainer:
+    """Take the run folder's lock, then build the data, state (fresh, resumed or initialised), compiled steps,
+    logger and checkpointer for a resolved run (training.resolved; a TrainConfig is resolved here). Bad input
+    raises here, before anything compiles; a failed start releases the lock and removes the out_dir it made.
 
     Multi-process runs call launch.init_distributed(tc) first (train.py does), before JAX initialises.
     """
+    tc = run.flags if isinstance(run, ResolvedRun) else run
     out_dir = storage.run_path(tc.out_dir)
     storage.check_writable(out_dir, "--out_dir")  # a bucket: fail now, not at the first checkpoint
-    for flag, path in (("--data", tc.data), ("--hellaswag_data", tc.hellaswag_data)):  # (--init_from: below)
+    for flag, path in (("--data", tc.data), ("--hellaswag_data", tc.hellaswag_data)):  # (--init_from: resolve_run)
         storage.check_readable(path, flag)  # the same for the buckets the run reads: one line, in seconds
-    tc = resolve(checkpoint_shape(tc), jax.default_backend(), jax.device_count())
-    mesh = sharding.make_mesh(tc.mesh)
-    grad_accum_steps(tc, sharding.data_parallel_size(mesh), jax.process_count())  # the batch arithmetic
+    if not isinstance(run, ResolvedRun):
+        run = resolve_run(run)
+    if run.shape_note:
+        log(run.shape_note)
+    _ = run.grad_accum  # the batch arithmetic: a ValueError now, before anything is made
     made = []  # the local folders this start makes: a failed start removes them
     if not storage.is_remote(out_dir):  # (a bucket has no folders to make)
         made = [f for f in (out_dir, out_dir / runs.CHECKPOINTS) if broadcast_from_primary(not f.exists())]
@@ -90,7 +95,7 @@ def setup(tc: TrainConfig) -> Trainer:
                           f"{e.strerror}); pass an --out_dir{shorter} in a folder you may write to") from None
     lock = runlock.acquire(out_dir)  # a second trainer on this folder stops here
     try:
-        return _build(tc, mesh, out_dir, lock)
+        return _build(run, out_dir, lock)
     except BaseException:
         lock.release()
         if made and is_primary():
@@ -102,26 +107,15 @@ def setup(tc: TrainConfig) -> Trainer:
         raise
 
 
-def checkpoint_shape(tc: TrainConfig, quiet: bool = False) -> TrainConfig:
-    """`tc` with --init_from's architecture as its size flags (settings.with_checkpoint_shape; read from the
-    checkpoint's meta or config.json, not its arrays), logged unless `quiet`; `tc` itself without --init_from."""
-    if tc.init_from == "scratch":
-        return tc
-    storage.check_readable(tc.init_from, "--init_from")  # a bucket: one line in seconds (train.py calls this first)
-    tc, note = with_checkpoint_shape(tc, runs.source_config(tc.init_from))
-    if not quiet:
-        log(note)
-    return tc
-
-
-def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) -> Trainer:
+def _build(run: ResolvedRun, out_dir: epath.Path, lock) -> Trainer:
     """setup's work, once the run folder is this run's."""
+    tc, mesh = run.tc, run.mesh
     # A folder that cannot hold a checkpoint (read-only, a path too long) fails first, before any other work.
     ckpt = Checkpointer(out_dir / runs.CHECKPOINTS, max_to_keep=tc.keep_checkpoints)
     # Then the data: every bad-input error is raised before anything compiles.
     data_dir = prepare_data(tc, out_dir)
     tokenizer = Tokenizer.load(data_dir)
-    cfg = model_config(tc, tokenizer.vocab_size)
+    cfg = run.model_config(tokenizer.vocab_size)
     data_lib.check_vocab(data_dir, cfg.vocab_size)
     per_process = dict(process_index=jax.process_index(), process_count=jax.process_count(), vocab_size=cfg.vocab_size)
     train_loader = data_lib.TokenLoader(data_dir, "train", tc.micro_batch_size, tc.block_size, order=tc.data_order,
@@ -137,12 +131,12 @@ def _build(tc: TrainConfig, mesh: jax.sharding.Mesh, out_dir: epath.Path, lock) 
 
     # Shapes first, then shardings, then the arrays, created directly where they belong.
     # Padded vocabulary rows (50257 -> 50304) never appear in the data: keep them out of the softmax.
-    step = build_step(tc, cfg, mesh, vocab_limit=tokenizer.vocab_size)
+    step = build_step(run, cfg, vocab_limit=tokenizer.vocab_size)
     nan = NanPolicy(tc.on_nan, tc.max_skips)
     restored = restore_latest(ckpt, step, cfg, fingerprint, train_loader, nan)
     if restored:
         drop_metrics_past(out_dir, restored[1])
-    state, start_step = restored or (init_params(tc, cfg, step, step.init_state(cfg, tc.seed), tokenizer), 0)
+    state, start_step = restored or (init_params(run, cfg, step, step.init_state(cfg, tc.seed), tokenizer), 0)
     eval_sh = sharding.batch_sharding(mesh, ndim=2)
     trainer = Trainer(
         tc=tc, cfg=cfg, mesh=mesh, out_dir=out_dir, tokenizer=tokenizer, train_loader=train_loader,
@@ -310,23 +304,22 @@ def check_resume(meta: runs.CheckpointMeta, cfg: GPTConfig, fingerprint: dict) -
                          f"a new --out_dir")
 
 
-def init_params(tc: TrainConfig, cfg: GPTConfig, step: TrainStep, state, tokenizer: Tokenizer):
+def init_params(run: ResolvedRun, cfg: GPTConfig, step: TrainStep, state, tokenizer: Tokenizer):
     """`state` with the model params of --init_from (an HF model or a training run's; runs.load_model),
     its context cropped to the run's, or unchanged for --init_from=scratch. The optimizer stays fresh. The
     checkpoint's tokenizer, where it records one, must be the data's."""
-    if tc.init_from == "scratch":
+    tc = run.tc
+    if run.source is None:
         return state
     shardings = step.shardings["model"]
     model, theirs, meta = runs.load_model(tc.init_from, shardings=shardings, vocab_size=cfg.vocab_size,
-                                          block_size=cfg.block_size, dtype=cfg.dtype, attention=cfg.attention)
+                                          block_size=cfg.block_size, saved=run.source, dtype=cfg.dtype,
+                                          attention=cfg.attention)
     if theirs is not None and theirs.to_meta() != tokenizer.to_meta():
         raise ValueError(f"--init_from={tc.init_from} was trained on {theirs.name}-level tokens ({theirs.vocab_size}) "
                          f"but the data ({tc.data or 'the bundled corpus'}) is {tokenizer.name}-level "
                          f"({tokenizer.vocab_size}); tokenise the data with the checkpoint's tokenizer "
                          "(python -m gpt2_jax.data ... --tokenizer)")
-    if diff := model.config.arch_diff(cfg):  # (with_checkpoint_shape made them equal; a changed source is not)
-        detail = ", ".join(f"{f} {getattr(model.config, f)} (run: {getattr(cfg, f)})" for f in diff)
-        raise ValueError(f"--init_from={tc.init_from} changed while the run started: it now has {detail}")
     log(f"init_from: {tc.init_from}" + (f" step {meta['step']} (params only; a fresh optimizer)" if "step" in meta
                                         else ""))
     ts = nnx.merge(step.graphdef, state)

@@ -25,7 +25,8 @@ from gpt2_jax import sharding
 from gpt2_jax.config import GPTConfig
 from gpt2_jax.model import GPT, Unroll
 from gpt2_jax.optim import OptimConfig, make_optimizer
-from gpt2_jax.training.settings import TrainConfig, grad_accum_steps
+from gpt2_jax.training.resolved import ResolvedRun
+from gpt2_jax.training.settings import TrainConfig
 
 INT32_MAX = 2**31 - 1
 
@@ -164,15 +165,16 @@ class TrainStep:
                        out_shardings=self.shardings)()
 
 
-def build_step(tc: TrainConfig, cfg: GPTConfig, mesh, vocab_limit: int | None = None, *,
+def build_step(run: ResolvedRun, cfg: GPTConfig, vocab_limit: int | None = None, *,
                unroll: Unroll | None = None) -> TrainStep:
-    """The train step for a resolved `tc` and its model `cfg` on `mesh` (any devices, attached or not).
+    """The train step of a resolved run (training.resolved) and its model `cfg`, on the run's mesh (any devices,
+    attached or not): the trainer's, the planner's and the benchmarks' one program.
     `unroll` (model.Unroll): how the traced loops unroll; None: as suits the backend this process runs."""
+    tc, mesh, grad_accum = run.tc, run.mesh, run.grad_accum
     if (tokens := tc.micro_batch_size * tc.block_size) > INT32_MAX:  # (the loss indexes a micro-batch's tokens)
         raise ValueError(f"--micro_batch_size={tc.micro_batch_size} x --block_size={tc.block_size} = {tokens:,} "
                          f"tokens per micro-batch, more than a 32-bit index counts ({INT32_MAX:,}) and far more than "
                          "any device holds; lower --micro_batch_size")
-    grad_accum = grad_accum_steps(tc, sharding.data_parallel_size(mesh), jax.process_count())
     oc = optim_config(tc)
     tx = make_optimizer(oc)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TrainState(GPT(cfg, rngs=nnx.Rngs(0)), tx)))
