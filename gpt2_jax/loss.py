@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from gpt2_jax import sharding
 
-# Logits per chunk of the chunked loss: 2**27 float32 = 512 MiB, against 3.3 GB for GPT-2's full
+# Logits per chunk of the chunked loss, on each device: 2**27 float32 = 512 MiB, against 3.3 GB for GPT-2's full
 # (16, 1024, 50304) micro-batch. Chunks of a few thousand rows keep the LM-head matmuls large enough to
 # run at full speed on a GPU or TPU.
 LOSS_CHUNK_LOGITS = 2**27
@@ -58,9 +58,18 @@ def head_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
 
 def loss_chunk_len(batch: int, seq_len: int, vocab: int) -> int:
     """Positions per chunk of `lm_head_loss`: the largest power of two whose (batch, chunk, vocab) logits
-    fit LOSS_CHUNK_LOGITS, or seq_len (no chunking) when all of them fit."""
+    fit LOSS_CHUNK_LOGITS, or seq_len (no chunking) when all of them fit. `batch`: the sequences one device
+    holds (the chunks run on each device's rows)."""
     rows = max(1, LOSS_CHUNK_LOGITS // (batch * vocab))
     return min(seq_len, 1 << (rows.bit_length() - 1))
+
+
+def _rows_per_device(batch: int) -> int:
+    """The sequences of a (batch, T, C) activation that one device holds under the mesh context (split over
+    the batch axes that are left to the partitioner, sharding.mesh_batch_axes); `batch` without one."""
+    mesh, axes = jax.sharding.get_abstract_mesh(), sharding.mesh_batch_axes()
+    split = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    return batch // split if batch % split == 0 else batch
 
 
 def lm_head_loss(x: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_limit: int | None = None,
@@ -81,7 +90,7 @@ def lm_head_loss(x: jax.Array, embedding: jax.Array, targets: jax.Array, vocab_l
     """
     B, T, _ = x.shape
     V = embedding.shape[0]
-    chunk_len = chunk_len or loss_chunk_len(B, T, V)
+    chunk_len = chunk_len or loss_chunk_len(_rows_per_device(B), T, V)
     if chunk_len >= T:
         return cross_entropy(head_logits(x, embedding).astype(jnp.float32), targets, vocab_limit)
     limit = V if vocab_limit is None else min(vocab_limit, V)
@@ -149,14 +158,7 @@ def _chunk_loop(x, embedding, targets, vocab_limit: int, chunk_len: int, unroll:
 # plain path) and the backward pass only scales it. Without differentiation (eval) only the loss runs.
 def _chunked_loss_fwd(x, embedding, targets, vocab_limit, chunk_len, unroll):
     loss, dx, dw = _chunk_loop_per_shard(x, embedding, targets, vocab_limit, chunk_len, unroll)
-    return loss, (_varying_like(dx, x), _varying_like(dw, embedding))
-
-
-def _varying_like(a: jax.Array, ref: jax.Array) -> jax.Array:
-    """`a`, typed as varying over the manual mesh axes that `ref` varies over: inside the train step's shard_map
-    over `data`, a gradient must be each replica's own, as its input is (step._gradient_sums)."""
-    missing = tuple(sorted(jax.typeof(ref).manual_axis_type.varying - jax.typeof(a).manual_axis_type.varying))
-    return jax.lax.pcast(a, missing, to="varying") if missing else a
+    return loss, (dx, dw)
 
 
 def _chunk_loop_per_shard(x, embedding, targets, vocab_limit: int, chunk_len: int, unroll: bool):
