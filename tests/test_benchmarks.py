@@ -76,6 +76,30 @@ def test_device_check_rejects_unknown_options():
     assert r.returncode == 2 and "unknown option --dryrun" in r.stderr
 
 
+def test_step_time_table_compiles_a_target_once_and_prints_its_row(tmp_path):
+    """--compile stores one JSON line per target and skips a target already stored; --markdown prints its row.
+    A GPU target: its compile takes seconds, a TPU slice's minutes."""
+    if why := plan.missing_extra(plan.parse_target("h100")):
+        pytest.skip(why)
+    rows, script = tmp_path / "rows.jsonl", str(ROOT / "benchmarks" / "step_time_table.py")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+
+    def run(*args):
+        r = subprocess.run([sys.executable, script, *args, f"--out={rows}"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    row = json.loads(run("--compile", "h100").splitlines()[-1])
+    assert row["target"] == "h100" and row["chips"] == 1 and row["bound"] == "compute"
+    assert row["memory_s"] is None and row["mfu_ceiling"] == 1.0  # a GPU compile reports no bytes accessed
+    assert row["command"].startswith("python -m gpt2_jax.plan --target=h100 ")
+    assert run("--compile", "h100") == f"h100: in {rows}, skipped (--redo compiles it again)\n"
+    assert rows.read_text() == json.dumps(row) + "\n"
+    table = run("--markdown").splitlines()
+    assert len(table) == 3 and table[2].startswith("| h100 | 1 x NVIDIA H100 ")
+
+
 def test_train_step_benchmark_profiles_the_step_and_names_the_top_operations(tmp_path):
     """--profile traces the trainer's compiled step after the timed rounds; trace_top.py ranks what ran on the
     compute threads (XLA ops such as fusions and the all-reduce, not the runtime's waits), as device_check.sh

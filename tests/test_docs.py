@@ -151,8 +151,9 @@ def test_every_cli_main_parses_with_its_build_parser(monkeypatch):
     assert len(built) == len(entries)
 
 
-def _tpu_table():
-    spec = importlib.util.spec_from_file_location("tpu_table", ROOT / "benchmarks" / "tpu_table.py")
+def _benchmark(name: str):
+    """The script benchmarks/NAME.py as a module (the benchmarks folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -162,7 +163,7 @@ BEGIN, END_MARK = "<!-- tpu_table.py --markdown: begin -->", "<!-- tpu_table.py 
 
 
 def test_planner_page_holds_the_generated_tpu_tables():
-    tpu_table = _tpu_table()
+    tpu_table = _benchmark("tpu_table")
     page = (ROOT / "docs" / "planner.md").read_text()
     assert page.count(BEGIN) == 1 and page.count(END_MARK) == 1
     held = page.split(BEGIN)[1].split(END_MARK)[0]
@@ -179,8 +180,35 @@ def test_tpu_table_markdown_prints_the_tables_without_jax():
             "assert 'jax' not in sys.modules, 'tpu_table.py --markdown imported JAX'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    tpu_table = _tpu_table()
+    tpu_table = _benchmark("tpu_table")
     assert r.stdout == tpu_table.markdown(tpu_table.read_rows(tpu_table.ROWS)) + "\n"
+
+
+STEP_TIME_BEGIN, STEP_TIME_END = "<!-- step-time table: begin -->", "<!-- step-time table: end -->"
+
+
+def test_step_time_page_holds_the_generated_table():
+    table = _benchmark("step_time_table")
+    page = (ROOT / "docs" / "step-time.md").read_text()
+    assert page.count(STEP_TIME_BEGIN) == 1 and page.count(STEP_TIME_END) == 1
+    held = page.split(STEP_TIME_BEGIN)[1].split(STEP_TIME_END)[0]
+    rows = table.read_rows(table.ROWS)
+    assert held == "\n" + table.markdown(rows) + "\n", (
+        "docs/step-time.md's table differs from benchmarks/step_time.jsonl: paste the output of "
+        "`python benchmarks/step_time_table.py --markdown` between the markers")
+    # Every target once, in order, and each compiled with a command the page lists.
+    assert [r["target"] for r in rows] == list(table.TARGETS)
+    assert [r["command"] for r in rows if r["command"] not in page] == []
+
+
+def test_step_time_table_markdown_prints_the_table_without_jax():
+    code = ("import runpy, sys; sys.argv = ['step_time_table.py', '--markdown']; "
+            "runpy.run_path('benchmarks/step_time_table.py', run_name='__main__'); "
+            "assert 'jax' not in sys.modules, 'step_time_table.py --markdown imported JAX'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    table = _benchmark("step_time_table")
+    assert r.stdout == table.markdown(table.read_rows(table.ROWS)) + "\n"
 
 
 LINK = re.compile(r"\]\(([^()\s]+)\)")
