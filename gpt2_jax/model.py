@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gpt2_jax import sharding
@@ -128,6 +129,30 @@ class CausalSelfAttention(nnx.Module):
         return self.resid_dropout(y, deterministic=dropout_rng is None, rngs=dropout_rng), cache
 
 
+_GELU_C = float(np.sqrt(2 / np.pi))
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """GPT-2's GELU (the tanh approximation), as jax.nn.gelu(x, approximate=True). Its backward pass keeps only
+    x and recomputes the rest in float32: autodiff of the formula keeps several (B, T, 4C) intermediates."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf**3))
+    slope = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * xf * xf)
+    return ((g.astype(jnp.float32) * slope).astype(g.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         proj_std = INIT_STD * (2 * cfg.n_layer) ** -0.5
@@ -136,7 +161,7 @@ class MLP(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x, dropout_rng) -> jax.Array:
-        h = jax.nn.gelu(_dense(self.c_fc, x), approximate=True)  # GPT-2's tanh approximation
+        h = gelu(_dense(self.c_fc, x))  # GPT-2's tanh approximation
         return self.dropout(_dense(self.c_proj, h), deterministic=dropout_rng is None, rngs=dropout_rng)
 
 
