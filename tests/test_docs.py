@@ -1,5 +1,6 @@
 """The docs stay true (issue #25). The TPU tables of docs/planner.md are exactly what `benchmarks/tpu_table.py
---markdown` prints from benchmarks/tpu_table.jsonl; and every `python train.py ...` or `python -m gpt2_jax.<tool>
+--markdown` prints from benchmarks/tpu_table.jsonl, and docs/step-time.md's table what `benchmarks/step_time_table.py
+--markdown` prints from benchmarks/step_time.jsonl; and every `python train.py ...` or `python -m gpt2_jax.<tool>
 ...` command in README.md and docs/*.md names only sub-commands and --flags that the tool's own argparse parser
 has, so that a renamed flag fails here rather than in a reader's shell. Nothing runs: the parsers are only built.
 """
