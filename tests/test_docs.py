@@ -160,14 +160,28 @@ def _benchmark(name: str):
     return module
 
 
-BEGIN, END_MARK = "<!-- tpu_table.py --markdown: begin -->", "<!-- tpu_table.py --markdown: end -->"
+def _generated(page: str, begin: str, end: str) -> str:
+    """What docs/PAGE holds between its two marker comments, each there once."""
+    text = (ROOT / "docs" / page).read_text()
+    assert text.count(begin) == 1 and text.count(end) == 1, f"docs/{page}: each marker comment once"
+    return text.split(begin)[1].split(end)[0]
+
+
+@pytest.mark.parametrize("script", ["tpu_table", "step_time_table"])
+def test_markdown_prints_the_tables_without_jax(script):
+    """benchmarks/SCRIPT.py --markdown prints the page's table(s) from the stored rows, without importing JAX."""
+    code = (f"import runpy, sys; sys.argv = ['{script}.py', '--markdown']; "
+            f"runpy.run_path('benchmarks/{script}.py', run_name='__main__'); "
+            f"assert 'jax' not in sys.modules, '{script}.py --markdown imported JAX'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    module = _benchmark(script)
+    assert r.stdout == module.markdown(module.read_rows(module.ROWS)) + "\n"
 
 
 def test_planner_page_holds_the_generated_tpu_tables():
     tpu_table = _benchmark("tpu_table")
-    page = (ROOT / "docs" / "planner.md").read_text()
-    assert page.count(BEGIN) == 1 and page.count(END_MARK) == 1
-    held = page.split(BEGIN)[1].split(END_MARK)[0]
+    held = _generated("planner.md", "<!-- tpu_table.py --markdown: begin -->", "<!-- tpu_table.py --markdown: end -->")
     assert held == "\n" + tpu_table.markdown(tpu_table.read_rows(tpu_table.ROWS)) + "\n", (
         "docs/planner.md's TPU tables differ from benchmarks/tpu_table.jsonl: paste the output of "
         "`python benchmarks/tpu_table.py --markdown` between the markers")
@@ -175,41 +189,17 @@ def test_planner_page_holds_the_generated_tpu_tables():
     assert held.count("| fsdp:") == 2 * len(tpu_table.TARGETS) * len(tpu_table.SIZES)
 
 
-def test_tpu_table_markdown_prints_the_tables_without_jax():
-    code = ("import runpy, sys; sys.argv = ['tpu_table.py', '--markdown']; "
-            "runpy.run_path('benchmarks/tpu_table.py', run_name='__main__'); "
-            "assert 'jax' not in sys.modules, 'tpu_table.py --markdown imported JAX'")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    tpu_table = _benchmark("tpu_table")
-    assert r.stdout == tpu_table.markdown(tpu_table.read_rows(tpu_table.ROWS)) + "\n"
-
-
-STEP_TIME_BEGIN, STEP_TIME_END = "<!-- step-time table: begin -->", "<!-- step-time table: end -->"
-
-
 def test_step_time_page_holds_the_generated_table():
     table = _benchmark("step_time_table")
-    page = (ROOT / "docs" / "step-time.md").read_text()
-    assert page.count(STEP_TIME_BEGIN) == 1 and page.count(STEP_TIME_END) == 1
-    held = page.split(STEP_TIME_BEGIN)[1].split(STEP_TIME_END)[0]
+    held = _generated("step-time.md", "<!-- step-time table: begin -->", "<!-- step-time table: end -->")
     rows = table.read_rows(table.ROWS)
     assert held == "\n" + table.markdown(rows) + "\n", (
         "docs/step-time.md's table differs from benchmarks/step_time.jsonl: paste the output of "
         "`python benchmarks/step_time_table.py --markdown` between the markers")
     # Every target once, in order, and each compiled with a command the page lists.
     assert [r["target"] for r in rows] == list(table.TARGETS)
+    page = (ROOT / "docs" / "step-time.md").read_text()
     assert [r["command"] for r in rows if r["command"] not in page] == []
-
-
-def test_step_time_table_markdown_prints_the_table_without_jax():
-    code = ("import runpy, sys; sys.argv = ['step_time_table.py', '--markdown']; "
-            "runpy.run_path('benchmarks/step_time_table.py', run_name='__main__'); "
-            "assert 'jax' not in sys.modules, 'step_time_table.py --markdown imported JAX'")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    table = _benchmark("step_time_table")
-    assert r.stdout == table.markdown(table.read_rows(table.ROWS)) + "\n"
 
 
 LINK = re.compile(r"\]\(([^()\s]+)\)")
