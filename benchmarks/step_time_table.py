@@ -36,8 +36,8 @@ from gpt2_jax.plan.step_time import GPT2_STEPS_10B  # no JAX; after the checkout
 ROWS = ROOT / "benchmarks" / "step_time.jsonl"  # the rows of docs/step-time.md's table
 
 # target -> (mesh, micro-batch, gradient accumulation): 2**19 tokens per step of T=1024. On a TPU slice the
-# largest micro-batch that fitted under FSDP in benchmarks/tpu_table.jsonl's search, which ran before the GELU's
-# backward kept only its input (a larger one may fit now); on a GPU one that fits its memory.
+# largest micro-batch that fitted under FSDP in the search before the GELU's backward kept only its input (after
+# it, the same but on v5p-8, where 512 fits: benchmarks/tpu_table.jsonl); on a GPU one that fits its memory.
 TARGETS = {
     "v5e-8": ("fsdp:8", 128, 4),
     "v6e-8": ("fsdp:8", 256, 2),
