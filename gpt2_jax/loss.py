@@ -64,11 +64,17 @@ def loss_chunk_len(batch: int, seq_len: int, vocab: int) -> int:
     return min(seq_len, 1 << (rows.bit_length() - 1))
 
 
-def _rows_per_device(batch: int) -> int:
-    """The sequences of a (batch, T, C) activation that one device holds under the mesh context (split over
-    the batch axes that are left to the partitioner, sharding.mesh_batch_axes); `batch` without one."""
+def _batch_split() -> int:
+    """How many devices split a batch's rows under the mesh context: the product of the batch axes left to the
+    partitioner (sharding.mesh_batch_axes); 1 without a mesh context."""
     mesh, axes = jax.sharding.get_abstract_mesh(), sharding.mesh_batch_axes()
-    split = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    return math.prod(mesh.shape[a] for a in axes) if axes else 1
+
+
+def _rows_per_device(batch: int) -> int:
+    """The sequences of a (batch, T, C) activation that one device holds under the mesh context; `batch` where
+    the devices do not split it evenly."""
+    split = _batch_split()
     return batch // split if batch % split == 0 else batch
 
 
@@ -170,7 +176,7 @@ def _chunk_loop_per_shard(x, embedding, targets, vocab_limit: int, chunk_len: in
     v5e-8. With `tensor` (the vocabulary split) or no mesh context: `_chunk_loop` as it is."""
     mesh, axes = jax.sharding.get_abstract_mesh(), sharding.mesh_batch_axes()
     B, _, C = x.shape
-    dp = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    dp = _batch_split()
     if not axes or mesh.shape.get("tensor", 1) > 1 or B % dp:
         return _chunk_loop(x, embedding, targets, vocab_limit, chunk_len, unroll, grads=True)
     split = mesh.shape.get("fsdp", 1) > 1 and C % mesh.shape["fsdp"] == 0  # the table's embed dim over fsdp

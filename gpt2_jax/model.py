@@ -129,7 +129,7 @@ class CausalSelfAttention(nnx.Module):
         return self.resid_dropout(y, deterministic=dropout_rng is None, rngs=dropout_rng), cache
 
 
-_GELU_C = float(np.sqrt(2 / np.pi))
+_GELU_C, _GELU_K = float(np.sqrt(2 / np.pi)), 0.044715  # tanh(C (x + K x^3)), as jax.nn.gelu(approximate=True)
 
 
 @jax.custom_vjp
@@ -145,8 +145,8 @@ def _gelu_fwd(x):
 
 def _gelu_bwd(x, g):
     xf = x.astype(jnp.float32)
-    t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf**3))
-    slope = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * xf * xf)
+    t = jnp.tanh(_GELU_C * (xf + _GELU_K * xf**3))
+    slope = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * xf * xf)
     return ((g.astype(jnp.float32) * slope).astype(g.dtype),)
 
 
